@@ -1,0 +1,6 @@
+"""Test settings: CPU only, quiet TensorFlow logs."""
+
+import os
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,0 +1,81 @@
+"""Pixel encoding, input checks and the discretized decoder p(x | z_0)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vdm_tf import images
+
+
+def test_encode_is_bin_centres_and_decode_inverts_it():
+    x = np.arange(256, dtype=np.uint8)
+    f = images.encode(x).numpy()
+    np.testing.assert_allclose(f, 2 * (x + 0.5) / 256 - 1, atol=1e-7)
+    assert f.min() > -1 and f.max() < 1
+    np.testing.assert_array_equal(images.decode(f).numpy(), x)
+    # Anything within half a bin of a centre decodes to that value; outside [-1, 1] clips.
+    np.testing.assert_array_equal(images.decode(f + 0.99 / 256).numpy(), x)
+    np.testing.assert_array_equal(images.decode(tf.constant([-3.0, 3.0])).numpy(), [0, 255])
+
+
+@pytest.mark.parametrize(
+    "bad, error, words",
+    [
+        (np.zeros((2, 8, 8, 1), np.float32), TypeError, "got dtype float32"),
+        (np.full((2, 8, 8, 1), 300), ValueError, "got values in 300..300"),
+        (np.full((2, 8, 8, 1), -1), ValueError, "values in 0..255"),
+        (np.zeros((2, 8, 8), np.uint8), ValueError, "got shape (2, 8, 8)"),
+        (np.zeros((2, 8, 8, 3), np.uint8), ValueError, "got shape (2, 8, 8, 3)"),
+        (tf.zeros((2, 8, 8, 1), tf.int32), TypeError, "int32 tensor"),
+    ],
+)
+def test_check_images_names_the_expected_form(bad, error, words):
+    with pytest.raises(error, match="uint8 with shape \\[N, 8, 8, 1\\] and values in 0..255") as info:
+        images.check_images(bad, (8, 8, 1))
+    assert words in str(info.value)
+
+
+def test_check_images_accepts_integers_in_range():
+    checked = images.check_images(np.full((3, 8, 8, 1), 255, np.int64), (8, 8, 1))
+    assert checked.dtype == tf.uint8 and checked.shape == (3, 8, 8, 1)
+
+
+def numpy_log_probs(z_0, gamma_0):
+    """log p(x = k | z_0) for every k, computed directly from VDM eq. (22-23)."""
+    centres = 2 * (np.arange(256) + 0.5) / 256 - 1
+    gamma_0 = np.asarray(gamma_0)[..., None]
+    z_rescaled = z_0[..., None] / np.sqrt(1 / (1 + np.exp(gamma_0)))
+    logits = -0.5 * np.exp(-gamma_0) * (z_rescaled - centres) ** 2
+    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
+def test_reconstruction_nll_is_the_softmax_cross_entropy():
+    rng = np.random.default_rng(0)
+    z_0 = rng.uniform(-1, 1, (3, 2, 2, 1))
+    x = rng.integers(0, 256, (3, 2, 2, 1))
+    gamma_0 = np.array([-8.0, -10.0, -12.0])
+    expected = -np.take_along_axis(numpy_log_probs(z_0, gamma_0[:, None, None, None]), x[..., None], -1)
+    nll = images.reconstruction_nll(x, tf.constant(z_0, tf.float32), tf.constant(gamma_0, tf.float32))
+    np.testing.assert_allclose(nll.numpy(), expected.sum(axis=(1, 2, 3, 4)), rtol=1e-3)
+
+
+def test_argmax_is_the_most_likely_value():
+    rng = np.random.default_rng(1)
+    z_0 = tf.constant(rng.uniform(-1.2, 1.2, (4, 3, 3, 2)), tf.float32)
+    argmax = images.decoder_argmax(z_0, -9.0).numpy()
+    np.testing.assert_array_equal(argmax, np.argmax(images.decoder_logits(z_0, -9.0).numpy(), -1))
+
+
+def test_decoder_sample_follows_the_decoder_distribution():
+    # z_0 between two bins with a wide decoder: several values are likely.
+    gamma_0 = -9.5
+    z_0 = tf.fill((20000, 1, 1, 1), float(images.encode(100)) + 0.4 * 2 / 256)
+    samples = images.decoder_sample(z_0, gamma_0, seed=tf.constant([1, 2])).numpy().ravel()
+    probs = np.exp(numpy_log_probs(z_0.numpy()[0, 0, 0, 0], gamma_0))
+    counts = np.bincount(samples, minlength=256)
+    likely = probs > 0.01
+    assert likely.sum() >= 3
+    expected = probs[likely] * samples.size
+    chi2 = np.sum((counts[likely] - expected) ** 2 / expected)
+    assert chi2 < 30, (counts[likely], expected)  # ~ likely.sum() degrees of freedom
+    np.testing.assert_array_equal(samples, images.decoder_sample(z_0, gamma_0, tf.constant([1, 2])).numpy().ravel())

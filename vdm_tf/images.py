@@ -1,0 +1,105 @@
+"""Pixels: uint8 <-> [-1, 1] encoding, input checks and the discretized decoder p(x | z_0).
+
+Conventions (Kingma et al. 2021, "Variational Diffusion Models", appendix A.2 / eq. 21-23):
+
+- A pixel value `x` in {0, ..., 255} is encoded as the centre of its bin in (-1, 1):
+  `f = 2 * (x + 0.5) / 256 - 1`.
+- The decoder factorises over pixels; for one pixel,
+  `p(x | z_0) ∝ exp(-0.5 * SNR_0 * (z_0 / alpha_0 - f_x)^2)` with `SNR_0 = exp(-gamma_0)`,
+  a 256-way softmax over the bin centres.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+NUM_VALUES = 256
+
+
+def encode(x):
+    """uint8 pixel values {0..255} -> float32 bin centres in (-1, 1)."""
+    return 2.0 * (tf.cast(x, tf.float32) + 0.5) / NUM_VALUES - 1.0
+
+
+def decode(f):
+    """Inverse of `encode`: float values in [-1, 1] -> nearest uint8 pixel value (clipped)."""
+    x = tf.round((f + 1.0) * NUM_VALUES / 2.0 - 0.5)
+    return tf.cast(tf.clip_by_value(x, 0.0, NUM_VALUES - 1.0), tf.uint8)
+
+
+def bin_centres():
+    """The 256 values `encode(0..255)`, float32 [256]."""
+    return encode(tf.range(NUM_VALUES))
+
+
+def per_example(values, ndim):
+    """Reshapes per-example values [N] (or a scalar) to broadcast against rank-`ndim` tensors."""
+    values = tf.convert_to_tensor(values, tf.float32)
+    if values.shape.rank == 0:
+        return values
+    return tf.reshape(values, [-1] + [1] * (ndim - 1))
+
+
+def check_images(images, image_shape, name="images"):
+    """Validates a batch of images and returns it as a uint8 tensor.
+
+    Accepts a uint8 tensor or array, or an integer NumPy array whose values lie in 0..255.
+    Anything else raises an error that names the expected form, e.g.
+    `images must be uint8 with shape [N, 8, 8, 1] and values in 0..255; got float32 ...`.
+
+    Args:
+        images: the batch, [N, H, W, C].
+        image_shape: expected (H, W, C).
+        name: what to call the argument in error messages.
+    """
+    expected = f"{name} must be uint8 with shape [N, {', '.join(map(str, image_shape))}] and values in 0..255"
+    if isinstance(images, np.ndarray) or not tf.is_tensor(images):
+        array = np.asarray(images)
+        if not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(f"{expected}; got dtype {array.dtype}. Pixel values are integers, not [0, 1] or [-1, 1] floats.")
+        if array.size and (array.min() < 0 or array.max() > NUM_VALUES - 1):
+            raise ValueError(f"{expected}; got values in {array.min()}..{array.max()}.")
+        images = tf.convert_to_tensor(array.astype(np.uint8))
+    elif images.dtype != tf.uint8:
+        raise TypeError(f"{expected}; got a {images.dtype.name} tensor. Cast integer pixels with tf.cast(images, tf.uint8).")
+    shape = images.shape
+    if shape.rank != 4 or not shape[1:].is_compatible_with(image_shape):
+        raise ValueError(f"{expected}; got shape {shape}.")
+    return images
+
+
+def _rescale(z_0, gamma_0):
+    """z_0 / alpha_0 and SNR_0, shaped to broadcast against z_0."""
+    gamma_0 = per_example(gamma_0, 4)
+    return z_0 / tf.sqrt(tf.sigmoid(-gamma_0)), tf.exp(-gamma_0)
+
+
+def decoder_logits(z_0, gamma_0):
+    """Logits of p(x | z_0) for every pixel: [N, H, W, C, 256] (VDM eq. 22-23).
+
+    Args:
+        z_0: latent at t = 0, float32 [N, H, W, C].
+        gamma_0: gamma(0), a scalar or per example [N].
+    """
+    z_0_rescaled, snr_0 = _rescale(z_0, gamma_0)
+    return -0.5 * snr_0[..., None] * tf.square(z_0_rescaled[..., None] - bin_centres())
+
+
+def reconstruction_nll(x, z_0, gamma_0):
+    """-log p(x | z_0) in nats, summed over pixels: float32 [N]."""
+    log_probs = tf.nn.log_softmax(decoder_logits(z_0, gamma_0))
+    log_p_x = tf.gather(log_probs, tf.cast(x, tf.int32), batch_dims=4)
+    return -tf.reduce_sum(log_p_x, axis=[1, 2, 3])
+
+
+def decoder_sample(z_0, gamma_0, seed):
+    """An exact sample of x ~ p(x | z_0): uint8, the shape of z_0."""
+    logits = decoder_logits(z_0, gamma_0)
+    flat = tf.reshape(logits, [-1, NUM_VALUES])
+    samples = tf.random.stateless_categorical(flat, 1, seed=seed, dtype=tf.int32)
+    return tf.cast(tf.reshape(samples, tf.shape(z_0)), tf.uint8)
+
+
+def decoder_argmax(z_0, gamma_0):
+    """The most likely x under p(x | z_0): the bin centre nearest to z_0 / alpha_0; uint8."""
+    z_0_rescaled, _ = _rescale(z_0, gamma_0)
+    return decode(z_0_rescaled)

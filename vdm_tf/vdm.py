@@ -1,0 +1,297 @@
+"""The Variational Diffusion Model as a `keras.Model`.
+
+Kingma, Salimans, Poole, Ho (2021), "Variational Diffusion Models". A VDM pairs a noise
+schedule gamma(t) (`vdm_tf.schedules`) with a denoiser `eps_hat = denoiser(z_t, gamma_t)`
+(`vdm_tf.networks`, or any layer with that call signature). Its negative ELBO, per example and
+in nats, is the sum of three terms (VDM eq. 11):
+
+- reconstruction `-E_q[log p(x | z_0)]`, the discretized decoder of `vdm_tf.images`;
+- prior `KL(q(z_1 | x) || N(0, I))`;
+- diffusion: continuous time (eq. 17) `0.5 E_t[gamma'(t) ||eps - eps_hat(z_t; t)||^2]`,
+  discrete time with T steps (eq. 15-16) `0.5 T E_i[expm1(gamma(t_i) - gamma(s_i)) ||eps - eps_hat||^2]`,
+  with `z_t = alpha_t f + sigma_t eps`.
+
+They are reported in bits per dimension: nats / (D ln 2), D = H * W * C. Time samples are
+antithetic over the batch, `t_i = (u + i / N) mod 1` (low-discrepancy sampler, VDM appendix I.1).
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+
+from vdm_tf import images, seeding
+
+TERMS = ("bpd", "diffusion", "prior", "reconstruction")
+
+
+@keras.saving.register_keras_serializable(package="vdm_tf")
+class VDM(keras.Model):
+    """Variational Diffusion Model: negative ELBO in bpd, training, ancestral sampling.
+
+    Args:
+        denoiser: a Keras layer `eps_hat = denoiser(z_t, gamma_t, training=...)`, z_t float32
+            [N, H, W, C], gamma_t float32 [N], output of z_t's shape.
+        schedule: a `vdm_tf.schedules.NoiseSchedule`.
+        image_shape: (H, W, C) of the uint8 images.
+        timesteps: 0 for the continuous-time VLB, T > 0 for the discrete-time one with T steps.
+        seed: base seed of the training randomness (time and noise samples per step and replica).
+        **kwargs: forwarded to `keras.Model`.
+
+    Training uses the mean bpd over the global batch as its loss, and reports `bpd`,
+    `diffusion`, `prior` and `reconstruction` (all in bits per dimension) as metrics. For an
+    exponential moving average of the weights, compile with an optimizer built with
+    `use_ema=True`: Keras writes the averaged weights into the model at the end of `fit`, so
+    `elbo` and `sample` use them afterwards (`keras.callbacks.SwapEMAWeights` evaluates with
+    them during training).
+
+    Example:
+    >>> model = vdm_tf.VDM(vdm_tf.networks.ScoreUNet(n_layers=4, n_embd=64),
+    ...                    vdm_tf.schedules.LearnedLinear(), image_shape=(8, 8, 1))
+    >>> model.compile(optimizer=keras.optimizers.AdamW(2e-4, use_ema=True, ema_momentum=0.999))
+    >>> model.fit(vdm_tf.datasets.load("digits", "train", batch_size=64), steps_per_epoch=100)
+    >>> terms = model.elbo(test_images, seed=0)   # {"bpd": [N], "diffusion": [N], ...}
+    >>> samples = model.sample(16, num_steps=256, seed=0)   # uint8 [16, 8, 8, 1]
+
+    Reference: Kingma et al. 2021, "Variational Diffusion Models", arXiv:2107.00630;
+    google-research/vdm.
+    """
+
+    def __init__(self, denoiser, schedule, image_shape, timesteps=0, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        if int(timesteps) < 0:
+            raise ValueError(f"timesteps must be 0 (continuous time) or a positive step count; got {timesteps}.")
+        self.denoiser = denoiser
+        self.schedule = schedule
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.timesteps = int(timesteps)
+        self.seed = int(seed)
+        self.num_dims = math.prod(self.image_shape)
+        self.term_trackers = {name: keras.metrics.Mean(name=name) for name in TERMS}
+        self.build()
+
+    def build(self, input_shape=None):
+        """Creates the denoiser's weights by calling it once on zeros."""
+        if not self.denoiser.built:
+            self.denoiser(tf.zeros((1,) + self.image_shape), tf.zeros((1,)), training=False)
+        self.built = True
+
+    # ----------------------------------------------------------------------------------------
+    # The negative ELBO.
+
+    def _time_samples(self, num, seed):
+        """Antithetic times t_i = (u + i / N) mod 1; on the grid {1/T, ..., 1} in discrete time."""
+        u = tf.random.stateless_uniform([], seed)
+        t = tf.math.floormod(u + tf.range(num, dtype=tf.float32) / tf.cast(num, tf.float32), 1.0)
+        if self.timesteps:
+            t = (tf.floor(t * self.timesteps) + 1.0) / self.timesteps
+        return t
+
+    def _diffusion_loss(self, f, seed, training):
+        """Per-example diffusion loss in nats, and the (gamma_t, gamma'_t) it used.
+
+        gamma'_t is None in discrete time.
+        """
+        t_seed, eps_seed = seeding.split_seed(seed, 2)
+        t = self._time_samples(tf.shape(f)[0], t_seed)
+        if self.timesteps:
+            gamma_t, dgamma_t = self.schedule(t), None
+        else:
+            gamma_t, dgamma_t = self.schedule.gamma_and_derivative(t)
+        eps = tf.random.stateless_normal(tf.shape(f), eps_seed)
+        gamma = images.per_example(gamma_t, 4)
+        z_t = tf.sqrt(tf.sigmoid(-gamma)) * f + tf.sqrt(tf.sigmoid(gamma)) * eps
+        eps_hat = self.denoiser(z_t, gamma_t, training=training)
+        squared_error = tf.reduce_sum(tf.square(eps - eps_hat), axis=[1, 2, 3])
+        if self.timesteps:
+            gamma_s = self.schedule(t - 1.0 / self.timesteps)
+            weight = 0.5 * self.timesteps * tf.math.expm1(gamma_t - gamma_s)  # VDM eq. (16)
+        else:
+            weight = 0.5 * dgamma_t  # VDM eq. (17)
+        return weight * squared_error, (gamma_t, dgamma_t)
+
+    def _prior_loss(self, f):
+        """KL(q(z_1 | x) || N(0, I)) in nats per example."""
+        gamma_1 = self.schedule.gamma_1
+        var_1 = tf.sigmoid(gamma_1)
+        log_var_1 = tf.math.log_sigmoid(gamma_1)
+        kl = 0.5 * ((1.0 - var_1) * tf.square(f) + var_1 - log_var_1 - 1.0)
+        return tf.reduce_sum(kl, axis=[1, 2, 3])
+
+    def _reconstruction_loss(self, x, f, seed):
+        """-log p(x | z_0) in nats per example, one sample z_0 ~ q(z_0 | x)."""
+        gamma_0 = self.schedule.gamma_0
+        eps_0 = tf.random.stateless_normal(tf.shape(f), seed)
+        z_0 = tf.sqrt(tf.sigmoid(-gamma_0)) * f + tf.sqrt(tf.sigmoid(gamma_0)) * eps_0
+        return images.reconstruction_nll(x, z_0, gamma_0)
+
+    def _loss_terms(self, x, seed, training):
+        """Per-example bpd terms (dict over TERMS) and the diffusion loss's (gamma_t, gamma'_t)."""
+        x = images.check_images(x, self.image_shape)
+        f = images.encode(x)
+        diffusion_seed, reconstruction_seed = seeding.split_seed(seed, 2)
+        diffusion, gammas = self._diffusion_loss(f, diffusion_seed, training)
+        nats = {
+            "diffusion": diffusion,
+            "prior": self._prior_loss(f),
+            "reconstruction": self._reconstruction_loss(x, f, reconstruction_seed),
+        }
+        nats["bpd"] = nats["diffusion"] + nats["prior"] + nats["reconstruction"]
+        to_bpd = 1.0 / (self.num_dims * math.log(2.0))
+        return {name: nats[name] * to_bpd for name in TERMS}, gammas
+
+    def elbo(self, x, seed=0, training=False):
+        """Negative ELBO of uint8 images, per example, in bits per dimension.
+
+        One antithetic time sample per image (over the batch); average calls with different
+        seeds for a tighter estimate.
+
+        Args:
+            x: uint8 images [N, H, W, C] (tensor or array).
+            seed: int or shape-[2] seed; the same seed gives the same numbers.
+            training: run the denoiser in training mode (dropout).
+
+        Returns:
+            dict with float32 [N] tensors `bpd` (the total), `diffusion`, `prior`, `reconstruction`.
+        """
+        x = images.check_images(x, self.image_shape)
+        return self._elbo_graph(x, seeding.as_seed(seed), training)
+
+    @tf.function(reduce_retracing=True)
+    def _elbo_graph(self, x, seed, training):
+        return self._loss_terms(x, seed, training)[0]
+
+    def call(self, x, training=False):
+        """The per-example bpd terms of `elbo` with seed 0 (so `model.predict` scores images)."""
+        return self._loss_terms(x, seeding.as_seed(0), training)[0]
+
+    # ----------------------------------------------------------------------------------------
+    # Training.
+
+    @property
+    def metrics(self):
+        return list(self.term_trackers.values())
+
+    def _step_seed(self):
+        """A fresh seed per optimizer step and replica: fold(seed, step, replica)."""
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        return seeding.fold_in(seeding.fold_in(self.seed, self.optimizer.iterations), replica)
+
+    def compute_gradients(self, x, seed):
+        """Gradients of the global-batch mean bpd, the variance objective for the schedule shape.
+
+        Returns (gradients aligned with `self.trainable_variables`, per-example bpd terms).
+
+        The loss on each replica is its mean bpd divided by the replica count, so the optimizer's
+        sum over replicas is the gradient of the global-batch mean under any tf.distribute
+        strategy. In continuous time, the schedule's `variance_variables` (the shape of a
+        `LearnedMonotonic`) receive instead the gradient of the mean squared diffusion loss
+        (VDM appendix I.2): d/d eta E[L^2] = E[2 L dL/d eta]. Only the diffusion loss of
+        example i depends on gamma_t[i] and gamma'_t[i], so one backward pass through the
+        denoiser gives dL_i/d gamma_t[i]; scaling it by 2 L_i and back-propagating through the
+        (small) schedule network gives the variance gradient without a second denoiser pass.
+        """
+        variance_variables = self.schedule.variance_variables if not self.timesteps else []
+        variance_ids = {id(v) for v in variance_variables}
+        vlb_variables = [v for v in self.trainable_variables if id(v) not in variance_ids]
+        with tf.GradientTape(persistent=bool(variance_variables)) as tape:
+            terms, (gamma_t, dgamma_t) = self._loss_terms(x, seed, training=True)
+            loss = tf.reduce_mean(terms["bpd"]) / tf.distribute.get_strategy().num_replicas_in_sync
+        if not variance_variables:
+            return tape.gradient(loss, self.trainable_variables), terms
+        *vlb_grads, grad_gamma_t, grad_dgamma_t = tape.gradient(loss, vlb_variables + [gamma_t, dgamma_t])
+        scale = 2.0 * tf.stop_gradient(terms["diffusion"])
+        variance_grads = tape.gradient(
+            [gamma_t, dgamma_t], variance_variables, output_gradients=[scale * grad_gamma_t, scale * grad_dgamma_t]
+        )
+        del tape
+        by_id = dict(zip(map(id, vlb_variables), vlb_grads)) | dict(zip(map(id, variance_variables), variance_grads))
+        return [by_id[id(v)] for v in self.trainable_variables], terms
+
+    def _update_metrics(self, terms):
+        for name, tracker in self.term_trackers.items():
+            tracker.update_state(terms[name])
+        return {name: tracker.result() for name, tracker in self.term_trackers.items()}
+
+    def train_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        grads, terms = self.compute_gradients(x, self._step_seed())
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        return self._update_metrics(terms)
+
+    def test_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        terms, _ = self._loss_terms(x, self._step_seed(), training=False)
+        return self._update_metrics(terms)
+
+    # ----------------------------------------------------------------------------------------
+    # Sampling.
+
+    def ancestral_step(self, z_t, s, t, seed):
+        """One draw z_s ~ p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t)) for s < t (VDM eq. 32-34).
+
+        With c = -expm1(gamma_s - gamma_t) = 1 - SNR(t) / SNR(s):
+        mean = alpha_s / alpha_t * (z_t - sigma_t c eps_hat), variance = sigma_s^2 c.
+        """
+        gamma_s, gamma_t = self.schedule(s), self.schedule(t)
+        eps_hat = self.denoiser(z_t, tf.fill(tf.shape(z_t)[:1], gamma_t), training=False)
+        c = -tf.math.expm1(gamma_s - gamma_t)
+        mean = tf.sqrt(tf.sigmoid(-gamma_s) / tf.sigmoid(-gamma_t)) * (z_t - tf.sqrt(tf.sigmoid(gamma_t)) * c * eps_hat)
+        noise = tf.random.stateless_normal(tf.shape(z_t), seed)
+        return mean + tf.sqrt(tf.sigmoid(gamma_s) * c) * noise
+
+    def sample(self, num_samples, num_steps=256, seed=0, argmax=False):
+        """Ancestral sampling with `num_steps` equal time steps from z_1 ~ N(0, I) to x.
+
+        Args:
+            num_samples: how many images.
+            num_steps: T, the number of denoiser evaluations.
+            seed: int or shape-[2] seed.
+            argmax: decode z_0 to the most likely pixel values instead of sampling p(x | z_0).
+
+        Returns:
+            uint8 images [num_samples, H, W, C].
+        """
+        if int(num_samples) < 0 or int(num_steps) < 1:
+            raise ValueError(f"num_samples must be >= 0 and num_steps >= 1; got {num_samples}, {num_steps}.")
+        return self._sample_graph(
+            tf.constant(num_samples, tf.int32), tf.constant(num_steps, tf.int32), seeding.as_seed(seed), bool(argmax)
+        )
+
+    @tf.function(reduce_retracing=True)
+    def _sample_graph(self, num_samples, num_steps, seed, argmax):
+        prior_seed, loop_seed, decoder_seed = seeding.split_seed(seed, 3)
+        z = tf.random.stateless_normal(tf.concat([[num_samples], self.image_shape], 0), prior_seed)
+        steps = tf.cast(num_steps, tf.float32)
+
+        def step(i, z):
+            t = tf.cast(i, tf.float32) / steps
+            s = tf.cast(i - 1, tf.float32) / steps
+            return i - 1, self.ancestral_step(z, s, t, seeding.fold_in(loop_seed, i))
+
+        _, z_0 = tf.while_loop(lambda i, z: i > 0, step, (num_steps, z))
+        gamma_0 = self.schedule.gamma_0
+        if argmax:
+            return images.decoder_argmax(z_0, gamma_0)
+        return images.decoder_sample(z_0, gamma_0, decoder_seed)
+
+    # ----------------------------------------------------------------------------------------
+    # Serialisation.
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            denoiser=keras.saving.serialize_keras_object(self.denoiser),
+            schedule=keras.saving.serialize_keras_object(self.schedule),
+            image_shape=self.image_shape,
+            timesteps=self.timesteps,
+            seed=self.seed,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["denoiser"] = keras.saving.deserialize_keras_object(config["denoiser"])
+        config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
+        return cls(**config)
