@@ -79,3 +79,11 @@ def test_decoder_sample_follows_the_decoder_distribution():
     chi2 = np.sum((counts[likely] - expected) ** 2 / expected)
     assert chi2 < 30, (counts[likely], expected)  # ~ likely.sum() degrees of freedom
     np.testing.assert_array_equal(samples, images.decoder_sample(z_0, gamma_0, tf.constant([1, 2])).numpy().ravel())
+
+
+def test_grid_places_each_image_in_reading_order():
+    batch = np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1).repeat(2, 1).repeat(3, 2)
+    picture = images.grid(batch, columns=3, padding=1)
+    assert picture.shape == (2 * 3 + 1, 3 * 4 + 1, 1)
+    assert picture[1, 1, 0] == 0 and picture[1, 5, 0] == 1 and picture[4, 1, 0] == 3 and picture[4, 5, 0] == 4
+    assert picture[4, 9, 0] == 0 and picture[0].max() == 0  # empty slot and padding stay black

@@ -86,9 +86,8 @@ def decoder_logits(z_0, gamma_0):
 
 def reconstruction_nll(x, z_0, gamma_0):
     """-log p(x | z_0) in nats, summed over pixels: float32 [N]."""
-    log_probs = tf.nn.log_softmax(decoder_logits(z_0, gamma_0))
-    log_p_x = tf.gather(log_probs, tf.cast(x, tf.int32), batch_dims=4)
-    return -tf.reduce_sum(log_p_x, axis=[1, 2, 3])
+    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(x, tf.int32), logits=decoder_logits(z_0, gamma_0))
+    return tf.reduce_sum(nll, axis=[1, 2, 3])
 
 
 def decoder_sample(z_0, gamma_0, seed):
@@ -103,3 +102,25 @@ def decoder_argmax(z_0, gamma_0):
     """The most likely x under p(x | z_0): the bin centre nearest to z_0 / alpha_0; uint8."""
     z_0_rescaled, _ = _rescale(z_0, gamma_0)
     return decode(z_0_rescaled)
+
+
+def grid(batch, columns=None, padding=1):
+    """Tiles a batch of images [N, H, W, C] into one picture, row by row; uint8 [H', W', C].
+
+    Args:
+        batch: uint8 images (tensor or array).
+        columns: images per row; default ceil(sqrt(N)).
+        padding: pixels of black between images.
+    """
+    batch = np.asarray(batch)
+    num, height, width, channels = batch.shape
+    columns = columns or int(np.ceil(np.sqrt(num)))
+    rows = int(np.ceil(num / columns))
+    picture = np.zeros(
+        (rows * (height + padding) + padding, columns * (width + padding) + padding, channels), batch.dtype
+    )
+    for i, image in enumerate(batch):
+        top = padding + (i // columns) * (height + padding)
+        left = padding + (i % columns) * (width + padding)
+        picture[top : top + height, left : left + width] = image
+    return picture

@@ -69,6 +69,7 @@ class VDM(keras.Model):
         self.num_dims = math.prod(self.image_shape)
         self.term_trackers = {name: keras.metrics.Mean(name=name) for name in TERMS}
         self.build()
+        self._make_graphs()
 
     def build(self, input_shape=None):
         """Creates the denoiser's weights by calling it once on zeros."""
@@ -140,26 +141,38 @@ class VDM(keras.Model):
         to_bpd = 1.0 / (self.num_dims * math.log(2.0))
         return {name: nats[name] * to_bpd for name in TERMS}, gammas
 
-    def elbo(self, x, seed=0, training=False):
+    def elbo(self, x, seed=0):
         """Negative ELBO of uint8 images, per example, in bits per dimension.
 
         One antithetic time sample per image (over the batch); average calls with different
-        seeds for a tighter estimate.
+        seeds for a tighter estimate. The denoiser runs in inference mode (no dropout).
 
         Args:
             x: uint8 images [N, H, W, C] (tensor or array).
             seed: int or shape-[2] seed; the same seed gives the same numbers.
-            training: run the denoiser in training mode (dropout).
 
         Returns:
             dict with float32 [N] tensors `bpd` (the total), `diffusion`, `prior`, `reconstruction`.
         """
         x = images.check_images(x, self.image_shape)
-        return self._elbo_graph(x, seeding.as_seed(seed), training)
+        return self._elbo_graph(x, seeding.as_seed(seed))
 
-    @tf.function(reduce_retracing=True)
-    def _elbo_graph(self, x, seed, training):
-        return self._loss_terms(x, seed, training)[0]
+    def _make_graphs(self):
+        """The traced functions behind `elbo` and `sample`.
+
+        Fixed input signatures (batch size unknown) make every call run one and the same graph,
+        so the numbers do not depend on the batch size of the first call (TensorFlow picks
+        different kernels for static and dynamic shapes, which changes the last bits).
+        """
+        images_spec = tf.TensorSpec((None,) + self.image_shape, tf.uint8)
+        seed_spec = tf.TensorSpec([2], tf.int64)
+        scalar_spec = tf.TensorSpec([], tf.int32)
+        self._elbo_graph = tf.function(
+            lambda x, seed: self._loss_terms(x, seed, training=False)[0], input_signature=[images_spec, seed_spec]
+        )
+        self._sample_graph = tf.function(
+            self._sample, input_signature=[scalar_spec, scalar_spec, seed_spec, tf.TensorSpec([], tf.bool)]
+        )
 
     def call(self, x, training=False):
         """The per-example bpd terms of `elbo` with seed 0 (so `model.predict` scores images)."""
@@ -258,8 +271,7 @@ class VDM(keras.Model):
             tf.constant(num_samples, tf.int32), tf.constant(num_steps, tf.int32), seeding.as_seed(seed), bool(argmax)
         )
 
-    @tf.function(reduce_retracing=True)
-    def _sample_graph(self, num_samples, num_steps, seed, argmax):
+    def _sample(self, num_samples, num_steps, seed, argmax):
         prior_seed, loop_seed, decoder_seed = seeding.split_seed(seed, 3)
         z = tf.random.stateless_normal(tf.concat([[num_samples], self.image_shape], 0), prior_seed)
         steps = tf.cast(num_steps, tf.float32)
@@ -271,9 +283,11 @@ class VDM(keras.Model):
 
         _, z_0 = tf.while_loop(lambda i, z: i > 0, step, (num_steps, z))
         gamma_0 = self.schedule.gamma_0
-        if argmax:
-            return images.decoder_argmax(z_0, gamma_0)
-        return images.decoder_sample(z_0, gamma_0, decoder_seed)
+        return tf.cond(
+            argmax,
+            lambda: images.decoder_argmax(z_0, gamma_0),
+            lambda: images.decoder_sample(z_0, gamma_0, decoder_seed),
+        )
 
     # ----------------------------------------------------------------------------------------
     # Serialisation.

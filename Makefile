@@ -1,0 +1,24 @@
+# Two commands do everything on a fresh machine:
+#   make demo   create .venv, install, train a small VDM on the embedded digits, report test bpd,
+#               write runs/demo/samples.png
+#   make test   create .venv, install, run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test clean
+
+$(INSTALLED): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(PY) -m trainers.main --model_dir=runs/demo
+
+test: $(INSTALLED)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

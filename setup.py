@@ -1,0 +1,32 @@
+"""vdm_tf: likelihood-based diffusion models in TensorFlow / Keras.
+
+Direct dependencies are pinned here; `constraints.txt` pins the whole resolved set so that
+`make demo` / `make test` install the same versions everywhere.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vdm_tf",
+    version="0.1.0",
+    description="Variational Diffusion Models and friends in TensorFlow / Keras: state-of-the-art likelihoods.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vdm_tf", "vdm_tf.*", "trainers", "trainers.*", "export", "export.*"]),
+    include_package_data=True,
+    install_requires=[
+        "tensorflow==2.21.0",
+        "keras==3.15.1",
+        "tensorflow-probability==0.25.0",
+        # TensorFlow Probability refuses to import without tf-keras, even though vdm_tf uses Keras 3.
+        "tf-keras==2.21.0",
+        "tensorflow-datasets==4.9.10",
+        "absl-py==2.5.1",
+        "numpy==2.4.6",
+        "scikit-learn==1.9.1",
+        "pillow==13.0.0",
+        "matplotlib==3.11.2",
+    ],
+    extras_require={"test": ["pytest==9.2.0"]},
+)

@@ -1,0 +1,1 @@
+"""The vdm_tf training program: `python -m trainers.main`."""

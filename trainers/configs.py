@@ -1,0 +1,141 @@
+"""Training configurations: one dataclass defines every field, presets fill them per data set.
+
+On the command line, `--config=PRESET` picks a preset and `--config.FIELD=VALUE` overrides one
+field (one flag is defined per field, from the dataclass, so there is one place to add a field).
+"""
+
+import dataclasses
+
+import keras
+
+import vdm_tf
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a training run needs to know.
+
+    Fields are grouped: data, denoiser (`vdm_tf.networks.ScoreUNet`), schedule and loss,
+    optimisation, evaluation and sampling.
+    """
+
+    dataset: str = "digits"
+    # Denoiser.
+    n_layers: int = 4
+    n_embd: int = 64
+    dropout: float = 0.1
+    fourier_features: bool = True
+    fourier_exponents: tuple = (7, 8)
+    attention: bool = False
+    # Schedule and loss.
+    schedule: str = "learned_monotonic"  # fixed_linear | learned_linear | learned_monotonic
+    gamma_min: float = -13.3
+    gamma_max: float = 5.0
+    minimize_variance: bool = True
+    timesteps: int = 0  # 0: continuous-time VLB
+    # Optimisation (VDM: AdamW, b1 0.9, b2 0.99, weight decay 0.01, EMA 0.9999).
+    batch_size: int = 128
+    train_steps: int = 10_000
+    learning_rate: float = 2e-4
+    warmup_steps: int = 100
+    final_learning_rate_fraction: float = 1.0  # < 1: cosine decay to this fraction of the rate
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    ema_momentum: float = 0.9999  # 0: no EMA
+    clip_norm: float = 0.0  # 0: no gradient clipping
+    steps_per_epoch: int = 1000  # Keras progress-bar length
+    seed: int = 0
+    # Evaluation and sampling.
+    eval_time_samples: int = 8
+    sample_steps: int = 256
+    num_samples: int = 64
+
+
+PRESETS = {
+    # Small enough to train on a CPU in a few minutes (`make demo`).
+    "digits": Config(
+        dataset="digits",
+        n_layers=4,
+        n_embd=64,
+        dropout=0.1,
+        batch_size=64,
+        train_steps=3000,
+        learning_rate=2e-3,
+        warmup_steps=200,
+        final_learning_rate_fraction=0.05,
+        ema_momentum=0.999,
+        steps_per_epoch=500,
+    ),
+    # VDM paper, CIFAR-10 (configs/cifar10.py of google-research/vdm).
+    "cifar10": Config(
+        dataset="cifar10",
+        n_layers=32,
+        n_embd=128,
+        dropout=0.1,
+        batch_size=128,
+        train_steps=10_000_000,
+        learning_rate=2e-4,
+        warmup_steps=100,
+        ema_momentum=0.9999,
+    ),
+}
+
+
+def build_model(config):
+    """The `vdm_tf.VDM` a configuration describes (denoiser, schedule, image shape)."""
+    image_shape = vdm_tf.datasets.info(config.dataset).image_shape
+    denoiser = vdm_tf.networks.ScoreUNet(
+        n_layers=config.n_layers,
+        n_embd=config.n_embd,
+        fourier_features=config.fourier_features,
+        fourier_exponents=config.fourier_exponents,
+        attention=config.attention,
+        dropout=config.dropout,
+        gamma_min=config.gamma_min,
+        gamma_max=config.gamma_max,
+    )
+    return vdm_tf.VDM(denoiser, build_schedule(config), image_shape, timesteps=config.timesteps, seed=config.seed)
+
+
+def build_schedule(config):
+    if config.schedule == "fixed_linear":
+        return vdm_tf.schedules.FixedLinear(config.gamma_min, config.gamma_max)
+    if config.schedule == "learned_linear":
+        return vdm_tf.schedules.LearnedLinear(config.gamma_min, config.gamma_max)
+    if config.schedule == "learned_monotonic":
+        return vdm_tf.schedules.LearnedMonotonic(
+            config.gamma_min, config.gamma_max, minimize_variance=config.minimize_variance
+        )
+    raise ValueError(
+        f"Unknown schedule {config.schedule!r}; expected fixed_linear, learned_linear or learned_monotonic."
+    )
+
+
+def build_optimizer(config, model):
+    """AdamW with linear warm-up, optional cosine decay, optional EMA and clipping.
+
+    Weight decay applies to the kernels only: not to biases, normalisation scales and offsets,
+    or the schedule's parameters (VDM's decay mask).
+    """
+    learning_rate = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0,
+        decay_steps=max(config.train_steps - config.warmup_steps, 1),
+        alpha=config.final_learning_rate_fraction,
+        warmup_target=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+    )
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=learning_rate,
+        weight_decay=config.weight_decay,
+        beta_1=config.adam_beta1,
+        beta_2=config.adam_beta2,
+        global_clipnorm=config.clip_norm or None,
+        use_ema=config.ema_momentum > 0,
+        ema_momentum=config.ema_momentum or 0.99,
+    )
+    schedule_ids = {id(v) for v in model.schedule.variables}
+    optimizer.exclude_from_weight_decay(
+        var_list=[v for v in model.trainable_variables if len(v.shape) <= 1 or id(v) in schedule_ids]
+    )
+    return optimizer
