@@ -45,6 +45,7 @@ class Config:
     ema_momentum: float = 0.9999  # 0: no EMA
     clip_norm: float = 0.0  # 0: no gradient clipping
     steps_per_epoch: int = 1000  # Keras progress-bar length
+    jit_compile: bool = True  # XLA; on 2-core CPUs the train step is faster without it
     seed: int = 0
     # Evaluation and sampling.
     eval_time_samples: int = 8
@@ -53,19 +54,25 @@ class Config:
 
 
 PRESETS = {
-    # Small enough to train on a CPU in a few minutes (`make demo`).
+    # Small enough to train on a 2-core CPU in about five minutes (`make demo`). The digits
+    # take only 17 of the 256 values (0, 16, 32, ...: 0.125 apart in [-1, 1]), so the Fourier
+    # features use the periods of that grid, 2^4 pi and 2^3 pi, instead of the one- and two-bin
+    # periods (exponents 8 and 7) that suit 8-bit photographs: 1.98 bpd instead of 4.4 after
+    # the same 1200 steps.
     "digits": Config(
         dataset="digits",
-        n_layers=4,
+        n_layers=2,
         n_embd=64,
         dropout=0.1,
+        fourier_exponents=(3, 4),
         batch_size=64,
-        train_steps=3000,
+        train_steps=1200,
         learning_rate=2e-3,
-        warmup_steps=200,
+        warmup_steps=100,
         final_learning_rate_fraction=0.05,
-        ema_momentum=0.999,
-        steps_per_epoch=500,
+        ema_momentum=0.995,
+        steps_per_epoch=200,
+        jit_compile=False,
     ),
     # VDM paper, CIFAR-10 (configs/cifar10.py of google-research/vdm).
     "cifar10": Config(

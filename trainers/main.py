@@ -18,6 +18,7 @@ import os
 import typing
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # before TensorFlow is imported: see vdm_tf/__init__.py
 
 from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
@@ -89,7 +90,7 @@ def train(config, model_dir, data_dir):
     with open(paths["config"], "w") as f:
         json.dump(dataclasses.asdict(config), f, indent=2)
     model = configs.build_model(config)
-    model.compile(optimizer=configs.build_optimizer(config, model))
+    model.compile(optimizer=configs.build_optimizer(config, model), jit_compile=config.jit_compile)
     train_data = vdm_tf.datasets.load(
         config.dataset, "train", config.batch_size, seed=config.seed, data_dir=data_dir
     )
@@ -127,7 +128,9 @@ def sample(config, model, model_dir):
     paths = _paths(model_dir)
     samples = model.sample(config.num_samples, num_steps=config.sample_steps, seed=config.seed).numpy()
     picture = vdm_tf.images.grid(samples)
-    Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture).save(paths["samples_png"])
+    picture = Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture)
+    zoom = max(1, 256 // max(picture.size))  # small images are shown enlarged, pixels kept sharp
+    picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST).save(paths["samples_png"])
     np.savez_compressed(paths["samples_npz"], images=samples)
     print(f"wrote {paths['samples_png']} and {paths['samples_npz']} ({len(samples)} samples, {config.sample_steps} steps)")
 
