@@ -1,0 +1,242 @@
+"""Tests for vdm_tf.datasets: the embedded digits data set and the TensorFlow Datasets pipelines.
+
+No data is downloaded: the TensorFlow Datasets builders are exercised through
+`tfds.testing.mock_data`, which runs the real `tfds.load` code with the real builder classes
+and configs but replaces the reading of the prepared files by generated examples of the
+builder's own feature spec.
+"""
+
+import numpy as np
+import pytest
+import sklearn.datasets
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vdm_tf import datasets
+
+NUM_MOCK_EXAMPLES = 10
+
+
+def _mock_tfds(**kwargs):
+    """`tfds.testing.mock_data` from the builder code alone (no metadata files exist here)."""
+    return tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES, policy=tfds.testing.MockPolicy.USE_CODE, **kwargs)
+
+
+class FakeDownsampledImagenet:
+    """Stands in for `FileReaderBuilder._as_dataset` of the downsampled_imagenet builders.
+
+    The builders declare images of shape [None, None, 3]; mock_data's default generator fills
+    unknown sizes with random ones (5..49 pixels), unlike the real files, whose images are all
+    32x32 or 64x64. This produces random images of the config's size ("32x32" -> 32) with the
+    builder's real feature spec (so the static shape stays [None, None, 3]) and records the
+    arguments the builder was read with.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, builder, split, **kwargs):
+        self.calls.append(dict(split=split, config=builder.builder_config.name, **kwargs))
+        size = int(builder.builder_config.name.split("x")[0])
+        spec = builder.info.features.get_tensor_info()
+        signature = {key: tf.TensorSpec(tensor.shape, tensor.tf_dtype) for key, tensor in spec.items()}
+
+        def generate():
+            rng = np.random.default_rng(0)
+            for _ in range(NUM_MOCK_EXAMPLES):
+                yield {"image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8)}
+
+        return tf.data.Dataset.from_generator(generate, output_signature=signature)
+
+
+@pytest.fixture
+def fake_imagenet():
+    fake = FakeDownsampledImagenet()
+    # mock_data calls as_dataset_fn as an unbound method: (builder, split, ...).
+    with _mock_tfds(as_dataset_fn=lambda builder, split, **kwargs: fake(builder, split, **kwargs)):
+        yield fake
+
+
+def _take(dataset, num_batches):
+    return [batch.numpy() for batch in dataset.take(num_batches)]
+
+
+# ----------------------------------------------------------------------------------- digits
+
+
+def test_digits_arrays_shapes_dtype_and_values():
+    for split, size in [("train", 1500), ("test", 297)]:
+        images = datasets.digits_arrays(split)
+        assert images.shape == (size, 8, 8, 1)
+        assert images.dtype == np.uint8
+        assert images.max() == 255
+
+
+def test_digits_mapping_is_rounded_rescaling_of_sklearn_data():
+    raw = sklearn.datasets.load_digits()
+    for split in ["train", "test"]:
+        indices = datasets.digits_indices(split)
+        images, labels = datasets.digits_arrays(split, with_labels=True)
+        expected = np.round(raw.images[indices] * 255 / 16)[..., np.newaxis]
+        np.testing.assert_array_equal(images, expected)
+        np.testing.assert_array_equal(labels, raw.target[indices])
+        assert labels.dtype == np.int64
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    train, test = datasets.digits_indices("train"), datasets.digits_indices("test")
+    assert len(train) == 1500 and len(test) == 297
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(1797))
+    # The split must be the same everywhere: pin the start of the seeded permutation.
+    np.testing.assert_array_equal(train[:5], [360, 1773, 1482, 600, 850])
+    np.testing.assert_array_equal(test[:5], [1555, 1022, 1512, 955, 1397])
+    np.testing.assert_array_equal(datasets.digits_arrays("test"), datasets.digits_arrays("test"))
+
+
+def test_digits_unknown_split():
+    with pytest.raises(ValueError, match="'train' and 'test'"):
+        datasets.digits_arrays("validation")
+
+
+def test_digits_evaluation_pipeline_yields_every_test_image_once_in_order():
+    dataset = datasets.load("digits", "test", 64, shuffle=False, repeat=False, drop_remainder=False)
+    batches = _take(dataset, -1)
+    assert [len(batch) for batch in batches] == [64, 64, 64, 64, 41]
+    np.testing.assert_array_equal(np.concatenate(batches), datasets.digits_arrays("test"))
+
+
+def test_digits_training_pipeline_repeats_forever_in_full_batches():
+    dataset = datasets.load("digits", "test", 64)
+    assert dataset.cardinality() == tf.data.INFINITE_CARDINALITY
+    assert dataset.element_spec == tf.TensorSpec([64, 8, 8, 1], tf.uint8)
+    batches = _take(dataset, 10)  # 640 images: more than two passes over the 297.
+    assert all(batch.shape == (64, 8, 8, 1) for batch in batches)
+    # Shuffled: the first batch is not the first 64 test images.
+    assert not np.array_equal(batches[0], datasets.digits_arrays("test")[:64])
+
+
+def test_digits_same_seed_same_batches():
+    first = _take(datasets.load("digits", "train", 32, seed=3), 5)
+    again = _take(datasets.load("digits", "train", 32, seed=3), 5)
+    other = _take(datasets.load("digits", "train", 32, seed=4), 5)
+    np.testing.assert_array_equal(np.stack(first), np.stack(again))
+    assert not np.array_equal(np.stack(first), np.stack(other))
+
+
+def test_digits_with_labels():
+    dataset = datasets.load("digits", "test", 297, shuffle=False, repeat=False)
+    images, labels = next(iter(datasets.load("digits", "test", 297, shuffle=False, repeat=False, with_labels=True)))
+    np.testing.assert_array_equal(images, next(iter(dataset)))
+    np.testing.assert_array_equal(labels, datasets.digits_arrays("test", with_labels=True)[1])
+
+
+def test_digits_input_context_shards_and_uses_per_replica_batch_size():
+    parts = []
+    for pipeline_id in range(2):
+        context = tf.distribute.InputContext(
+            num_input_pipelines=2, input_pipeline_id=pipeline_id, num_replicas_in_sync=4
+        )
+        training = datasets.load("digits", "train", 32, input_context=context)
+        assert training.element_spec.shape == (8, 8, 8, 1)  # 32 images over 4 replicas.
+        evaluation = datasets.load(
+            "digits", "test", 32, shuffle=False, repeat=False, drop_remainder=False, input_context=context
+        )
+        parts.append(np.concatenate(_take(evaluation, -1)))
+    assert [len(part) for part in parts] == [149, 148]
+    np.testing.assert_array_equal(np.concatenate(parts), datasets.digits_arrays("test"))
+
+
+# ----------------------------------------------------------------------- info and errors
+
+
+def test_info():
+    assert datasets.NAMES == ("digits", "mnist", "cifar10", "imagenet32", "imagenet64")
+    assert datasets.info("digits").image_shape == (8, 8, 1)
+    assert datasets.info("digits").num_test_examples == 297
+    assert datasets.info("mnist").image_shape == (28, 28, 1)
+    assert datasets.info("cifar10").image_shape == (32, 32, 3)
+    assert datasets.info("imagenet32").tfds_name == "downsampled_imagenet/32x32"
+    assert datasets.info("imagenet64").image_shape == (64, 64, 3)
+    assert datasets.info("imagenet64").test_split == "validation"
+
+
+def test_info_names_are_real_tfds_builders_and_configs():
+    for name in datasets.NAMES:
+        tfds_name = datasets.info(name).tfds_name
+        if tfds_name is None:
+            continue
+        builder_name, _, config = tfds_name.partition("/")
+        builder_cls = tfds.builder_cls(builder_name)
+        if config:
+            assert config in [c.name for c in builder_cls.BUILDER_CONFIGS]
+
+
+@pytest.mark.parametrize("call", [lambda: datasets.info("svhn"), lambda: datasets.load("svhn", "train", 8)])
+def test_unknown_name_lists_known_names(call):
+    with pytest.raises(ValueError, match="digits, mnist, cifar10, imagenet32, imagenet64"):
+        call()
+
+
+# -------------------------------------------------------------- TensorFlow Datasets builders
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_tfds_training_batches(name):
+    with _mock_tfds():
+        dataset = datasets.load(name, "train", 4)
+        batches = _take(dataset, 5)  # 20 images from 10 examples: repeats.
+    expected_shape = (4,) + datasets.info(name).image_shape
+    assert dataset.element_spec == tf.TensorSpec(expected_shape, tf.uint8)
+    assert all(batch.shape == expected_shape and batch.dtype == np.uint8 for batch in batches)
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_tfds_evaluation_and_labels(name):
+    with _mock_tfds():
+        batches = _take(datasets.load(name, "test", 4, shuffle=False, repeat=False, drop_remainder=False), -1)
+        images, labels = next(iter(datasets.load(name, "test", 4, shuffle=False, repeat=False, with_labels=True)))
+    assert [len(batch) for batch in batches] == [4, 4, 2]
+    assert images.shape == (4,) + datasets.info(name).image_shape
+    assert labels.dtype == tf.int64 and labels.shape == (4,)
+
+
+@pytest.mark.parametrize("name", ["imagenet32", "imagenet64"])
+def test_imagenet_training_batches(name, fake_imagenet):
+    dataset = datasets.load(name, "train", 4, seed=7)
+    batches = _take(dataset, 5)
+    expected_shape = (4,) + datasets.info(name).image_shape
+    assert dataset.element_spec == tf.TensorSpec(expected_shape, tf.uint8)
+    assert all(batch.shape == expected_shape and batch.dtype == np.uint8 for batch in batches)
+    [call] = fake_imagenet.calls
+    assert call["config"] == datasets.info(name).tfds_name.split("/")[1]
+    assert call["split"] == "train"
+    assert call["shuffle_files"] is True
+    assert call["read_config"].shuffle_seed == 7
+
+
+@pytest.mark.parametrize("name", ["imagenet32", "imagenet64"])
+def test_imagenet_evaluation(name, fake_imagenet):
+    batches = _take(datasets.load(name, "validation", 4, shuffle=False, repeat=False, drop_remainder=False), -1)
+    assert [batch.shape for batch in batches] == [(n,) + datasets.info(name).image_shape for n in (4, 4, 2)]
+    assert fake_imagenet.calls[0]["split"] == "validation"
+    assert fake_imagenet.calls[0]["shuffle_files"] is False
+
+
+def test_imagenet_input_context_reads_its_even_split(fake_imagenet):
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4)
+    dataset = datasets.load("imagenet32", "train", 16, input_context=context)
+    assert next(iter(dataset)).shape == (4, 32, 32, 3)
+    assert fake_imagenet.calls[0]["split"] == tfds.even_splits("train", 2)[1]
+
+
+def test_imagenet_has_no_labels():
+    with pytest.raises(ValueError, match="no labels"):
+        datasets.load("imagenet32", "train", 8, with_labels=True)
+
+
+def test_imagenet_rejects_images_of_the_wrong_size():
+    # mock_data's default generator gives the [None, None, 3] images random sizes.
+    with _mock_tfds():
+        dataset = datasets.load("imagenet32", "train", 4)
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            _take(dataset, 1)

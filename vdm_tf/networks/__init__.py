@@ -1,0 +1,9 @@
+"""Networks for VDM: the noise-prediction U-Net (`ScoreUNet`) and its building blocks."""
+
+from vdm_tf.networks.blocks import AttentionBlock, ResnetBlock
+from vdm_tf.networks.embeddings import TimestepEmbedding
+from vdm_tf.networks.fourier_features import FourierFeatures
+from vdm_tf.networks.normalization import GroupNorm
+from vdm_tf.networks.score_unet import ScoreUNet
+
+__all__ = ["AttentionBlock", "FourierFeatures", "GroupNorm", "ResnetBlock", "ScoreUNet", "TimestepEmbedding"]
