@@ -27,6 +27,7 @@ setup(
         "scikit-learn==1.9.1",
         "pillow==13.0.0",
         "matplotlib==3.11.2",
+        "tensorboard==2.21.0",
     ],
     extras_require={"test": ["pytest==9.2.0"]},
 )

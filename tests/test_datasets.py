@@ -12,41 +12,8 @@ import sklearn.datasets
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tfds_mocks import NUM_MOCK_EXAMPLES, FakeDownsampledImagenet, mock_tfds as _mock_tfds
 from vdm_tf import datasets
-
-NUM_MOCK_EXAMPLES = 10
-
-
-def _mock_tfds(**kwargs):
-    """`tfds.testing.mock_data` from the builder code alone (no metadata files exist here)."""
-    return tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES, policy=tfds.testing.MockPolicy.USE_CODE, **kwargs)
-
-
-class FakeDownsampledImagenet:
-    """Stands in for `FileReaderBuilder._as_dataset` of the downsampled_imagenet builders.
-
-    The builders declare images of shape [None, None, 3]; mock_data's default generator fills
-    unknown sizes with random ones (5..49 pixels), unlike the real files, whose images are all
-    32x32 or 64x64. This produces random images of the config's size ("32x32" -> 32) with the
-    builder's real feature spec (so the static shape stays [None, None, 3]) and records the
-    arguments the builder was read with.
-    """
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, builder, split, **kwargs):
-        self.calls.append(dict(split=split, config=builder.builder_config.name, **kwargs))
-        size = int(builder.builder_config.name.split("x")[0])
-        spec = builder.info.features.get_tensor_info()
-        signature = {key: tf.TensorSpec(tensor.shape, tensor.tf_dtype) for key, tensor in spec.items()}
-
-        def generate():
-            rng = np.random.default_rng(0)
-            for _ in range(NUM_MOCK_EXAMPLES):
-                yield {"image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8)}
-
-        return tf.data.Dataset.from_generator(generate, output_signature=signature)
 
 
 @pytest.fixture

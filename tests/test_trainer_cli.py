@@ -13,7 +13,7 @@ from trainers import configs, main
 SUMMARY = re.compile(r"test bpd: (\d+\.\d+) \+- (\d+\.\d+) \((\d+) images, (\d+) time samples each\)")
 QUICK = [
     "--train_steps=4",
-    "--config.steps_per_epoch=2",
+    "--config.checkpoint_every=2",
     "--config.n_layers=1",
     "--config.n_embd=32",
     "--config.eval_time_samples=2",

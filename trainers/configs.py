@@ -34,6 +34,7 @@ class Config:
     minimize_variance: bool = True
     timesteps: int = 0  # 0: continuous-time VLB
     # Optimisation (VDM: AdamW, b1 0.9, b2 0.99, weight decay 0.01, EMA 0.9999).
+    optimizer: str = "adamw"  # or "sgd": same schedule, EMA and clipping; scale-sensitive (tests use it)
     batch_size: int = 128
     train_steps: int = 10_000
     learning_rate: float = 2e-4
@@ -44,9 +45,14 @@ class Config:
     adam_beta2: float = 0.99
     ema_momentum: float = 0.9999  # 0: no EMA
     clip_norm: float = 0.0  # 0: no gradient clipping
-    steps_per_epoch: int = 1000  # Keras progress-bar length
+    steps_per_execution: int = 1  # train steps per call into the compiled step function
     jit_compile: bool = True  # XLA; on 2-core CPUs the train step is faster without it
     seed: int = 0
+    # Checkpoints and monitoring (intervals in steps; rounded up to steps_per_execution).
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 100  # TensorBoard scalars and metrics.jsonl
+    sample_every: int = 10_000  # sample grid and SNR curve in TensorBoard
     # Evaluation and sampling.
     eval_time_samples: int = 8
     sample_steps: int = 256
@@ -71,8 +77,22 @@ PRESETS = {
         warmup_steps=100,
         final_learning_rate_fraction=0.05,
         ema_momentum=0.995,
-        steps_per_epoch=200,
         jit_compile=False,
+        checkpoint_every=200,
+        log_every=50,
+        sample_every=600,
+    ),
+    # No paper setting: a mid-size network; MNIST pixels take all 256 values.
+    "mnist": Config(
+        dataset="mnist",
+        n_layers=8,
+        n_embd=64,
+        dropout=0.1,
+        batch_size=128,
+        train_steps=200_000,
+        learning_rate=5e-4,
+        warmup_steps=1000,
+        ema_momentum=0.9999,
     ),
     # VDM paper, CIFAR-10 (configs/cifar10.py of google-research/vdm).
     "cifar10": Config(
@@ -82,6 +102,29 @@ PRESETS = {
         dropout=0.1,
         batch_size=128,
         train_steps=10_000_000,
+        learning_rate=2e-4,
+        warmup_steps=100,
+        ema_momentum=0.9999,
+    ),
+    # VDM paper, downsampled ImageNet (section 6, appendix B): 256 channels, no dropout.
+    "imagenet32": Config(
+        dataset="imagenet32",
+        n_layers=32,
+        n_embd=256,
+        dropout=0.0,
+        batch_size=512,
+        train_steps=2_000_000,
+        learning_rate=2e-4,
+        warmup_steps=100,
+        ema_momentum=0.9999,
+    ),
+    "imagenet64": Config(
+        dataset="imagenet64",
+        n_layers=64,
+        n_embd=256,
+        dropout=0.0,
+        batch_size=512,
+        train_steps=2_000_000,
         learning_rate=2e-4,
         warmup_steps=100,
         ema_momentum=0.9999,
@@ -120,7 +163,7 @@ def build_schedule(config):
 
 
 def build_optimizer(config, model):
-    """AdamW with linear warm-up, optional cosine decay, optional EMA and clipping.
+    """AdamW (or SGD) with linear warm-up, optional cosine decay, optional EMA and clipping.
 
     Weight decay applies to the kernels only: not to biases, normalisation scales and offsets,
     or the schedule's parameters (VDM's decay mask).
@@ -132,14 +175,18 @@ def build_optimizer(config, model):
         warmup_target=config.learning_rate,
         warmup_steps=config.warmup_steps,
     )
-    optimizer = keras.optimizers.AdamW(
+    common = dict(
         learning_rate=learning_rate,
-        weight_decay=config.weight_decay,
-        beta_1=config.adam_beta1,
-        beta_2=config.adam_beta2,
         global_clipnorm=config.clip_norm or None,
         use_ema=config.ema_momentum > 0,
         ema_momentum=config.ema_momentum or 0.99,
+    )
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(**common)
+    if config.optimizer != "adamw":
+        raise ValueError(f"Unknown optimizer {config.optimizer!r}; expected adamw or sgd.")
+    optimizer = keras.optimizers.AdamW(
+        weight_decay=config.weight_decay, beta_1=config.adam_beta1, beta_2=config.adam_beta2, **common
     )
     schedule_ids = {id(v) for v in model.schedule.variables}
     optimizer.exclude_from_weight_decay(

@@ -39,3 +39,18 @@ def split_seed(seed, num):
 def fold_in(seed, data):
     """Derives a new seed from `seed` and an integer (a step or replica index)."""
     return tf.random.experimental.stateless_fold_in(as_seed(seed), tf.cast(data, tf.int64))
+
+
+def per_example_normal(seed, example_index, shape):
+    """Standard normal noise [N, *shape] whose row i depends only on (seed, example_index[i]).
+
+    So an example draws the same noise whether it is processed alone, in a batch, or on one of
+    several replicas, as long as it keeps its (global) index.
+    """
+    seed = as_seed(seed)
+    return tf.map_fn(
+        lambda index: tf.random.stateless_normal(shape, fold_in(seed, index)),
+        tf.cast(example_index, tf.int64),
+        fn_output_signature=tf.float32,
+        parallel_iterations=32,
+    )

@@ -80,26 +80,29 @@ class VDM(keras.Model):
     # ----------------------------------------------------------------------------------------
     # The negative ELBO.
 
-    def _time_samples(self, num, seed):
-        """Antithetic times t_i = (u + i / N) mod 1; on the grid {1/T, ..., 1} in discrete time."""
+    def _time_samples(self, example_index, num_examples, seed):
+        """Antithetic times t_i = (u + i / N) mod 1 over the global batch (i: global index).
+
+        In discrete time, t is moved to the grid {1/T, ..., 1}.
+        """
         u = tf.random.stateless_uniform([], seed)
-        t = tf.math.floormod(u + tf.range(num, dtype=tf.float32) / tf.cast(num, tf.float32), 1.0)
+        t = tf.math.floormod(u + tf.cast(example_index, tf.float32) / tf.cast(num_examples, tf.float32), 1.0)
         if self.timesteps:
             t = (tf.floor(t * self.timesteps) + 1.0) / self.timesteps
         return t
 
-    def _diffusion_loss(self, f, seed, training):
+    def _diffusion_loss(self, f, seed, training, example_index, num_examples):
         """Per-example diffusion loss in nats, and the (gamma_t, gamma'_t) it used.
 
         gamma'_t is None in discrete time.
         """
         t_seed, eps_seed = seeding.split_seed(seed, 2)
-        t = self._time_samples(tf.shape(f)[0], t_seed)
+        t = self._time_samples(example_index, num_examples, t_seed)
         if self.timesteps:
             gamma_t, dgamma_t = self.schedule(t), None
         else:
             gamma_t, dgamma_t = self.schedule.gamma_and_derivative(t)
-        eps = tf.random.stateless_normal(tf.shape(f), eps_seed)
+        eps = seeding.per_example_normal(eps_seed, example_index, self.image_shape)
         gamma = images.per_example(gamma_t, 4)
         z_t = tf.sqrt(tf.sigmoid(-gamma)) * f + tf.sqrt(tf.sigmoid(gamma)) * eps
         eps_hat = self.denoiser(z_t, gamma_t, training=training)
@@ -119,23 +122,31 @@ class VDM(keras.Model):
         kl = 0.5 * ((1.0 - var_1) * tf.square(f) + var_1 - log_var_1 - 1.0)
         return tf.reduce_sum(kl, axis=[1, 2, 3])
 
-    def _reconstruction_loss(self, x, f, seed):
+    def _reconstruction_loss(self, x, f, seed, example_index):
         """-log p(x | z_0) in nats per example, one sample z_0 ~ q(z_0 | x)."""
         gamma_0 = self.schedule.gamma_0
-        eps_0 = tf.random.stateless_normal(tf.shape(f), seed)
+        eps_0 = seeding.per_example_normal(seed, example_index, self.image_shape)
         z_0 = tf.sqrt(tf.sigmoid(-gamma_0)) * f + tf.sqrt(tf.sigmoid(gamma_0)) * eps_0
         return images.reconstruction_nll(x, z_0, gamma_0)
 
-    def _loss_terms(self, x, seed, training):
-        """Per-example bpd terms (dict over TERMS) and the diffusion loss's (gamma_t, gamma'_t)."""
+    def _loss_terms(self, x, seed, training, example_index=None, num_examples=None):
+        """Per-example bpd terms (dict over TERMS) and the diffusion loss's (gamma_t, gamma'_t).
+
+        Every random draw of example i depends only on `seed` and its global index
+        `example_index[i]` among the `num_examples` of the global batch (defaults: this batch
+        alone), so a batch split over replicas draws what it would draw on one device.
+        """
         x = images.check_images(x, self.image_shape)
+        if example_index is None:
+            example_index = tf.range(tf.shape(x)[0])
+            num_examples = tf.shape(x)[0]
         f = images.encode(x)
         diffusion_seed, reconstruction_seed = seeding.split_seed(seed, 2)
-        diffusion, gammas = self._diffusion_loss(f, diffusion_seed, training)
+        diffusion, gammas = self._diffusion_loss(f, diffusion_seed, training, example_index, num_examples)
         nats = {
             "diffusion": diffusion,
             "prior": self._prior_loss(f),
-            "reconstruction": self._reconstruction_loss(x, f, reconstruction_seed),
+            "reconstruction": self._reconstruction_loss(x, f, reconstruction_seed, example_index),
         }
         nats["bpd"] = nats["diffusion"] + nats["prior"] + nats["reconstruction"]
         to_bpd = 1.0 / (self.num_dims * math.log(2.0))
@@ -185,15 +196,25 @@ class VDM(keras.Model):
     def metrics(self):
         return list(self.term_trackers.values())
 
-    def _step_seed(self):
-        """A fresh seed per optimizer step and replica: fold(seed, step, replica)."""
-        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        return seeding.fold_in(seeding.fold_in(self.seed, self.optimizer.iterations), replica)
+    def _step_randomness(self, x):
+        """The seed of this optimizer step and the global indices of this replica's examples.
 
-    def compute_gradients(self, x, seed):
+        Replica r of R holds examples r * n .. (r + 1) * n - 1 of the global batch (tf.distribute
+        splits a batch in order), so every replica draws its own time and noise samples, and
+        the same as one device given the whole batch would draw.
+        """
+        context = tf.distribute.get_replica_context()
+        local_size = tf.shape(x)[0]
+        first = tf.cast(context.replica_id_in_sync_group, tf.int32) * local_size
+        example_index = first + tf.range(local_size)
+        num_examples = local_size * context.num_replicas_in_sync
+        return seeding.fold_in(self.seed, self.optimizer.iterations), example_index, num_examples
+
+    def compute_gradients(self, x, seed, example_index=None, num_examples=None):
         """Gradients of the global-batch mean bpd, the variance objective for the schedule shape.
 
         Returns (gradients aligned with `self.trainable_variables`, per-example bpd terms).
+        `example_index` / `num_examples`: see `_loss_terms`.
 
         The loss on each replica is its mean bpd divided by the replica count, so the optimizer's
         sum over replicas is the gradient of the global-batch mean under any tf.distribute
@@ -208,7 +229,7 @@ class VDM(keras.Model):
         variance_ids = {id(v) for v in variance_variables}
         vlb_variables = [v for v in self.trainable_variables if id(v) not in variance_ids]
         with tf.GradientTape(persistent=bool(variance_variables)) as tape:
-            terms, (gamma_t, dgamma_t) = self._loss_terms(x, seed, training=True)
+            terms, (gamma_t, dgamma_t) = self._loss_terms(x, seed, True, example_index, num_examples)
             loss = tf.reduce_mean(terms["bpd"]) / tf.distribute.get_strategy().num_replicas_in_sync
         if not variance_variables:
             return tape.gradient(loss, self.trainable_variables), terms
@@ -228,13 +249,14 @@ class VDM(keras.Model):
 
     def train_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        grads, terms = self.compute_gradients(x, self._step_seed())
+        grads, terms = self.compute_gradients(x, *self._step_randomness(x))
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         return self._update_metrics(terms)
 
     def test_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        terms, _ = self._loss_terms(x, self._step_seed(), training=False)
+        seed, example_index, num_examples = self._step_randomness(x)
+        terms, _ = self._loss_terms(x, seed, False, example_index, num_examples)
         return self._update_metrics(terms)
 
     # ----------------------------------------------------------------------------------------

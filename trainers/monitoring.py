@@ -1,0 +1,69 @@
+"""What a training run reports: TensorBoard scalars and images, a metrics log, sample grids."""
+
+import io
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import vdm_tf  # noqa: E402
+
+
+def save_grid_png(samples, path):
+    """Writes uint8 images [N, H, W, C] as one grid PNG, enlarged (sharp pixels) when small."""
+    picture = vdm_tf.images.grid(samples)
+    picture = Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture)
+    zoom = max(1, 256 // max(picture.size))
+    picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST).save(path)
+
+
+def snr_curve(schedule):
+    """A picture of log SNR(t) = -gamma(t) over t in [0, 1]: uint8 [1, H, W, 4]."""
+    t = np.linspace(0.0, 1.0, 201, dtype=np.float32)
+    log_snr = -schedule(tf.constant(t)).numpy()
+    figure, axes = plt.subplots(figsize=(4, 3), dpi=80)
+    axes.plot(t, log_snr)
+    axes.set_xlabel("t")
+    axes.set_ylabel("log SNR(t) = -gamma(t)")
+    axes.set_title(f"gamma_0 = {-log_snr[0]:.2f}, gamma_1 = {-log_snr[-1]:.2f}")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return np.asarray(Image.open(io.BytesIO(buffer.getvalue())))[None]
+
+
+class RunLog:
+    """TensorBoard event files and `metrics.jsonl` of one run directory (chief only).
+
+    `metrics.jsonl` has one JSON object per logged step: the step, the training bpd terms
+    averaged since the previous line, the learning rate, the schedule endpoints and the
+    throughput. A resumed run appends to it, so the steps continue.
+    """
+
+    def __init__(self, model_dir):
+        self.writer = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard"))
+        self.metrics_path = os.path.join(model_dir, "metrics.jsonl")
+        self.samples_dir = os.path.join(model_dir, "samples")
+
+    def scalars(self, step, values):
+        with self.writer.as_default(step=step):
+            for name, value in values.items():
+                tf.summary.scalar(name, value)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+
+    def pictures(self, step, schedule, samples):
+        os.makedirs(self.samples_dir, exist_ok=True)
+        save_grid_png(samples, os.path.join(self.samples_dir, f"step_{step:08d}.png"))
+        with self.writer.as_default(step=step):
+            tf.summary.image("snr_curve", snr_curve(schedule))
+            tf.summary.image("samples", vdm_tf.images.grid(samples)[None])
+        self.writer.flush()
