@@ -21,10 +21,10 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # before TensorFlow is imported: see vdm_tf/__init__.py
 
-from absl import app, flags  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 import vdm_tf  # noqa: E402
 
@@ -93,7 +93,10 @@ def time_config(name, jit):
 def main(argv):
     del argv
     results = []
-    header = f"{'config':<7}{'xla':>5}{'params':>12}{'jax params':>12}{'batch':>7}{'s/step':>9}{'img/s':>8}{'jax s/step':>12}{'vs jax':>8}{'1st step s':>12}"
+    header = (
+        f"{'config':<7}{'xla':>5}{'params':>12}{'jax params':>12}{'batch':>7}"
+        f"{'s/step':>9}{'img/s':>8}{'jax s/step':>12}{'vs jax':>8}{'1st step s':>12}"
+    )
     print(header)
     for name in FLAGS.configs:
         for jit in FLAGS.jit:

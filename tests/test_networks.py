@@ -115,7 +115,8 @@ def test_attention_block_matches_formula():
     np.testing.assert_array_equal(block(x).numpy(), x.numpy())  # zero-initialized output projection
     perturb(block, std=0.3)
     h = block.norm(x).numpy().reshape(2, 16, 8).astype(np.float64)
-    (wq, bq), (wk, bk), (wv, bv), (wo, bo) = (getattr(block, name).get_weights() for name in ("q", "k", "v", "proj_out"))
+    projections = ("q", "k", "v", "proj_out")
+    (wq, bq), (wk, bk), (wv, bv), (wo, bo) = (getattr(block, name).get_weights() for name in projections)
     q, k, v = h @ wq + bq, h @ wk + bk, h @ wv + bv
     logits = q @ k.transpose(0, 2, 1) / np.sqrt(8)
     weights = np.exp(logits - logits.max(-1, keepdims=True))

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
+from tfds_mocks import mock_any
 
 import vdm_tf
-from tfds_mocks import mock_any
 from trainers import configs, main, train
 
 TINY = dict(n_layers=1, n_embd=32, batch_size=8, jit_compile=False, learning_rate=1e-3, warmup_steps=1)
@@ -48,7 +48,8 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, mo
         return {k: tf.where(broken, float("nan"), v) for k, v in terms.items()}, gammas
 
     monkeypatch.setattr(vdm_tf.VDM, "_loss_terms", poisoned)
-    trainer = train.Trainer(tiny_config(train_steps=10, checkpoint_every=4), str(tmp_path), tf.distribute.get_strategy(), verbose=False)
+    config = tiny_config(train_steps=10, checkpoint_every=4)
+    trainer = train.Trainer(config, str(tmp_path), tf.distribute.get_strategy(), verbose=False)
     with pytest.raises(train.NonFiniteLossError, match="Training stopped at step 6: the loss is not finite"):
         trainer.train()
     checkpoints = tmp_path / "checkpoints"

@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_schedules import randomised_monotonic
 
 import vdm_tf
-from test_schedules import randomised_monotonic
 
 IMAGE_SHAPE = (8, 8, 1)
 
@@ -47,7 +47,9 @@ def test_variance_objective_gradients_follow_appendix_i2():
     plain_grads, _ = plain_model.compute_gradients(x, seed)
     plain_grad_of = dict(zip(map(id, plain_model.trainable_variables), plain_grads))
     schedule = plain_model.schedule
-    plain_shape_variables = [schedule.linear_weight, schedule.hidden_weight, schedule.hidden_bias, schedule.output_weight]
+    plain_shape_variables = [
+        schedule.linear_weight, schedule.hidden_weight, schedule.hidden_bias, schedule.output_weight
+    ]
     for v, expected in zip(plain_shape_variables, tape.gradient(vlb, shape_variables)):
         np.testing.assert_allclose(plain_grad_of[id(v)].numpy(), expected.numpy(), rtol=2e-3, atol=1e-7)
 

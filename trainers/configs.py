@@ -33,6 +33,7 @@ class Config:
     gamma_max: float = 5.0
     minimize_variance: bool = True
     timesteps: int = 0  # 0: continuous-time VLB
+    augment: bool = False  # flips, rotations (and channel swaps for RGB), denoiser conditioned on them
     # Optimisation (VDM: AdamW, b1 0.9, b2 0.99, weight decay 0.01, EMA 0.9999).
     optimizer: str = "adamw"  # or "sgd": same schedule, EMA and clipping; scale-sensitive (tests use it)
     batch_size: int = 128
@@ -135,6 +136,7 @@ PRESETS = {
 def build_model(config):
     """The `vdm_tf.VDM` a configuration describes (denoiser, schedule, image shape)."""
     image_shape = vdm_tf.datasets.info(config.dataset).image_shape
+    augmentation = vdm_tf.augmentation.Augmentation(channel_swaps=image_shape[-1] == 3) if config.augment else None
     denoiser = vdm_tf.networks.ScoreUNet(
         n_layers=config.n_layers,
         n_embd=config.n_embd,
@@ -144,8 +146,16 @@ def build_model(config):
         dropout=config.dropout,
         gamma_min=config.gamma_min,
         gamma_max=config.gamma_max,
+        conditioning_dim=augmentation.conditioning_dim if augmentation else 0,
     )
-    return vdm_tf.VDM(denoiser, build_schedule(config), image_shape, timesteps=config.timesteps, seed=config.seed)
+    return vdm_tf.VDM(
+        denoiser,
+        build_schedule(config),
+        image_shape,
+        timesteps=config.timesteps,
+        seed=config.seed,
+        augmentation=augmentation,
+    )
 
 
 def build_schedule(config):

@@ -190,7 +190,9 @@ class Trainer:
         start = self.restore()
         if start:
             print(f"resumed from step {start} ({self.checkpoints.latest_checkpoint or 'checkpoint'})")
-        progress = keras.utils.Progbar(config.train_steps, verbose=1 if self.verbose else 0)
+        progress = keras.utils.Progbar(
+            config.train_steps, verbose=1 if self.verbose else 0, stateful_metrics=list(self.model.term_trackers)
+        )
         self._reset_metrics()
         window_start, window_steps, values = time.perf_counter(), 0, {}
         step = start

@@ -55,12 +55,16 @@ def check_images(images, image_shape, name="images"):
     if isinstance(images, np.ndarray) or not tf.is_tensor(images):
         array = np.asarray(images)
         if not np.issubdtype(array.dtype, np.integer):
-            raise TypeError(f"{expected}; got dtype {array.dtype}. Pixel values are integers, not [0, 1] or [-1, 1] floats.")
+            raise TypeError(
+                f"{expected}; got dtype {array.dtype}. Pixel values are integers, not [0, 1] or [-1, 1] floats."
+            )
         if array.size and (array.min() < 0 or array.max() > NUM_VALUES - 1):
             raise ValueError(f"{expected}; got values in {array.min()}..{array.max()}.")
         images = tf.convert_to_tensor(array.astype(np.uint8))
     elif images.dtype != tf.uint8:
-        raise TypeError(f"{expected}; got a {images.dtype.name} tensor. Cast integer pixels with tf.cast(images, tf.uint8).")
+        raise TypeError(
+            f"{expected}; got a {images.dtype.name} tensor. Cast integer pixels with tf.cast(images, tf.uint8)."
+        )
     shape = images.shape
     if shape.rank != 4 or not shape[1:].is_compatible_with(image_shape):
         raise ValueError(f"{expected}; got shape {shape}.")
@@ -86,7 +90,8 @@ def decoder_logits(z_0, gamma_0):
 
 def reconstruction_nll(x, z_0, gamma_0):
     """-log p(x | z_0) in nats, summed over pixels: float32 [N]."""
-    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(x, tf.int32), logits=decoder_logits(z_0, gamma_0))
+    labels = tf.cast(x, tf.int32)
+    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=decoder_logits(z_0, gamma_0))
     return tf.reduce_sum(nll, axis=[1, 2, 3])
 
 

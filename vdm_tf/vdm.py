@@ -21,6 +21,7 @@ import keras
 import tensorflow as tf
 
 from vdm_tf import images, seeding
+from vdm_tf.augmentation import Augmentation
 
 TERMS = ("bpd", "diffusion", "prior", "reconstruction")
 
@@ -36,6 +37,9 @@ class VDM(keras.Model):
         image_shape: (H, W, C) of the uint8 images.
         timesteps: 0 for the continuous-time VLB, T > 0 for the discrete-time one with T steps.
         seed: base seed of the training randomness (time and noise samples per step and replica).
+        augmentation: optional `vdm_tf.augmentation.Augmentation` applied in training only, with
+            the denoiser conditioned on it (its `conditioning_dim` must match); the ELBO and the
+            samples are those of the un-augmented data.
         **kwargs: forwarded to `keras.Model`.
 
     Training uses the mean bpd over the global batch as its loss, and reports `bpd`,
@@ -57,7 +61,7 @@ class VDM(keras.Model):
     google-research/vdm.
     """
 
-    def __init__(self, denoiser, schedule, image_shape, timesteps=0, seed=0, **kwargs):
+    def __init__(self, denoiser, schedule, image_shape, timesteps=0, seed=0, augmentation=None, **kwargs):
         super().__init__(**kwargs)
         if int(timesteps) < 0:
             raise ValueError(f"timesteps must be 0 (continuous time) or a positive step count; got {timesteps}.")
@@ -66,6 +70,12 @@ class VDM(keras.Model):
         self.image_shape = tuple(int(d) for d in image_shape)
         self.timesteps = int(timesteps)
         self.seed = int(seed)
+        if augmentation is not None and getattr(denoiser, "conditioning_dim", 0) != augmentation.conditioning_dim:
+            raise ValueError(
+                f"Training with augmentation conditions the denoiser on it: build the denoiser with "
+                f"conditioning_dim={augmentation.conditioning_dim}."
+            )
+        self.augmentation = augmentation
         self.num_dims = math.prod(self.image_shape)
         self.term_trackers = {name: keras.metrics.Mean(name=name) for name in TERMS}
         self.build()
@@ -91,7 +101,7 @@ class VDM(keras.Model):
             t = (tf.floor(t * self.timesteps) + 1.0) / self.timesteps
         return t
 
-    def _diffusion_loss(self, f, seed, training, example_index, num_examples):
+    def _diffusion_loss(self, f, seed, training, example_index, num_examples, conditioning=None):
         """Per-example diffusion loss in nats, and the (gamma_t, gamma'_t) it used.
 
         gamma'_t is None in discrete time.
@@ -105,7 +115,8 @@ class VDM(keras.Model):
         eps = seeding.per_example_normal(eps_seed, example_index, self.image_shape)
         gamma = images.per_example(gamma_t, 4)
         z_t = tf.sqrt(tf.sigmoid(-gamma)) * f + tf.sqrt(tf.sigmoid(gamma)) * eps
-        eps_hat = self.denoiser(z_t, gamma_t, training=training)
+        condition = {} if conditioning is None else {"conditioning": conditioning}
+        eps_hat = self.denoiser(z_t, gamma_t, training=training, **condition)
         squared_error = tf.reduce_sum(tf.square(eps - eps_hat), axis=[1, 2, 3])
         if self.timesteps:
             gamma_s = self.schedule(t - 1.0 / self.timesteps)
@@ -140,9 +151,14 @@ class VDM(keras.Model):
         if example_index is None:
             example_index = tf.range(tf.shape(x)[0])
             num_examples = tf.shape(x)[0]
+        diffusion_seed, reconstruction_seed, augmentation_seed = seeding.split_seed(seed, 3)
+        conditioning = None
+        if training and self.augmentation is not None:
+            x, conditioning = self.augmentation(x, augmentation_seed, example_index)
         f = images.encode(x)
-        diffusion_seed, reconstruction_seed = seeding.split_seed(seed, 2)
-        diffusion, gammas = self._diffusion_loss(f, diffusion_seed, training, example_index, num_examples)
+        diffusion, gammas = self._diffusion_loss(
+            f, diffusion_seed, training, example_index, num_examples, conditioning
+        )
         nats = {
             "diffusion": diffusion,
             "prior": self._prior_loss(f),
@@ -322,6 +338,7 @@ class VDM(keras.Model):
             image_shape=self.image_shape,
             timesteps=self.timesteps,
             seed=self.seed,
+            augmentation=None if self.augmentation is None else self.augmentation.get_config(),
         )
         return config
 
@@ -330,4 +347,6 @@ class VDM(keras.Model):
         config = dict(config)
         config["denoiser"] = keras.saving.deserialize_keras_object(config["denoiser"])
         config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
+        if config.get("augmentation") is not None:
+            config["augmentation"] = Augmentation.from_config(config["augmentation"])
         return cls(**config)

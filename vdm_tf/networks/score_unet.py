@@ -36,6 +36,7 @@ class ScoreUNet(keras.layers.Layer):
         gamma_t: float32 [N] (or a scalar, broadcast to [N]): log noise-to-signal ratio
             `gamma(t) = -log SNR(t)` of each latent.
         training: enables dropout.
+        conditioning: float32 [N, conditioning_dim], only with `conditioning_dim > 0`.
 
     Returns float32 [N, H, W, C], the predicted noise.
 
@@ -58,6 +59,9 @@ class ScoreUNet(keras.layers.Layer):
         dropout: dropout rate inside the ResNet blocks.
         gamma_min: gamma at t = 0; with `gamma_max`, maps gamma_t to `t` in [0, 1].
         gamma_max: gamma at t = 1.
+        conditioning_dim: size of an optional conditioning vector (`conditioning=` [N, dim] at
+            call time; zeros when omitted) concatenated to the time embedding, as the official
+            code does with its class label; `vdm_tf.augmentation` uses it.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Example:
@@ -83,9 +87,11 @@ class ScoreUNet(keras.layers.Layer):
         dropout=0.1,
         gamma_min=-13.3,
         gamma_max=5.0,
+        conditioning_dim=0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.conditioning_dim = int(conditioning_dim)
         self.n_layers = n_layers
         self.n_embd = n_embd
         self.fourier_features = fourier_features
@@ -121,7 +127,7 @@ class ScoreUNet(keras.layers.Layer):
         *spatial, channels = z_t_shape
         cond_shape = (spatial[0], 4 * self.n_embd)
         h_shape = (*spatial, self.n_embd)
-        self.cond_dense0.build((spatial[0], self.n_embd))
+        self.cond_dense0.build((spatial[0], self.n_embd + self.conditioning_dim))
         self.cond_dense1.build(cond_shape)
         in_channels = channels * (1 + 2 * len(self.fourier_exponents)) if self.fourier_features else channels
         self.conv_in.build((*spatial, in_channels))
@@ -141,10 +147,15 @@ class ScoreUNet(keras.layers.Layer):
             gamma_t = tf.constant(gamma_t, tf.float32)
         return super().__call__(z_t, gamma_t, **kwargs)
 
-    def call(self, z_t, gamma_t, training=None):
+    def call(self, z_t, gamma_t, training=None, conditioning=None):
         gamma_t = tf.broadcast_to(tf.cast(gamma_t, z_t.dtype), tf.shape(z_t)[:1])
         t = (gamma_t - self.gamma_min) / (self.gamma_max - self.gamma_min)
-        cond = self.cond_dense1(self.cond_dense0(self.time_embedding(t)))
+        cond = self.time_embedding(t)
+        if self.conditioning_dim:
+            if conditioning is None:
+                conditioning = tf.zeros(tf.stack([tf.shape(z_t)[0], self.conditioning_dim]), z_t.dtype)
+            cond = tf.concat([cond, tf.cast(conditioning, z_t.dtype)], axis=-1)
+        cond = self.cond_dense1(self.cond_dense0(cond))
 
         h = tf.concat([z_t, self.fourier(z_t)], axis=-1) if self.fourier_features else z_t
         h = self.conv_in(h)
@@ -181,6 +192,7 @@ class ScoreUNet(keras.layers.Layer):
                 "dropout": self.dropout,
                 "gamma_min": self.gamma_min,
                 "gamma_max": self.gamma_max,
+                "conditioning_dim": self.conditioning_dim,
             }
         )
         return config
