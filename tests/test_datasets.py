@@ -11,8 +11,9 @@ import pytest
 import sklearn.datasets
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tfds_mocks import FakeDownsampledImagenet
+from tfds_mocks import mock_tfds as _mock_tfds
 
-from tfds_mocks import NUM_MOCK_EXAMPLES, FakeDownsampledImagenet, mock_tfds as _mock_tfds
 from vdm_tf import datasets
 
 

@@ -8,9 +8,9 @@ would overstate them.
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from gaussian import GaussianData, GaussianDenoiser, PosteriorDenoiser
 from test_schedules import randomised_monotonic
+
 from vdm_tf import VDM, schedules
 
 IMAGE_SHAPE = (4, 4, 1)
