@@ -50,7 +50,7 @@ def time_setting(strategy, steps_per_execution):
             chunk = trainer._distribute(next(trainer.data))
             start = time.perf_counter()
             trainer._train_function(chunk)
-            float(trainer.model.optimizer.iterations)  # wait for the work to finish
+            trainer.model.optimizer.iterations.numpy()  # wait for the work to finish
             durations.append(time.perf_counter() - start)
     seconds_per_step = float(np.median(durations)) / steps_per_execution
     return {
