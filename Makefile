@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   create .venv, install, train a small VDM on the embedded digits, report test bpd,
-#               write runs/demo/samples.png
+#               write runs/demo/samples.png, export runs/demo/export/vdm/<version>/ for TF-Serving
 #   make test   create .venv, install, run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +15,7 @@ $(INSTALLED): setup.py constraints.txt
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)
-	$(PY) -m trainers.main --model_dir=runs/demo
+	$(PY) -m trainers.main --model_dir=runs/demo --export
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q tests

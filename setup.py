@@ -28,6 +28,9 @@ setup(
         "pillow==13.0.0",
         "matplotlib==3.11.2",
         "tensorboard==2.21.0",
+        # export/: TF-Serving's PredictionService protos and the gRPC client.
+        "tensorflow-serving-api==2.21.0",
+        "grpcio==1.85.3",
     ],
     extras_require={"test": ["pytest==9.2.0"]},
 )

@@ -30,9 +30,10 @@ def run_cli(*args):
     return completed.stdout
 
 
-def test_train_then_eval_and_sample_from_the_run_directory(tmp_path):
+def test_train_then_eval_sample_and_export_from_the_run_directory(tmp_path):
     model_dir = str(tmp_path / "run")
-    out = run_cli(f"--model_dir={model_dir}", *QUICK)
+    out = run_cli(f"--model_dir={model_dir}", "--export", *QUICK)
+    assert SUMMARY.fullmatch(out.strip().splitlines()[-1]), "the summary line comes last"
     bpd, stderr, num_images, num_time_samples = SUMMARY.search(out).groups()
     assert (int(num_images), int(num_time_samples)) == (297, 2)
     assert 0 < float(stderr) < float(bpd)
@@ -42,6 +43,11 @@ def test_train_then_eval_and_sample_from_the_run_directory(tmp_path):
     # Evaluation of the saved run is deterministic: the same line again.
     assert SUMMARY.search(run_cli(f"--model_dir={model_dir}", "--mode=eval")).group(0) == SUMMARY.search(out).group(0)
     assert "wrote" in run_cli(f"--model_dir={model_dir}", "--mode=sample")
+    # The export of training, then another version; each with saved_model_cli's description.
+    assert "signature_def['likelihood']:" in out and "outputs['bpd'] tensor_info:" in out
+    assert (tmp_path / "run" / "export" / "vdm" / "1" / "saved_model.pb").exists()
+    exported = run_cli(f"--model_dir={model_dir}", "--mode=export", "--export_name=digits")
+    assert f"exported {model_dir}/export/digits/1" in exported and "signature_def['sample']:" in exported
 
 
 def test_config_flags_override_the_preset():

@@ -56,6 +56,7 @@ class Config:
     sample_every: int = 10_000  # sample grid and SNR curve in TensorBoard
     # Evaluation and sampling.
     eval_time_samples: int = 8
+    export_time_samples: int = 8  # antithetic time samples per image in the exported `likelihood`
     sample_steps: int = 256
     num_samples: int = 64
 

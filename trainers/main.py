@@ -5,6 +5,7 @@
     python -m trainers.main --dataset=imagenet64 --config=imagenet64 --tpu=NAME --model_dir=gs://...
     python -m trainers.main --mode=eval --model_dir=runs/demo
     python -m trainers.main --mode=sample --model_dir=runs/demo
+    python -m trainers.main --mode=export --model_dir=runs/demo    # SavedModel for TF-Serving
 
 `--config=PRESET` picks a preset of `trainers.configs.PRESETS`; `--config.FIELD=VALUE` overrides
 any field of `trainers.configs.Config`; `--dataset`, `--train_steps` and `--batch_size` (global)
@@ -24,11 +25,14 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # before TensorFlow is impo
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+import export  # noqa: E402
 import vdm_tf  # noqa: E402
-from trainers import configs, distribute, monitoring, train  # noqa: E402
+from trainers import configs, distribute, train  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "train (then sample and eval), eval, or sample.")
+flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "sample", "export"], "train (then sample and eval), eval, sample or export."
+)
 flags.DEFINE_string("config", "digits", f"Preset: one of {', '.join(configs.PRESETS)}.")
 flags.DEFINE_string("model_dir", "runs/default", "Run directory: config, checkpoints, logs, samples.")
 flags.DEFINE_string("data_dir", None, "TensorFlow Datasets data directory.")
@@ -38,6 +42,10 @@ flags.DEFINE_string("dataset", None, "Shortcut for --config.dataset.")
 flags.DEFINE_integer("train_steps", None, "Shortcut for --config.train_steps.")
 flags.DEFINE_integer("batch_size", None, "Shortcut for --config.batch_size (global batch size).")
 flags.DEFINE_integer("steps_per_execution", None, "Shortcut for --config.steps_per_execution.")
+flags.DEFINE_bool("export", False, "With --mode=train: also export the trained model for TF-Serving.")
+flags.DEFINE_string("export_dir", None, "Exports go to EXPORT_DIR/NAME/VERSION (default: MODEL_DIR/export).")
+flags.DEFINE_string("export_name", "vdm", "Model name of the export (TF-Serving's MODEL_NAME).")
+flags.DEFINE_integer("export_version", None, "Version of the export (default: one more than the highest present).")
 
 _SHORTCUTS = ("dataset", "train_steps", "batch_size", "steps_per_execution")
 
@@ -112,8 +120,15 @@ def run_training(model_dir, strategy):
 
 def evaluate(config, model):
     test_split = vdm_tf.datasets.info(config.dataset).test_split
+    batch_size = max(1, 256 // config.eval_time_samples)  # elbo scores K copies of each image at once
     test_data = vdm_tf.datasets.load(
-        config.dataset, test_split, 256, shuffle=False, repeat=False, drop_remainder=False, data_dir=FLAGS.data_dir
+        config.dataset,
+        test_split,
+        batch_size,
+        shuffle=False,
+        repeat=False,
+        drop_remainder=False,
+        data_dir=FLAGS.data_dir,
     )
     result = vdm_tf.evaluation.dataset_bpd(model, test_data, config.eval_time_samples, seed=config.seed)
     terms = ", ".join(f"{name} {result[name]:.4f}" for name in ("diffusion", "prior", "reconstruction"))
@@ -125,9 +140,18 @@ def evaluate(config, model):
 def sample(config, model, model_dir):
     samples = model.sample(config.num_samples, num_steps=config.sample_steps, seed=config.seed).numpy()
     png, npz = os.path.join(model_dir, "samples.png"), os.path.join(model_dir, "samples.npz")
-    monitoring.save_grid_png(samples, png)
+    vdm_tf.images.save_grid(samples, png)
     np.savez_compressed(npz, images=samples)
     print(f"wrote {png} and {npz} ({len(samples)} samples, {config.sample_steps} steps)")
+
+
+def export_model(config, model, model_dir):
+    export_dir = FLAGS.export_dir or os.path.join(model_dir, "export")
+    path = export.export_model(
+        model, export_dir, FLAGS.export_name, FLAGS.export_version, time_samples=config.export_time_samples
+    )
+    print(f"exported {path}; its signatures (saved_model_cli show):")
+    print(export.signature_summary(path))
 
 
 def main(argv):
@@ -146,6 +170,8 @@ def main(argv):
     model = train.restore_for_inference(model_dir, config)
     if FLAGS.mode in ("train", "sample"):
         sample(config, model, model_dir)
+    if FLAGS.mode == "export" or (FLAGS.mode == "train" and FLAGS.export):
+        export_model(config, model, model_dir)
     if FLAGS.mode in ("train", "eval"):
         evaluate(config, model)
 

@@ -15,14 +15,6 @@ from PIL import Image  # noqa: E402
 import vdm_tf  # noqa: E402
 
 
-def save_grid_png(samples, path):
-    """Writes uint8 images [N, H, W, C] as one grid PNG, enlarged (sharp pixels) when small."""
-    picture = vdm_tf.images.grid(samples)
-    picture = Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture)
-    zoom = max(1, 256 // max(picture.size))
-    picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST).save(path)
-
-
 def snr_curve(schedule):
     """A picture of log SNR(t) = -gamma(t) over t in [0, 1]: uint8 [1, H, W, 4]."""
     t = np.linspace(0.0, 1.0, 201, dtype=np.float32)
@@ -62,7 +54,7 @@ class RunLog:
 
     def pictures(self, step, schedule, samples):
         os.makedirs(self.samples_dir, exist_ok=True)
-        save_grid_png(samples, os.path.join(self.samples_dir, f"step_{step:08d}.png"))
+        vdm_tf.images.save_grid(samples, os.path.join(self.samples_dir, f"step_{step:08d}.png"))
         with self.writer.as_default(step=step):
             tf.summary.image("snr_curve", snr_curve(schedule))
             tf.summary.image("samples", vdm_tf.images.grid(samples)[None])

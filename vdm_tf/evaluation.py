@@ -8,19 +8,19 @@ from vdm_tf import seeding
 def dataset_bpd(model, dataset, num_time_samples=8, seed=0):
     """Negative ELBO in bits per dimension over every image of a data set.
 
-    Each image's bound is the mean of `num_time_samples` independent estimates of
-    `model.elbo` (each with its own time and noise samples); the result is the mean over images
-    with the standard error of that mean. The examples of one batch share antithetic time
-    samples, which makes their errors negatively correlated, so the standard error computed as
-    if they were independent is a slight over-estimate.
+    Each image's bound is `model.elbo(..., num_time_samples=K)`: the mean of K estimates at
+    stratified times; the result is the mean over images with the standard error of that mean.
+    The examples of one batch share antithetic time samples, which makes their errors
+    negatively correlated, so the standard error computed as if they were independent is a
+    slight over-estimate.
 
     Args:
-        model: anything with `elbo(x, seed) -> {"bpd": [N], ...}` (a `vdm_tf.VDM`).
+        model: anything with `elbo(x, seed, num_time_samples) -> {"bpd": [N], ...}` (a `vdm_tf.VDM`).
         dataset: iterable of uint8 image batches [N, H, W, C] (or (images, labels) pairs), one
             pass over the data (e.g. `vdm_tf.datasets.load(..., shuffle=False, repeat=False,
             drop_remainder=False)`).
         num_time_samples: estimates per image.
-        seed: base seed; batch b, repeat k uses `fold_in(fold_in(seed, b), k)`.
+        seed: base seed; batch b uses `fold_in(seed, b)`.
 
     Returns:
         dict: `bpd` and `stderr` (floats), the mean of every term (`diffusion`, `prior`,
@@ -30,10 +30,9 @@ def dataset_bpd(model, dataset, num_time_samples=8, seed=0):
     per_image = {}
     for batch_index, batch in enumerate(dataset):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        batch_seed = seeding.fold_in(seed, batch_index)
-        draws = [model.elbo(images, seed=seeding.fold_in(batch_seed, k)) for k in range(num_time_samples)]
-        for name in draws[0]:
-            per_image.setdefault(name, []).append(np.mean([d[name].numpy() for d in draws], axis=0))
+        terms = model.elbo(images, seed=seeding.fold_in(seed, batch_index), num_time_samples=num_time_samples)
+        for name, values in terms.items():
+            per_image.setdefault(name, []).append(values.numpy())
     per_image = {name: np.concatenate(values).astype(np.float64) for name, values in per_image.items()}
     bpd = per_image["bpd"]
     result = {name: float(values.mean()) for name, values in per_image.items()}

@@ -129,3 +129,13 @@ def grid(batch, columns=None, padding=1):
         left = padding + (i % columns) * (width + padding)
         picture[top : top + height, left : left + width] = image
     return picture
+
+
+def save_grid(batch, path):
+    """Writes uint8 images [N, H, W, C] as one grid PNG, enlarged (sharp pixels) when small."""
+    from PIL import Image
+
+    picture = grid(batch)
+    picture = Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture)
+    zoom = max(1, 256 // max(picture.size))
+    picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST).save(path)

@@ -168,25 +168,39 @@ class VDM(keras.Model):
         to_bpd = 1.0 / (self.num_dims * math.log(2.0))
         return {name: nats[name] * to_bpd for name in TERMS}, gammas
 
-    def elbo(self, x, seed=0):
+    def elbo(self, x, seed=0, num_time_samples=1):
         """Negative ELBO of uint8 images, per example, in bits per dimension.
 
-        One antithetic time sample per image (over the batch); average calls with different
-        seeds for a tighter estimate. The denoiser runs in inference mode (no dropout).
+        Each image's estimate is the mean of `num_time_samples` = K estimates. The batch is
+        tiled K times and the times are antithetic over the K N copies, so image n is scored at
+        t = (u + n / (K N) + k / K) mod 1 for k = 0..K-1: one time in each K-th of [0, 1]. Each
+        copy also draws its own noise and z_0. The denoiser runs in inference mode (no dropout).
 
         Args:
             x: uint8 images [N, H, W, C] (tensor or array).
             seed: int or shape-[2] seed; the same seed gives the same numbers.
+            num_time_samples: K >= 1; memory grows like K N.
 
         Returns:
             dict with float32 [N] tensors `bpd` (the total), `diffusion`, `prior`, `reconstruction`.
         """
         x = images.check_images(x, self.image_shape)
-        return self._elbo_graph(x, seeding.as_seed(seed))
+        if int(num_time_samples) < 1:
+            raise ValueError(f"num_time_samples must be >= 1; got {num_time_samples}.")
+        return self.elbo_graph(x, seeding.as_seed(seed), tf.constant(num_time_samples, tf.int32))
+
+    def _elbo(self, x, seed, num_time_samples):
+        num_images = tf.shape(x)[0]
+        copies = tf.tile(x, [num_time_samples, 1, 1, 1])  # copy k of image n at index k N + n
+        terms = self._loss_terms(copies, seed, training=False)[0]
+        per_copy = {name: tf.reshape(value, [num_time_samples, num_images]) for name, value in terms.items()}
+        return {name: tf.reduce_mean(value, axis=0) for name, value in per_copy.items()}
 
     def _make_graphs(self):
-        """The traced functions behind `elbo` and `sample`.
+        """The traced functions behind `elbo` and `sample`, which other graphs embed (export).
 
+        `elbo_graph(x, seed, num_time_samples)` and `sample_graph(num_samples, num_steps, seed,
+        argmax)` take tensors: uint8 [N, H, W, C], int64 [2] seeds, int32 and bool scalars.
         Fixed input signatures (batch size unknown) make every call run one and the same graph,
         so the numbers do not depend on the batch size of the first call (TensorFlow picks
         different kernels for static and dynamic shapes, which changes the last bits).
@@ -194,10 +208,8 @@ class VDM(keras.Model):
         images_spec = tf.TensorSpec((None,) + self.image_shape, tf.uint8)
         seed_spec = tf.TensorSpec([2], tf.int64)
         scalar_spec = tf.TensorSpec([], tf.int32)
-        self._elbo_graph = tf.function(
-            lambda x, seed: self._loss_terms(x, seed, training=False)[0], input_signature=[images_spec, seed_spec]
-        )
-        self._sample_graph = tf.function(
+        self.elbo_graph = tf.function(self._elbo, input_signature=[images_spec, seed_spec, scalar_spec])
+        self.sample_graph = tf.function(
             self._sample, input_signature=[scalar_spec, scalar_spec, seed_spec, tf.TensorSpec([], tf.bool)]
         )
 
@@ -305,7 +317,7 @@ class VDM(keras.Model):
         """
         if int(num_samples) < 0 or int(num_steps) < 1:
             raise ValueError(f"num_samples must be >= 0 and num_steps >= 1; got {num_samples}, {num_steps}.")
-        return self._sample_graph(
+        return self.sample_graph(
             tf.constant(num_samples, tf.int32), tf.constant(num_steps, tf.int32), seeding.as_seed(seed), bool(argmax)
         )
 

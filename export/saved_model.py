@@ -1,0 +1,192 @@
+"""SavedModels for TF-Serving: the `likelihood` and `sample` signatures of a trained model.
+
+    path = export.export_model(model, "runs/demo/export", name="vdm")   # -> runs/demo/export/vdm/1
+
+The layout is TF-Serving's: `EXPORT_DIR/NAME/VERSION/` with a `saved_model.pb` (tag `serve`),
+the variables and `assets.extra/tf_serving_warmup_requests`. Point the server's
+`--model_base_path` at `EXPORT_DIR/NAME`; it serves the highest version and picks up new ones.
+
+Signatures (all batch-first, see DESIGN.md "SavedModel contract"):
+
+- `likelihood` (also `serving_default`): `images` uint8 [N, H, W, C], `seed` int64 scalar
+  (optional, default 0) -> `bpd`, `diffusion_bpd`, `prior_bpd`, `reconstruction_bpd`, float32 [N].
+  The mean of `time_samples` antithetic estimates per image, the numbers of
+  `model.elbo(images, seed, num_time_samples=time_samples)`.
+- `sample`: `num_samples`, `num_steps` int32 scalars, `seed` int64 scalar (optional, default 0)
+  -> `images` uint8 [num_samples, H, W, C], by ancestral sampling (`model.sample`).
+
+Every input is validated inside the graph, so TF-Serving answers a bad request with
+INVALID_ARGUMENT and a message naming the expected form, and keeps serving. The input specs are
+deliberately loose (any shape): a tight spec would make TensorFlow's loader refuse a wrong rank
+with a Python TypeError before the graph runs, and TF-Serving does not check shapes at all.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+from vdm_tf import seeding
+
+LIKELIHOOD_OUTPUTS = ("bpd", "diffusion_bpd", "prior_bpd", "reconstruction_bpd")
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+# The seed a request may omit: recorded as the SignatureDef's default for `seed`.
+DEFAULT_SEED = tf.constant(0, tf.int64)
+
+
+class ServingModule(tf.Module):
+    """The exported graphs of one trained model.
+
+    Args:
+        model: a trained `vdm_tf.VDM` (EMA weights already in place).
+        time_samples: antithetic time samples per image in `likelihood`.
+        max_batch_size: largest N accepted by `likelihood`.
+        max_num_samples: largest `num_samples` accepted by `sample`.
+        max_num_steps: largest `num_steps` accepted by `sample`.
+    """
+
+    def __init__(self, model, time_samples=8, max_batch_size=1024, max_num_samples=256, max_num_steps=4096):
+        super().__init__(name="vdm_serving")
+        self._keep_untracked(model)
+        # The SavedModel stores the model's raw tf.Variables, the ones the graphs read (as
+        # keras.export.ExportArchive does). Tracking the Keras model itself would also export
+        # Keras's wrapper variables, and TF-Serving's graph-mode loader (like saved_model_cli)
+        # would restore those and leave the variables the graphs read uninitialised.
+        self.served_variables = [variable.value for variable in model.variables]
+        self.image_shape = tuple(int(d) for d in model.image_shape)
+        self.time_samples = int(time_samples)
+        self.max_batch_size = int(max_batch_size)
+        self.max_num_samples = int(max_num_samples)
+        self.max_num_steps = int(max_num_steps)
+
+    @tf.__internal__.tracking.no_automatic_dependency_tracking
+    def _keep_untracked(self, model):
+        self.model = model
+
+    def _valid_images(self, images):
+        height, width, channels = self.image_shape
+        expected = f"uint8 images of shape [N, {height}, {width}, {channels}] with 1 <= N <= {self.max_batch_size}"
+        shape = tf.shape(images)
+        padded = tf.concat([shape, tf.zeros([4], tf.int32)], axis=0)[:4]  # comparable whatever the rank
+        good_shape = (
+            tf.equal(tf.rank(images), 4)
+            & tf.reduce_all(tf.equal(padded[1:], self.image_shape))
+            & (padded[0] >= 1)
+            & (padded[0] <= self.max_batch_size)
+        )
+        check = tf.debugging.Assert(good_shape, [f"images: expected {expected}; got shape", shape], summarize=8)
+        with tf.control_dependencies([check]):
+            return tf.ensure_shape(tf.identity(images), (None,) + self.image_shape)
+
+    def _valid_scalar(self, value, name, low=None, high=None):
+        """`value` as a scalar, after checking its rank and (for counts) its range [low, high]."""
+        expected = f"{name}: expected a {value.dtype.name} scalar"
+        checks = [tf.debugging.Assert(tf.equal(tf.rank(value), 0), [f"{expected}; got shape", tf.shape(value)])]
+        with tf.control_dependencies(checks):
+            value = tf.reshape(value, [])
+        if low is not None:
+            in_range = (value >= low) & (value <= high)
+            checks = [tf.debugging.Assert(in_range, [f"{expected} in {low}..{high}; got", value])]
+            with tf.control_dependencies(checks):
+                value = tf.identity(value)
+        return value
+
+    @tf.function(
+        input_signature=[tf.TensorSpec(None, tf.uint8, name="images"), tf.TensorSpec(None, tf.int64, name="seed")]
+    )
+    def likelihood(self, images, seed=DEFAULT_SEED):
+        images = self._valid_images(images)
+        seed = seeding.as_seed(self._valid_scalar(seed, "seed"))
+        terms = self.model.elbo_graph(images, seed, tf.constant(self.time_samples, tf.int32))
+        return {output: terms[output.removesuffix("_bpd")] for output in LIKELIHOOD_OUTPUTS}
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec(None, tf.int32, name="num_samples"),
+            tf.TensorSpec(None, tf.int32, name="num_steps"),
+            tf.TensorSpec(None, tf.int64, name="seed"),
+        ]
+    )
+    def sample(self, num_samples, num_steps, seed=DEFAULT_SEED):
+        num_samples = self._valid_scalar(num_samples, "num_samples", 1, self.max_num_samples)
+        num_steps = self._valid_scalar(num_steps, "num_steps", 1, self.max_num_steps)
+        seed = seeding.as_seed(self._valid_scalar(seed, "seed"))
+        samples = self.model.sample_graph(num_samples, num_steps, seed, tf.constant(False))
+        return {"images": tf.ensure_shape(samples, (None,) + self.image_shape)}
+
+
+def next_version(base_path):
+    """1 + the highest integer version under `base_path` (1 for a new model)."""
+    if not tf.io.gfile.exists(base_path):
+        return 1
+    names = [name.strip("/") for name in tf.io.gfile.listdir(base_path)]
+    return max((int(name) for name in names if name.isdigit()), default=0) + 1
+
+
+def export_model(model, export_dir, name="vdm", version=None, warmup=True, **serving_options):
+    """Writes `model` as a TF-Serving SavedModel in `export_dir/name/version/`.
+
+    The version is written under a temporary name and renamed when complete, so a server that
+    polls `export_dir/name` never loads a half-written model.
+
+    Args:
+        model: a trained `vdm_tf.VDM`, with the weights to serve (the EMA weights: see
+            `trainers.train.restore_for_inference`).
+        export_dir: the directory of exported models (`--model_base_path` is `export_dir/name`).
+        name: the model name clients ask for.
+        version: integer version; default: one more than the highest one present.
+        warmup: also write `assets.extra/tf_serving_warmup_requests` (one small likelihood and
+            one sample request), which TF-Serving replays before it reports the model ready, so
+            the first client does not pay for graph optimisation.
+        **serving_options: `time_samples`, `max_batch_size`, `max_num_samples`, `max_num_steps`
+            of `ServingModule`.
+
+    Returns:
+        The path of the written version directory.
+    """
+    base_path = os.path.join(export_dir, name)
+    version = next_version(base_path) if version is None else int(version)
+    final_path = os.path.join(base_path, str(version))
+    if tf.io.gfile.exists(final_path):
+        raise FileExistsError(f"{final_path} exists; choose another version or delete it.")
+    temporary_path = os.path.join(base_path, f".tmp-{version}")
+    if tf.io.gfile.exists(temporary_path):
+        tf.io.gfile.rmtree(temporary_path)
+    module = ServingModule(model, **serving_options)
+    signatures = {"serving_default": module.likelihood, "likelihood": module.likelihood, "sample": module.sample}
+    tf.saved_model.save(module, temporary_path, signatures=signatures)
+    if warmup:
+        write_warmup_requests(temporary_path, name, module.image_shape)
+    tf.io.gfile.rename(temporary_path, final_path)
+    return final_path
+
+
+def write_warmup_requests(saved_model_path, name, image_shape):
+    """TF-Serving's warm-up file: PredictionLog records replayed when the model loads."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    def request(signature, **inputs):
+        message = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=name, signature_name=signature))
+        for key, value in inputs.items():
+            message.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        return prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=message))
+
+    records = [
+        request("likelihood", images=np.zeros((1,) + tuple(image_shape), np.uint8), seed=np.int64(0)),
+        request("sample", num_samples=np.int32(1), num_steps=np.int32(2), seed=np.int64(0)),
+    ]
+    path = os.path.join(saved_model_path, WARMUP_FILE)
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records:
+            writer.write(record.SerializeToString())
+
+
+def signature_summary(path):
+    """What `saved_model_cli show --dir PATH --all` says about the signatures of an export."""
+    command = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--dir", path, "--all"]
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    shown = subprocess.run(command, capture_output=True, text=True, check=True, env=environment).stdout
+    return shown.split("\nConcrete Functions:")[0].strip()

@@ -1,0 +1,155 @@
+"""SavedModel export: layout, signatures equal to the in-process model, validation inside the graph."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import vdm_tf
+from export import saved_model
+
+IMAGE_SHAPE = (8, 8, 1)
+TIME_SAMPLES = 4
+
+
+def tiny_model():
+    denoiser = vdm_tf.networks.ScoreUNet(n_layers=1, n_embd=32, fourier_exponents=(3, 4), dropout=0.0)
+    model = vdm_tf.VDM(denoiser, vdm_tf.schedules.LearnedLinear(), IMAGE_SHAPE)
+    model.build()
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    export_dir = str(tmp_path_factory.mktemp("export"))
+    model = tiny_model()
+    path = saved_model.export_model(model, export_dir, time_samples=TIME_SAMPLES, max_num_samples=64)
+    return model, export_dir, path, tf.saved_model.load(path)
+
+
+def test_tf_serving_layout_with_versions_and_warmup(exported):
+    model, export_dir, path, loaded = exported
+    assert path == os.path.join(export_dir, "vdm", "1")
+    assert os.path.exists(os.path.join(path, "saved_model.pb"))
+    assert os.path.exists(os.path.join(path, "variables", "variables.index"))
+    records = list(tf.data.TFRecordDataset(os.path.join(path, saved_model.WARMUP_FILE)).as_numpy_iterator())
+    assert len(records) == 2
+    assert set(loaded.signatures) == {"serving_default", "likelihood", "sample"}
+    second = saved_model.export_model(model, export_dir, warmup=False)
+    assert second == os.path.join(export_dir, "vdm", "2")
+    assert sorted(os.listdir(os.path.join(export_dir, "vdm"))) == ["1", "2"]  # no temporary directory left
+    with pytest.raises(FileExistsError, match="vdm/2 exists"):
+        saved_model.export_model(model, export_dir, version=2)
+
+
+def random_images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8)
+
+
+def test_likelihood_signature_equals_model_elbo(exported):
+    model, _, _, loaded = exported
+    images = random_images(5)
+    expected = model.elbo(images, seed=11, num_time_samples=TIME_SAMPLES)
+    for name in ("likelihood", "serving_default"):
+        got = loaded.signatures[name](images=tf.constant(images), seed=tf.constant(11, tf.int64))
+        for term in ("bpd", "diffusion", "prior", "reconstruction"):
+            key = "bpd" if term == "bpd" else f"{term}_bpd"
+            np.testing.assert_allclose(got[key].numpy(), expected[term].numpy(), rtol=1e-6, atol=0)
+    other_seed = loaded.signatures["likelihood"](images=tf.constant(images), seed=tf.constant(12, tf.int64))
+    assert not np.allclose(other_seed["diffusion_bpd"].numpy(), expected["diffusion"].numpy())
+
+
+def test_averaging_time_samples_narrows_the_estimate(exported):
+    """K stratified time samples per image: the spread across seeds shrinks with K."""
+    model, _, _, _ = exported
+    images = random_images(1)
+    spread = {
+        k: np.std([model.elbo(images, seed=s, num_time_samples=k)["bpd"].numpy()[0] for s in range(12)])
+        for k in (1, 8)
+    }
+    assert spread[8] < 0.6 * spread[1], spread
+
+
+def test_sample_signature_equals_model_sample(exported):
+    model, _, _, loaded = exported
+    got = loaded.signatures["sample"](
+        num_samples=tf.constant(3), num_steps=tf.constant(4), seed=tf.constant(7, tf.int64)
+    )["images"]
+    assert got.dtype == tf.uint8 and got.shape == (3, *IMAGE_SHAPE)
+    np.testing.assert_array_equal(got.numpy(), model.sample(3, num_steps=4, seed=7).numpy())
+
+
+BAD_LIKELIHOOD = {
+    "rank 3": np.zeros((8, 8, 1), np.uint8),
+    "wrong size": np.zeros((2, 9, 9, 1), np.uint8),
+    "rgb": np.zeros((2, 8, 8, 3), np.uint8),
+    "empty batch": np.zeros((0, 8, 8, 1), np.uint8),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LIKELIHOOD))
+def test_bad_images_fail_inside_the_graph_with_the_expected_form(exported, case):
+    _, _, _, loaded = exported
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"expected uint8 images of shape \[N, 8, 8, 1\]"):
+        loaded.signatures["likelihood"](images=tf.constant(BAD_LIKELIHOOD[case]), seed=tf.constant(0, tf.int64))
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ({"num_samples": 65, "num_steps": 4}, r"num_samples: expected a int32 scalar in 1..64; got\] \[65"),
+        ({"num_samples": 0, "num_steps": 4}, r"num_samples: expected a int32 scalar in 1..64"),
+        ({"num_samples": 2, "num_steps": 0}, r"num_steps: expected a int32 scalar in 1..4096"),
+        ({"num_samples": 2, "num_steps": 5000}, r"num_steps: expected a int32 scalar in 1..4096"),
+        ({"num_samples": [2], "num_steps": 4}, r"num_samples: expected a int32 scalar; got shape"),
+    ],
+)
+def test_bad_sample_requests_fail_with_the_expected_range(exported, inputs, message):
+    _, _, _, loaded = exported
+    tensors = {key: tf.constant(value, tf.int32) for key, value in inputs.items()}
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        loaded.signatures["sample"](seed=tf.constant(0, tf.int64), **tensors)
+
+
+def test_seed_must_be_a_scalar(exported):
+    _, _, _, loaded = exported
+    with pytest.raises(tf.errors.InvalidArgumentError, match="seed: expected a int64 scalar"):
+        loaded.signatures["likelihood"](images=tf.constant(random_images(1)), seed=tf.constant([1, 2], tf.int64))
+
+
+def saved_model_cli(*args):
+    command = [os.path.join(os.path.dirname(sys.executable), "saved_model_cli"), *args]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
+def run_signature_with_saved_model_cli(path, signature, out_dir, **inputs):
+    """`saved_model_cli run` on .npy inputs; returns its outputs (one .npy file each)."""
+    out_dir.mkdir()
+    for name, value in inputs.items():
+        np.save(out_dir / f"input_{name}.npy", value)
+    arguments = ";".join(f"{name}={out_dir}/input_{name}.npy" for name in inputs)
+    saved_model_cli(
+        "run", "--dir", path, "--tag_set", "serve", "--signature_def", signature,
+        "--inputs", arguments, "--outdir", str(out_dir),
+    )  # fmt: skip
+    return {f.stem: np.load(f) for f in out_dir.glob("*.npy") if not f.stem.startswith("input_")}
+
+
+def test_saved_model_cli_shows_and_runs_both_signatures(exported, tmp_path):
+    model, _, path, _ = exported
+    shown = saved_model_cli("show", "--dir", path, "--tag_set", "serve", "--signature_def", "likelihood")
+    assert "inputs['images'] tensor_info" in shown and "outputs['bpd'] tensor_info" in shown
+    images = np.full((3, 8, 8, 1), 200, np.uint8)
+    inputs = {"images": images, "seed": np.int64(5)}
+    got = run_signature_with_saved_model_cli(path, "likelihood", tmp_path / "likelihood", **inputs)
+    expected = model.elbo(images, seed=5, num_time_samples=TIME_SAMPLES)
+    np.testing.assert_allclose(got["bpd"], expected["bpd"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(got["reconstruction_bpd"], expected["reconstruction"].numpy(), rtol=1e-6)
+    inputs = {"num_samples": np.int32(2), "num_steps": np.int32(3), "seed": np.int64(9)}
+    got = run_signature_with_saved_model_cli(path, "sample", tmp_path / "sample", **inputs)
+    np.testing.assert_array_equal(got["images"], model.sample(2, 3, seed=9).numpy())
