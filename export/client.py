@@ -145,18 +145,22 @@ class Client:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line.
+# Command line (its flags are defined only when run as a program, so importing the client
+# library adds no flags to the importer's).
 
-flags.DEFINE_string("server", "localhost:8500", "TF-Serving gRPC address, HOST:PORT.")
-flags.DEFINE_string("model", "vdm", "Model name on the server.")
-flags.DEFINE_integer("version", None, "Model version (default: the latest).")
-flags.DEFINE_float("timeout", 60.0, "Seconds per attempt.")
-flags.DEFINE_integer("retries", 3, "Retries when the server is unreachable or times out.")
-flags.DEFINE_integer("seed", 0, "Seed of the request.")
-flags.DEFINE_integer("num", 16, "sample: number of images.")
-flags.DEFINE_integer("steps", 256, "sample: number of ancestral steps.")
-flags.DEFINE_string("out", "samples.png", "sample: output PNG grid (an .npz of the images is written beside it).")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("server", "localhost:8500", "TF-Serving gRPC address, HOST:PORT.")
+    flags.DEFINE_string("model", "vdm", "Model name on the server.")
+    flags.DEFINE_integer("version", None, "Model version (default: the latest).")
+    flags.DEFINE_float("timeout", 60.0, "Seconds per attempt.")
+    flags.DEFINE_integer("retries", 3, "Retries when the server is unreachable or times out.")
+    flags.DEFINE_integer("seed", 0, "Seed of the request.")
+    flags.DEFINE_integer("num", 16, "sample: number of images.")
+    flags.DEFINE_integer("steps", 256, "sample: number of ancestral steps.")
+    flags.DEFINE_string("out", "samples.png", "sample: output PNG grid (an .npz of the images is written beside it).")
 
 USAGE = "usage: python -m export.client [flags] likelihood IMAGE.png ... | sample | metadata"
 
@@ -224,4 +228,5 @@ def _describe(name, tensor_info):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
