@@ -189,4 +189,5 @@ def signature_summary(path):
     command = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--dir", path, "--all"]
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     shown = subprocess.run(command, capture_output=True, text=True, check=True, env=environment).stdout
-    return shown.split("\nConcrete Functions:")[0].strip()
+    signatures = shown.split("\nConcrete Functions:")[0]
+    return signatures.split("\nThe MetaGraph with tag set")[0].strip()  # drop the list of ops

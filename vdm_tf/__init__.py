@@ -6,9 +6,34 @@ import os
 # turn them on by itself (AMD among them). Effective only if TensorFlow is not imported yet.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-from vdm_tf import augmentation, datasets, evaluation, images, networks, schedules, seeding  # noqa: E402
+from vdm_tf import (  # noqa: E402
+    augmentation,
+    conditional,
+    datasets,
+    evaluation,
+    images,
+    likelihood,
+    networks,
+    samplers,
+    schedules,
+    sde,
+    seeding,
+)
 from vdm_tf.vdm import VDM  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["VDM", "augmentation", "datasets", "evaluation", "images", "networks", "schedules", "seeding"]
+__all__ = [
+    "VDM",
+    "augmentation",
+    "conditional",
+    "datasets",
+    "evaluation",
+    "images",
+    "likelihood",
+    "networks",
+    "samplers",
+    "schedules",
+    "sde",
+    "seeding",
+]

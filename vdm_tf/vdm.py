@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from vdm_tf import images, seeding
 from vdm_tf.augmentation import Augmentation
+from vdm_tf.sde import ScheduleSDE
 
 TERMS = ("bpd", "diffusion", "prior", "reconstruction")
 
@@ -289,6 +290,22 @@ class VDM(keras.Model):
 
     # ----------------------------------------------------------------------------------------
     # Sampling.
+
+    @property
+    def sde(self):
+        """The schedule's variance-preserving SDE (`vdm_tf.sde.ScheduleSDE`), for `vdm_tf.samplers`."""
+        return ScheduleSDE(self.schedule)
+
+    def score(self, z, t):
+        """grad_z log p_t(z) = -eps_hat(z, gamma(t)) / sigma_t, the score of the denoiser.
+
+        Args:
+            z: float32 [N, H, W, C].
+            t: float32 scalar or [N], times in [0, 1].
+        """
+        gamma_t = self.schedule(tf.broadcast_to(tf.cast(t, tf.float32), tf.shape(z)[:1]))
+        eps_hat = self.denoiser(z, gamma_t, training=False)
+        return -eps_hat / images.per_example(tf.sqrt(tf.sigmoid(gamma_t)), 4)
 
     def ancestral_step(self, z_t, s, t, seed):
         """One draw z_s ~ p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t)) for s < t (VDM eq. 32-34).

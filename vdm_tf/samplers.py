@@ -1,0 +1,220 @@
+"""Samplers for any model with `.sde`, `.score(z, t)` and `.image_shape` (Song et al. 2021).
+
+    x = vdm_tf.samplers.sample(model, 16, sampler="pc", num_steps=500, seed=0)   # uint8 images
+    x = vdm_tf.samplers.sample(model, 16, sampler="ode", seed=0, rtol=1e-5, atol=1e-5)
+    z, nfe = vdm_tf.samplers.ode_sample_latents(model, 16, seed=0)
+
+- `"pc"`: predictor-corrector sampling (Song et al., algorithms 2-3). Predictors:
+  `euler_maruyama` (the reverse SDE, eq. 6, by Euler-Maruyama), `reverse_diffusion` (eq. 45-47:
+  the forward discretisation run backwards), `ancestral` (exact draws from
+  q(z_s | z_t, x = x_hat(z_t)); for a VDM this is VDM's own ancestral step, eq. 32-34), or
+  `none`. Correctors: `langevin` (algorithm 4, step size from the signal-to-noise ratio `snr`),
+  `annealed_langevin` (algorithm 5, step size from the marginal std), or `none`. Langevin's
+  step size comes from the norms of the noise and the score, which concentrate only in high
+  dimension: on 16-pixel Gaussian data it inflates the std by about 20%, at 256 pixels by 2%.
+- `"ancestral"`: `"pc"` with the ancestral predictor and no corrector.
+- `"ode"`: the probability-flow ODE (eq. 13) from t = 1 to `sde.t_min`, solved by
+  `tfp.math.ode.DormandPrince` (adaptive; `rtol`, `atol`); reports the number of score
+  evaluations.
+
+Every sampler ends with one denoising step (Tweedie's formula, `x_hat = (z + s_t^2 score) / m_t`)
+and rounds to the nearest pixel value. Loops are `tf.while_loop`s inside one `tf.function`
+(traced once per model and setting), and all randomness is stateless.
+"""
+
+import weakref
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from vdm_tf import images, seeding
+
+PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral", "none")
+CORRECTORS = ("langevin", "annealed_langevin", "none")
+SAMPLERS = ("pc", "ancestral", "ode")
+
+_traced = weakref.WeakKeyDictionary()  # model -> {setting: tf.function}
+
+
+def compiled(model, key, build):
+    """One traced function per (model, key): `build()` makes it on first use."""
+    functions = _traced.setdefault(model, {})
+    if key not in functions:
+        functions[key] = build()
+    return functions[key]
+
+
+def per_example(value, z):
+    """A scalar or [N] value as [N, 1, 1, 1] for the batch of z."""
+    return images.per_example(tf.broadcast_to(tf.cast(value, z.dtype), tf.shape(z)[:1]), 4)
+
+
+def denoised_mean(model, z, t):
+    """Tweedie's formula: E[x | z_t] = (z_t + s_t^2 grad log p_t(z_t)) / m_t."""
+    mean, std = model.sde.marginal(t)
+    return (z + per_example(tf.square(std), z) * model.score(z, t)) / per_example(mean, z)
+
+
+def posterior_step(model, z, t, s, noise):
+    """z_s ~ q(z_s | z_t, x = x_hat(z_t)) for s < t: the ancestral step of any linear SDE.
+
+    With z_t | z_s ~ N(a z_s, v), z_s | x ~ N(m_s x, s_s^2):
+    mean = (a s_s^2 z_t + m_s v x_hat) / s_t^2, variance = v s_s^2 / s_t^2.
+    """
+    a, v = model.sde.transition(t, s)
+    mean_s, std_s = model.sde.marginal(s)
+    _, std_t = model.sde.marginal(t)
+    x_hat = denoised_mean(model, z, t)
+    mean = (per_example(a * tf.square(std_s), z) * z + per_example(mean_s * v, z) * x_hat) / per_example(
+        tf.square(std_t), z
+    )
+    return mean + per_example(tf.sqrt(v) * std_s / std_t, z) * noise, mean
+
+
+def predictor_step(model, predictor, z, t, dt, noise):
+    """One reverse-time step from t to t - dt; returns (z, its noise-free mean)."""
+    sde = model.sde
+    if predictor == "euler_maruyama":
+        mean = z - sde.reverse_drift(z, t, model.score(z, t)) * dt
+        return mean + per_example(sde.diffusion(t) * tf.sqrt(dt), z) * noise, mean
+    if predictor == "reverse_diffusion":
+        f, g = sde.discretize(z, t - dt, dt)
+        mean = z - f + tf.square(g) * model.score(z, t)
+        return mean + g * noise, mean
+    if predictor == "ancestral":
+        return posterior_step(model, z, t, t - dt, noise)
+    return z, z
+
+
+def corrector_step(model, corrector, z, t, dt, snr, noise):
+    """One Langevin step at fixed t (Song et al. algorithms 4 and 5)."""
+    score = model.score(z, t)
+    a, _ = model.sde.transition(t, t - dt)
+    alpha = tf.square(a)  # 1 - beta_i for VP SDEs, 1 for VE
+    if corrector == "langevin":
+        noise_norm = tf.norm(tf.reshape(noise, [tf.shape(z)[0], -1]), axis=-1)
+        score_norm = tf.norm(tf.reshape(score, [tf.shape(z)[0], -1]), axis=-1)
+        step = 2.0 * alpha * tf.square(snr * noise_norm / score_norm)
+    else:
+        _, std = model.sde.marginal(t)
+        step = 2.0 * alpha * tf.square(snr * std) * tf.ones([tf.shape(z)[0]])
+    mean = z + per_example(step, z) * score
+    return mean + per_example(tf.sqrt(2.0 * step), z) * noise
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+
+
+def pc_sample_latents(
+    model,
+    num_samples,
+    num_steps=500,
+    seed=0,
+    predictor="reverse_diffusion",
+    corrector="langevin",
+    snr=0.16,
+    corrector_steps=1,
+):
+    """Predictor-corrector sampling; returns the denoised mean at `sde.t_min`, float32 [N, H, W, C].
+
+    Args:
+        model: has `.sde`, `.score(z, t)` and `.image_shape`.
+        num_samples: N.
+        num_steps: predictor steps, equally spaced from t = 1 to `sde.t_min`.
+        seed: int or shape-[2] seed.
+        predictor: one of `PREDICTORS`.
+        corrector: one of `CORRECTORS`.
+        snr: the corrector's signal-to-noise ratio (Song et al.: 0.16 for VE CIFAR-10).
+        corrector_steps: Langevin steps per predictor step.
+    """
+    check_choice("predictor", predictor, PREDICTORS)
+    check_choice("corrector", corrector, CORRECTORS)
+
+    def build():
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([], tf.int32),
+                tf.TensorSpec([], tf.int32),
+                tf.TensorSpec([2], tf.int64),
+                tf.TensorSpec([], tf.float32),
+            ]
+        )
+        def run(num_samples, num_steps, seed, snr):
+            shape = tf.concat([[num_samples], model.image_shape], 0)
+            prior_seed, loop_seed = seeding.split_seed(seed, 2)
+            t_min = model.sde.t_min
+            dt = (1.0 - t_min) / tf.cast(num_steps, tf.float32)
+
+            def step(i, z, mean):
+                t = 1.0 - tf.cast(i, tf.float32) * dt
+                step_seed = seeding.fold_in(loop_seed, i)
+                for k in range(corrector_steps if corrector != "none" else 0):
+                    noise = tf.random.stateless_normal(shape, seeding.fold_in(step_seed, k + 1))
+                    z = corrector_step(model, corrector, z, t, dt, snr, noise)
+                noise = tf.random.stateless_normal(shape, seeding.fold_in(step_seed, 0))
+                z, mean = predictor_step(model, predictor, z, t, dt, noise)
+                return i + 1, z, mean
+
+            z = model.sde.prior_sample(shape, prior_seed)
+            _, z, mean = tf.while_loop(lambda i, z, mean: i < num_steps, step, (0, z, z))
+            return denoised_mean(model, mean, t_min)
+
+        return run
+
+    run = compiled(model, ("pc", predictor, corrector, int(corrector_steps)), build)
+    return run(tf.constant(num_samples, tf.int32), tf.constant(num_steps, tf.int32), seeding.as_seed(seed), float(snr))
+
+
+def ode_sample_latents(model, num_samples, seed=0, rtol=1e-5, atol=1e-5):
+    """Probability-flow ODE sampling with DormandPrince; returns (x_hat [N, H, W, C], nfe).
+
+    The ODE runs from t = 1 to `sde.t_min` (in the time variable tau = 1 - t, so the solver
+    integrates forwards); nfe is the number of score evaluations (int32 scalar).
+    """
+
+    def build():
+        @tf.function(input_signature=[tf.TensorSpec([], tf.int32), tf.TensorSpec([2], tf.int64)])
+        def run(num_samples, seed):
+            shape = tf.concat([[num_samples], model.image_shape], 0)
+            z_1 = model.sde.prior_sample(shape, seed)
+            t_min = model.sde.t_min
+
+            def ode(tau, z):
+                # The solver may evaluate a step past its end; t < 0 is outside the SDE (a VP
+                # marginal variance would turn negative), so the flow is held at t_min there.
+                t = tf.maximum(1.0 - tau, t_min)
+                return -model.sde.reverse_drift(z, t, model.score(z, t), probability_flow=True)
+
+            solver = tfp.math.ode.DormandPrince(rtol=rtol, atol=atol)
+            result = solver.solve(ode, 0.0, z_1, solution_times=[1.0 - t_min])
+            z = result.states[-1]
+            return denoised_mean(model, z, t_min), result.diagnostics.num_ode_fn_evaluations
+
+        return run
+
+    run = compiled(model, ("ode", float(rtol), float(atol)), build)
+    return run(tf.constant(num_samples, tf.int32), seeding.as_seed(seed))
+
+
+def sample(model, num_samples, sampler="pc", num_steps=500, seed=0, **options):
+    """uint8 images [num_samples, H, W, C] from one of `SAMPLERS`.
+
+    Args:
+        model: has `.sde`, `.score(z, t)` and `.image_shape` (a `vdm_tf.VDM`, ...).
+        num_samples: how many images.
+        sampler: `"pc"`, `"ancestral"` or `"ode"`.
+        num_steps: steps of the `"pc"` / `"ancestral"` samplers (the ODE solver is adaptive).
+        seed: int or shape-[2] seed.
+        **options: `predictor`, `corrector`, `snr`, `corrector_steps` for `"pc"`;
+            `rtol`, `atol` for `"ode"`.
+    """
+    check_choice("sampler", sampler, SAMPLERS)
+    if sampler == "ode":
+        x_hat, _ = ode_sample_latents(model, num_samples, seed=seed, **options)
+    else:
+        if sampler == "ancestral":
+            options = {**options, "predictor": "ancestral", "corrector": "none"}
+        x_hat = pc_sample_latents(model, num_samples, num_steps=num_steps, seed=seed, **options)
+    return images.decode(x_hat)
