@@ -122,15 +122,45 @@ class Client:
         Returns:
             dict of float32 [N]: `bpd`, `diffusion_bpd`, `prior_bpd`, `reconstruction_bpd`.
         """
-        images = np.asarray(images)
-        if images.dtype != np.uint8:
-            raise TypeError(f"images: expected uint8 pixels [N, H, W, C]; got dtype {images.dtype}.")
-        return self.predict("likelihood", images=images, seed=np.int64(seed))
+        return self.predict("likelihood", images=_uint8_images(images), seed=np.int64(seed))
 
-    def sample(self, num_samples, num_steps=256, seed=0):
-        """`num_samples` new images (uint8 [num_samples, H, W, C]) from `num_steps` ancestral steps."""
+    def exact_likelihood(self, images, seed=0):
+        """-log p(x) in bpd through the probability-flow ODE: {"bpd": [N], "nfe": scalar}."""
+        return self.predict("exact_likelihood", images=_uint8_images(images), seed=np.int64(seed))
+
+    def sample(self, num_samples, num_steps=256, seed=0, sampler="ancestral"):
+        """`num_samples` new images (uint8 [num_samples, H, W, C]).
+
+        `sampler`: `"ancestral"` (`num_steps` steps), `"pc"` (predictor-corrector) or `"ode"`
+        (adaptive probability-flow ODE; `num_steps` is ignored).
+        """
         outputs = self.predict(
-            "sample", num_samples=np.int32(num_samples), num_steps=np.int32(num_steps), seed=np.int64(seed)
+            "sample",
+            num_samples=np.int32(num_samples),
+            num_steps=np.int32(num_steps),
+            seed=np.int64(seed),
+            sampler=sampler,
+        )
+        return outputs["images"]
+
+    def inpaint(self, images, mask, seed=0, num_steps=250, resample=1):
+        """Fills the pixels where `mask` is 0; known pixels (mask non-zero) come back unchanged.
+
+        Args:
+            images: uint8 [N, H, W, C].
+            mask: anything that broadcasts to the images' shape ([H, W, C], [N, H, W, 1], ...).
+            seed, num_steps: as for `sample`.
+            resample: RePaint's tries per step (1: plain replacement).
+        """
+        images = _uint8_images(images)
+        mask = np.broadcast_to(np.asarray(mask) != 0, images.shape).astype(np.uint8)
+        outputs = self.predict(
+            "inpaint",
+            images=images,
+            mask=mask,
+            seed=np.int64(seed),
+            num_steps=np.int32(num_steps),
+            resample=np.int32(resample),
         )
         return outputs["images"]
 
@@ -142,6 +172,13 @@ class Client:
         signature_map = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signature_map)
         return response.model_spec.version.value, dict(signature_map.signature_def)
+
+
+def _uint8_images(images):
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise TypeError(f"images: expected uint8 pixels [N, H, W, C]; got dtype {images.dtype}.")
+    return images
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,9 +197,17 @@ def define_flags():
     flags.DEFINE_integer("seed", 0, "Seed of the request.")
     flags.DEFINE_integer("num", 16, "sample: number of images.")
     flags.DEFINE_integer("steps", 256, "sample: number of ancestral steps.")
-    flags.DEFINE_string("out", "samples.png", "sample: output PNG grid (an .npz of the images is written beside it).")
+    flags.DEFINE_string("out", "samples.png", "sample / inpaint: output PNG grid (and an .npz beside it).")
+    flags.DEFINE_enum("sampler", "ancestral", ["ancestral", "pc", "ode"], "sample: the sampler.")
+    flags.DEFINE_string("mask", None, "inpaint: PNG of the images' size, non-zero where a pixel is known.")
+    flags.DEFINE_integer("resample", 1, "inpaint: RePaint's tries per step.")
 
-USAGE = "usage: python -m export.client [flags] likelihood IMAGE.png ... | sample | metadata"
+
+COMMANDS = ("likelihood", "exact_likelihood", "sample", "inpaint", "metadata")
+USAGE = (
+    "usage: python -m export.client [flags] likelihood IMAGE.png ... | exact_likelihood IMAGE.png ... "
+    "| sample | inpaint --mask=MASK.png IMAGE.png ... | metadata"
+)
 
 
 def read_images(paths):
@@ -180,15 +225,25 @@ def read_images(paths):
     return np.stack(arrays)
 
 
+def write_images(batch, path):
+    """A grid PNG at `path` and the images in an .npz beside it."""
+    from vdm_tf import images as image_utils
+
+    image_utils.save_grid(batch, path)
+    npz = path.rsplit(".", 1)[0] + ".npz"
+    np.savez_compressed(npz, images=batch)
+    print(f"wrote {path} and {npz}: {batch.shape[0]} images of {batch.shape[1:]}")
+
+
 def main(argv):
-    if len(argv) < 2 or argv[1] not in ("likelihood", "sample", "metadata"):
+    if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(USAGE)
+    if argv[1] in ("likelihood", "exact_likelihood", "inpaint") and len(argv) < 3:
+        raise app.UsageError(f"{argv[1]} needs at least one image file.")
     command, paths = argv[1], argv[2:]
     with Client(FLAGS.server, FLAGS.model, FLAGS.version, FLAGS.timeout, FLAGS.retries) as client:
         try:
             if command == "likelihood":
-                if not paths:
-                    raise app.UsageError("likelihood needs at least one image file.")
                 result = client.likelihood(read_images(paths), seed=FLAGS.seed)
                 width = max(len(p) for p in paths)
                 print(f"{'image':<{width}}  {'bpd':>7}  {'diffusion':>9}  {'prior':>7}  {'recon':>7}")
@@ -198,14 +253,22 @@ def main(argv):
                         f"{result['prior_bpd'][i]:7.4f}  {result['reconstruction_bpd'][i]:7.3f}"
                     )
                 print(f"{'mean':<{width}}  {result['bpd'].mean():7.3f}")
+            elif command == "exact_likelihood":
+                result = client.exact_likelihood(read_images(paths), seed=FLAGS.seed)
+                width = max(len(p) for p in paths)
+                for path, bpd in zip(paths, result["bpd"]):
+                    print(f"{path:<{width}}  {bpd:7.3f}")
+                print(f"{'mean':<{width}}  {result['bpd'].mean():7.3f}  ({int(result['nfe'])} ODE evaluations)")
             elif command == "sample":
-                from vdm_tf import images as image_utils
-
-                samples = client.sample(FLAGS.num, num_steps=FLAGS.steps, seed=FLAGS.seed)
-                image_utils.save_grid(samples, FLAGS.out)
-                npz = FLAGS.out.rsplit(".", 1)[0] + ".npz"
-                np.savez_compressed(npz, images=samples)
-                print(f"wrote {FLAGS.out} and {npz}: {samples.shape[0]} images of {samples.shape[1:]}")
+                samples = client.sample(FLAGS.num, num_steps=FLAGS.steps, seed=FLAGS.seed, sampler=FLAGS.sampler)
+                write_images(samples, FLAGS.out)
+            elif command == "inpaint":
+                if not FLAGS.mask:
+                    raise app.UsageError("inpaint needs --mask=MASK.png (non-zero where a pixel is known).")
+                images = read_images(paths)
+                mask = read_images([FLAGS.mask])[0]
+                filled = client.inpaint(images, mask, FLAGS.seed, FLAGS.steps, FLAGS.resample)
+                write_images(filled, FLAGS.out)
             else:
                 version, signatures = client.metadata()
                 print(f"model {FLAGS.model}, version {version}")

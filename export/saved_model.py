@@ -12,8 +12,19 @@ Signatures (all batch-first, see DESIGN.md "SavedModel contract"):
   (optional, default 0) -> `bpd`, `diffusion_bpd`, `prior_bpd`, `reconstruction_bpd`, float32 [N].
   The mean of `time_samples` antithetic estimates per image, the numbers of
   `model.elbo(images, seed, num_time_samples=time_samples)`.
-- `sample`: `num_samples`, `num_steps` int32 scalars, `seed` int64 scalar (optional, default 0)
-  -> `images` uint8 [num_samples, H, W, C], by ancestral sampling (`model.sample`).
+- `sample`: `num_samples`, `num_steps` int32 scalars, `seed` int64 scalar (optional, default 0),
+  `sampler` string scalar (optional: `ancestral` (default, `model.sample`); with `score_sde`
+  also `pc` or `ode`, the samplers of `vdm_tf.samplers`; the adaptive `ode` ignores
+  `num_steps`) -> `images` uint8 [num_samples, H, W, C].
+
+With `score_sde=True` (`--export_score_sde`) also:
+
+- `exact_likelihood`: `images` uint8 [N, H, W, C], `seed` (optional) -> `bpd` float32 [N] and
+  `nfe` int32 scalar: `vdm_tf.likelihood.ode_bpd` (probability-flow ODE, Hutchinson trace;
+  the dequantization and the solver tolerance are export-time settings).
+- `inpaint`: `images` uint8 [N, H, W, C], `mask` uint8 of the same shape (non-zero: known),
+  `seed`, `num_steps` (optional, default 250) and `resample` (optional, default 1) int32
+  scalars -> `images` uint8: `vdm_tf.conditional.inpaint`, known pixels unchanged.
 
 Every input is validated inside the graph, so TF-Serving answers a bad request with
 INVALID_ARGUMENT and a message naming the expected form, and keeps serving. The input specs are
@@ -28,12 +39,21 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from vdm_tf import seeding
+from vdm_tf import conditional, likelihood, samplers, seeding
 
 LIKELIHOOD_OUTPUTS = ("bpd", "diffusion_bpd", "prior_bpd", "reconstruction_bpd")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 # The seed a request may omit: recorded as the SignatureDef's default for `seed`.
 DEFAULT_SEED = tf.constant(0, tf.int64)
+SCORE_SDE_SAMPLERS = ("pc", "ode")
+DEFAULT_SAMPLER = tf.constant("ancestral")
+DEFAULT_INPAINT_STEPS = tf.constant(250, tf.int32)
+DEFAULT_RESAMPLE = tf.constant(1, tf.int32)
+
+
+def _shape_of_rank_4(tensor):
+    """tf.shape(tensor) cut or padded with zeros to 4 entries: comparable whatever the rank."""
+    return tf.concat([tf.shape(tensor), tf.zeros([4], tf.int32)], axis=0)[:4]
 
 
 class ServingModule(tf.Module):
@@ -44,10 +64,27 @@ class ServingModule(tf.Module):
         time_samples: antithetic time samples per image in `likelihood`.
         max_batch_size: largest N accepted by `likelihood`.
         max_num_samples: largest `num_samples` accepted by `sample`.
-        max_num_steps: largest `num_steps` accepted by `sample`.
+        max_num_steps: largest `num_steps` accepted by `sample` and `inpaint`.
+        max_resample: largest `resample` accepted by `inpaint`.
+        dequantization: `"variational"` or `"uniform"`, for `exact_likelihood`.
+        ode_tolerance: rtol = atol of the ODE solver in `exact_likelihood` and `sample`.
+        score_sde: also export the Score-SDE tools: `exact_likelihood`, `inpaint` and the `pc`
+            and `ode` samplers of `sample`. Off by default: their graphs (the adaptive ODE
+            solver above all) take a minute or two to trace and save even for a small model.
     """
 
-    def __init__(self, model, time_samples=8, max_batch_size=1024, max_num_samples=256, max_num_steps=4096):
+    def __init__(
+        self,
+        model,
+        time_samples=8,
+        max_batch_size=1024,
+        max_num_samples=256,
+        max_num_steps=4096,
+        max_resample=50,
+        dequantization="variational",
+        ode_tolerance=1e-5,
+        score_sde=False,
+    ):
         super().__init__(name="vdm_serving")
         self._keep_untracked(model)
         # The SavedModel stores the model's raw tf.Variables, the ones the graphs read (as
@@ -60,6 +97,11 @@ class ServingModule(tf.Module):
         self.max_batch_size = int(max_batch_size)
         self.max_num_samples = int(max_num_samples)
         self.max_num_steps = int(max_num_steps)
+        self.max_resample = int(max_resample)
+        self.dequantization = dequantization
+        self.ode_tolerance = float(ode_tolerance)
+        self.score_sde = bool(score_sde)
+        self.sample_methods = ("ancestral",) + (SCORE_SDE_SAMPLERS if self.score_sde else ())
 
     @tf.__internal__.tracking.no_automatic_dependency_tracking
     def _keep_untracked(self, model):
@@ -69,7 +111,7 @@ class ServingModule(tf.Module):
         height, width, channels = self.image_shape
         expected = f"uint8 images of shape [N, {height}, {width}, {channels}] with 1 <= N <= {self.max_batch_size}"
         shape = tf.shape(images)
-        padded = tf.concat([shape, tf.zeros([4], tf.int32)], axis=0)[:4]  # comparable whatever the rank
+        padded = _shape_of_rank_4(images)
         good_shape = (
             tf.equal(tf.rank(images), 4)
             & tf.reduce_all(tf.equal(padded[1:], self.image_shape))
@@ -79,6 +121,21 @@ class ServingModule(tf.Module):
         check = tf.debugging.Assert(good_shape, [f"images: expected {expected}; got shape", shape], summarize=8)
         with tf.control_dependencies([check]):
             return tf.ensure_shape(tf.identity(images), (None,) + self.image_shape)
+
+    def _valid_mask(self, mask, images):
+        expected = "mask: expected uint8 with the shape of the images, [N, H, W, C] (non-zero: known pixel)"
+        same_shape = tf.equal(tf.rank(mask), 4) & tf.reduce_all(tf.equal(_shape_of_rank_4(mask), tf.shape(images)))
+        check = tf.debugging.Assert(same_shape, [f"{expected}; got shape", tf.shape(mask)], summarize=8)
+        with tf.control_dependencies([check]):
+            return tf.ensure_shape(tf.identity(mask), (None,) + self.image_shape) > 0
+
+    def _valid_sampler(self, sampler):
+        """The index of `sampler` in `sample_methods`, after checking it is one of them."""
+        sampler = self._valid_scalar(sampler, "sampler")
+        matches = tf.equal(sampler, self.sample_methods)
+        expected = f"sampler: expected one of {', '.join(self.sample_methods)}; got"
+        with tf.control_dependencies([tf.debugging.Assert(tf.reduce_any(matches), [expected, sampler])]):
+            return tf.argmax(tf.cast(matches, tf.int32), output_type=tf.int32)
 
     def _valid_scalar(self, value, name, low=None, high=None):
         """`value` as a scalar, after checking its rank and (for counts) its range [low, high]."""
@@ -107,14 +164,51 @@ class ServingModule(tf.Module):
             tf.TensorSpec(None, tf.int32, name="num_samples"),
             tf.TensorSpec(None, tf.int32, name="num_steps"),
             tf.TensorSpec(None, tf.int64, name="seed"),
+            tf.TensorSpec(None, tf.string, name="sampler"),
         ]
     )
-    def sample(self, num_samples, num_steps, seed=DEFAULT_SEED):
+    def sample(self, num_samples, num_steps, seed=DEFAULT_SEED, sampler=DEFAULT_SAMPLER):
         num_samples = self._valid_scalar(num_samples, "num_samples", 1, self.max_num_samples)
         num_steps = self._valid_scalar(num_steps, "num_steps", 1, self.max_num_steps)
         seed = seeding.as_seed(self._valid_scalar(seed, "seed"))
-        samples = self.model.sample_graph(num_samples, num_steps, seed, tf.constant(False))
+        tolerance = {"rtol": self.ode_tolerance, "atol": self.ode_tolerance}
+        branches = [lambda: self.model.sample_graph(num_samples, num_steps, seed, tf.constant(False))]
+        if self.score_sde:
+            branches += [
+                lambda: samplers.sample(self.model, num_samples, "pc", num_steps, seed),
+                lambda: samplers.sample(self.model, num_samples, "ode", seed=seed, **tolerance),
+            ]
+        samples = tf.switch_case(self._valid_sampler(sampler), branches)
         return {"images": tf.ensure_shape(samples, (None,) + self.image_shape)}
+
+    @tf.function(
+        input_signature=[tf.TensorSpec(None, tf.uint8, name="images"), tf.TensorSpec(None, tf.int64, name="seed")]
+    )
+    def exact_likelihood(self, images, seed=DEFAULT_SEED):
+        images = self._valid_images(images)
+        seed = seeding.as_seed(self._valid_scalar(seed, "seed"))
+        out = likelihood.ode_bpd(
+            self.model, images, seed, self.dequantization, rtol=self.ode_tolerance, atol=self.ode_tolerance
+        )
+        return {"bpd": out["bpd"], "nfe": out["nfe"]}
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec(None, tf.uint8, name="images"),
+            tf.TensorSpec(None, tf.uint8, name="mask"),
+            tf.TensorSpec(None, tf.int64, name="seed"),
+            tf.TensorSpec(None, tf.int32, name="num_steps"),
+            tf.TensorSpec(None, tf.int32, name="resample"),
+        ]
+    )
+    def inpaint(self, images, mask, seed=DEFAULT_SEED, num_steps=DEFAULT_INPAINT_STEPS, resample=DEFAULT_RESAMPLE):
+        images = self._valid_images(images)
+        mask = self._valid_mask(mask, images)
+        seed = seeding.as_seed(self._valid_scalar(seed, "seed"))
+        num_steps = self._valid_scalar(num_steps, "num_steps", 1, self.max_num_steps)
+        resample = self._valid_scalar(resample, "resample", 1, self.max_resample)
+        filled = conditional.inpaint(self.model, images, mask, num_steps, seed, resample)
+        return {"images": tf.ensure_shape(filled, (None,) + self.image_shape)}
 
 
 def next_version(base_path):
@@ -140,8 +234,8 @@ def export_model(model, export_dir, name="vdm", version=None, warmup=True, **ser
         warmup: also write `assets.extra/tf_serving_warmup_requests` (one small likelihood and
             one sample request), which TF-Serving replays before it reports the model ready, so
             the first client does not pay for graph optimisation.
-        **serving_options: `time_samples`, `max_batch_size`, `max_num_samples`, `max_num_steps`
-            of `ServingModule`.
+        **serving_options: `time_samples`, `max_batch_size`, `max_num_samples`, `max_num_steps`,
+            `max_resample`, `dequantization`, `ode_tolerance`, `score_sde` of `ServingModule`.
 
     Returns:
         The path of the written version directory.
@@ -156,7 +250,12 @@ def export_model(model, export_dir, name="vdm", version=None, warmup=True, **ser
         tf.io.gfile.rmtree(temporary_path)
     module = ServingModule(model, **serving_options)
     signatures = {"serving_default": module.likelihood, "likelihood": module.likelihood, "sample": module.sample}
-    tf.saved_model.save(module, temporary_path, signatures=signatures)
+    if module.score_sde:
+        signatures.update(exact_likelihood=module.exact_likelihood, inpaint=module.inpaint)
+    # Serving needs no gradients; saving the ODE solver's custom (adjoint) gradient would cost
+    # minutes and gigabytes.
+    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+    tf.saved_model.save(module, temporary_path, signatures=signatures, options=options)
     if warmup:
         write_warmup_requests(temporary_path, name, module.image_shape)
     tf.io.gfile.rename(temporary_path, final_path)

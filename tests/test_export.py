@@ -7,46 +7,29 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from exported_model import IMAGE_SHAPE, ODE_TOLERANCE, TIME_SAMPLES, random_images
 
-import vdm_tf
 from export import saved_model
-
-IMAGE_SHAPE = (8, 8, 1)
-TIME_SAMPLES = 4
+from vdm_tf import conditional, likelihood, samplers
 
 
-def tiny_model():
-    denoiser = vdm_tf.networks.ScoreUNet(n_layers=1, n_embd=32, fourier_exponents=(3, 4), dropout=0.0)
-    model = vdm_tf.VDM(denoiser, vdm_tf.schedules.LearnedLinear(), IMAGE_SHAPE)
-    model.build()
-    return model
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    export_dir = str(tmp_path_factory.mktemp("export"))
-    model = tiny_model()
-    path = saved_model.export_model(model, export_dir, time_samples=TIME_SAMPLES, max_num_samples=64)
-    return model, export_dir, path, tf.saved_model.load(path)
-
-
-def test_tf_serving_layout_with_versions_and_warmup(exported):
+def test_tf_serving_layout_with_versions_and_warmup(exported, tmp_path):
     model, export_dir, path, loaded = exported
     assert path == os.path.join(export_dir, "vdm", "1")
     assert os.path.exists(os.path.join(path, "saved_model.pb"))
     assert os.path.exists(os.path.join(path, "variables", "variables.index"))
     records = list(tf.data.TFRecordDataset(os.path.join(path, saved_model.WARMUP_FILE)).as_numpy_iterator())
     assert len(records) == 2
-    assert set(loaded.signatures) == {"serving_default", "likelihood", "sample"}
+    assert set(loaded.signatures) == {"serving_default", "likelihood", "sample", "exact_likelihood", "inpaint"}
+    # Without score_sde: the three core signatures; each export adds a version.
+    export_dir = str(tmp_path)
+    first = saved_model.export_model(model, export_dir, warmup=False)
+    assert set(tf.saved_model.load(first).signatures) == {"serving_default", "likelihood", "sample"}
     second = saved_model.export_model(model, export_dir, warmup=False)
     assert second == os.path.join(export_dir, "vdm", "2")
     assert sorted(os.listdir(os.path.join(export_dir, "vdm"))) == ["1", "2"]  # no temporary directory left
     with pytest.raises(FileExistsError, match="vdm/2 exists"):
         saved_model.export_model(model, export_dir, version=2)
-
-
-def random_images(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8)
 
 
 def test_likelihood_signature_equals_model_elbo(exported):
@@ -67,19 +50,49 @@ def test_averaging_time_samples_narrows_the_estimate(exported):
     model, _, _, _ = exported
     images = random_images(1)
     spread = {
-        k: np.std([model.elbo(images, seed=s, num_time_samples=k)["bpd"].numpy()[0] for s in range(12)])
-        for k in (1, 8)
+        k: np.std([model.elbo(images, seed=s, num_time_samples=k)["bpd"].numpy()[0] for s in range(12)]) for k in (1, 8)
     }
     assert spread[8] < 0.6 * spread[1], spread
 
 
 def test_sample_signature_equals_model_sample(exported):
     model, _, _, loaded = exported
-    got = loaded.signatures["sample"](
-        num_samples=tf.constant(3), num_steps=tf.constant(4), seed=tf.constant(7, tf.int64)
-    )["images"]
-    assert got.dtype == tf.uint8 and got.shape == (3, *IMAGE_SHAPE)
-    np.testing.assert_array_equal(got.numpy(), model.sample(3, num_steps=4, seed=7).numpy())
+
+    def sample(sampler):
+        inputs = {"num_samples": tf.constant(3), "num_steps": tf.constant(4), "seed": tf.constant(7, tf.int64)}
+        return loaded.signatures["sample"](sampler=tf.constant(sampler), **inputs)["images"].numpy()
+
+    got = sample("ancestral")
+    assert got.dtype == np.uint8 and got.shape == (3, *IMAGE_SHAPE)
+    np.testing.assert_array_equal(got, model.sample(3, num_steps=4, seed=7).numpy())
+    np.testing.assert_array_equal(sample("pc"), samplers.sample(model, 3, "pc", num_steps=4, seed=7).numpy())
+    tolerance = {"rtol": ODE_TOLERANCE, "atol": ODE_TOLERANCE}
+    np.testing.assert_array_equal(sample("ode"), samplers.sample(model, 3, "ode", seed=7, **tolerance).numpy())
+    with pytest.raises(tf.errors.InvalidArgumentError, match="sampler: expected one of ancestral, pc, ode"):
+        sample("ddim")
+
+
+def test_exact_likelihood_signature_equals_the_ode_bpd(exported):
+    model, _, _, loaded = exported
+    images = random_images(2, seed=3)
+    got = loaded.signatures["exact_likelihood"](images=tf.constant(images), seed=tf.constant(4, tf.int64))
+    tolerance = {"rtol": ODE_TOLERANCE, "atol": ODE_TOLERANCE}
+    expected = likelihood.ode_bpd(model, images, seed=4, dequantization="variational", **tolerance)
+    np.testing.assert_allclose(got["bpd"].numpy(), expected["bpd"].numpy(), rtol=1e-5)
+    assert int(got["nfe"]) == int(expected["nfe"]) > 0
+
+
+def test_inpaint_signature_keeps_known_pixels_and_equals_conditional_inpaint(exported):
+    model, _, _, loaded = exported
+    images = random_images(2, seed=5)
+    mask = (np.random.default_rng(6).random(images.shape) < 0.5).astype(np.uint8)
+    inputs = {"seed": tf.constant(8, tf.int64), "num_steps": tf.constant(5), "resample": tf.constant(2)}
+    got = loaded.signatures["inpaint"](images=tf.constant(images), mask=tf.constant(mask), **inputs)["images"]
+    np.testing.assert_array_equal(got.numpy()[mask > 0], images[mask > 0])
+    expected = conditional.inpaint(model, images, mask, num_steps=5, seed=8, resample=2)
+    np.testing.assert_array_equal(got.numpy(), expected.numpy())
+    with pytest.raises(tf.errors.InvalidArgumentError, match="mask: expected uint8 with the shape of the images"):
+        loaded.signatures["inpaint"](images=tf.constant(images), mask=tf.constant(mask[:1]), **inputs)
 
 
 BAD_LIKELIHOOD = {
@@ -111,7 +124,7 @@ def test_bad_sample_requests_fail_with_the_expected_range(exported, inputs, mess
     _, _, _, loaded = exported
     tensors = {key: tf.constant(value, tf.int32) for key, value in inputs.items()}
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
-        loaded.signatures["sample"](seed=tf.constant(0, tf.int64), **tensors)
+        loaded.signatures["sample"](seed=tf.constant(0, tf.int64), sampler=tf.constant("ancestral"), **tensors)
 
 
 def test_seed_must_be_a_scalar(exported):
@@ -150,6 +163,6 @@ def test_saved_model_cli_shows_and_runs_both_signatures(exported, tmp_path):
     expected = model.elbo(images, seed=5, num_time_samples=TIME_SAMPLES)
     np.testing.assert_allclose(got["bpd"], expected["bpd"].numpy(), rtol=1e-6)
     np.testing.assert_allclose(got["reconstruction_bpd"], expected["reconstruction"].numpy(), rtol=1e-6)
-    inputs = {"num_samples": np.int32(2), "num_steps": np.int32(3), "seed": np.int64(9)}
+    inputs = {"num_samples": np.int32(2), "num_steps": np.int32(3), "seed": np.int64(9)}  # sampler: default
     got = run_signature_with_saved_model_cli(path, "sample", tmp_path / "sample", **inputs)
     np.testing.assert_array_equal(got["images"], model.sample(2, 3, seed=9).numpy())

@@ -8,19 +8,17 @@ import sys
 import grpc
 import numpy as np
 import pytest
+from exported_model import IMAGE_SHAPE, ODE_TOLERANCE, TIME_SAMPLES, random_images
 from PIL import Image
 
 from export import client as client_lib
-from export import saved_model
 from tests import loopback_serving
-from tests.test_export import IMAGE_SHAPE, TIME_SAMPLES, random_images, tiny_model
+from vdm_tf import conditional, likelihood
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    export_dir = str(tmp_path_factory.mktemp("export"))
-    model = tiny_model()
-    saved_model.export_model(model, export_dir, time_samples=TIME_SAMPLES, max_num_samples=64)
+def served(exported):
+    model, export_dir, _, _ = exported
     server, port = loopback_serving.serve(f"{export_dir}/vdm", "vdm")
     client = client_lib.Client(f"127.0.0.1:{port}", "vdm", timeout=120, retries=0)
     yield model, client, port
@@ -39,12 +37,30 @@ def test_likelihood_and_sample_round_trip(served):
     np.testing.assert_array_equal(samples, model.sample(3, num_steps=4, seed=5).numpy())
 
 
+def test_exact_likelihood_inpaint_and_samplers_round_trip(served):
+    model, client, _ = served
+    images = random_images(2, seed=9)
+    result = client.exact_likelihood(images, seed=2)
+    tolerance = {"rtol": ODE_TOLERANCE, "atol": ODE_TOLERANCE}
+    expected = likelihood.ode_bpd(model, images, seed=2, dequantization="variational", **tolerance)
+    np.testing.assert_allclose(result["bpd"], expected["bpd"].numpy(), rtol=1e-5)
+    assert int(result["nfe"]) > 0
+    mask = np.zeros(IMAGE_SHAPE, np.uint8)
+    mask[:4] = 1  # top half known
+    filled = client.inpaint(images, mask, seed=3, num_steps=4, resample=2)
+    np.testing.assert_array_equal(filled[:, :4], images[:, :4])
+    expected = conditional.inpaint(model, images, np.broadcast_to(mask, images.shape), 4, seed=3, resample=2)
+    np.testing.assert_array_equal(filled, expected.numpy())
+    assert client.sample(2, num_steps=3, seed=1, sampler="pc").shape == (2, *IMAGE_SHAPE)
+
+
 def test_metadata_names_every_signature(served):
     _, client, _ = served
     version, signatures = client.metadata()
     assert version == 1
-    assert {"likelihood", "sample", "serving_default"} <= set(signatures)
-    assert set(signatures["sample"].inputs) == {"num_samples", "num_steps", "seed"}
+    assert {"likelihood", "sample", "serving_default", "exact_likelihood", "inpaint"} <= set(signatures)
+    assert set(signatures["sample"].inputs) == {"num_samples", "num_steps", "seed", "sampler"}
+    assert set(signatures["inpaint"].defaults) == {"seed", "num_steps", "resample"}
     assert set(signatures["likelihood"].defaults) == {"seed"}
 
 
@@ -87,6 +103,16 @@ MALFORMED = {
         {"num_samples": np.int32(1), "seed": np.int64(0)},
         "sample",
         r"Missing but required: \['num_steps'\]",
+    ),
+    "unknown sampler": (
+        {"num_samples": np.int32(1), "num_steps": np.int32(2), "sampler": "ddim"},
+        "sample",
+        r"sampler: expected one of ancestral, pc, ode",
+    ),
+    "mask of another shape": (
+        {"images": random_images(2), "mask": np.ones((2, 8, 8, 3), np.uint8)},
+        "inpaint",
+        r"mask: expected uint8 with the shape of the images",
     ),
     "unknown input": (
         {"images": random_images(1), "labels": np.int64(0)},

@@ -46,6 +46,7 @@ flags.DEFINE_bool("export", False, "With --mode=train: also export the trained m
 flags.DEFINE_string("export_dir", None, "Exports go to EXPORT_DIR/NAME/VERSION (default: MODEL_DIR/export).")
 flags.DEFINE_string("export_name", "vdm", "Model name of the export (TF-Serving's MODEL_NAME).")
 flags.DEFINE_integer("export_version", None, "Version of the export (default: one more than the highest present).")
+flags.DEFINE_bool("export_score_sde", False, "Also export exact_likelihood, inpaint and the pc / ode samplers.")
 
 _SHORTCUTS = ("dataset", "train_steps", "batch_size", "steps_per_execution")
 
@@ -148,7 +149,12 @@ def sample(config, model, model_dir):
 def export_model(config, model, model_dir):
     export_dir = FLAGS.export_dir or os.path.join(model_dir, "export")
     path = export.export_model(
-        model, export_dir, FLAGS.export_name, FLAGS.export_version, time_samples=config.export_time_samples
+        model,
+        export_dir,
+        FLAGS.export_name,
+        FLAGS.export_version,
+        time_samples=config.export_time_samples,
+        score_sde=FLAGS.export_score_sde,
     )
     print(f"exported {path}; its signatures (saved_model_cli show):")
     print(export.signature_summary(path))

@@ -76,8 +76,9 @@ def _replacement_sampler(model, known, mask, basis, num_steps, seed, resample):
 
 
 def _run(model, known, mask, basis, num_steps, seed, resample):
-    if int(num_steps) < 1 or int(resample) < 1:
-        raise ValueError(f"num_steps and resample must be >= 1; got {num_steps}, {resample}.")
+    for name, value in (("num_steps", num_steps), ("resample", resample)):
+        if not tf.is_tensor(value) and int(value) < 1:  # tensors: checked by the caller's graph
+            raise ValueError(f"{name} must be >= 1; got {value}.")
 
     def build():
         spec = tf.TensorSpec([None, *model.image_shape], tf.float32)
@@ -87,7 +88,7 @@ def _run(model, known, mask, basis, num_steps, seed, resample):
         return tf.function(lambda *args: _replacement_sampler(model, *args), input_signature=signature)
 
     run = samplers.compiled(model, ("inpaint",), build)
-    x_hat = run(known, mask, basis, tf.constant(num_steps, tf.int32), seeding.as_seed(seed), tf.constant(resample))
+    x_hat = run(known, mask, basis, tf.cast(num_steps, tf.int32), seeding.as_seed(seed), tf.cast(resample, tf.int32))
     return images.decode(x_hat)
 
 

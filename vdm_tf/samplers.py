@@ -164,7 +164,7 @@ def pc_sample_latents(
         return run
 
     run = compiled(model, ("pc", predictor, corrector, int(corrector_steps)), build)
-    return run(tf.constant(num_samples, tf.int32), tf.constant(num_steps, tf.int32), seeding.as_seed(seed), float(snr))
+    return run(tf.cast(num_samples, tf.int32), tf.cast(num_steps, tf.int32), seeding.as_seed(seed), float(snr))
 
 
 def ode_sample_latents(model, num_samples, seed=0, rtol=1e-5, atol=1e-5):
@@ -195,7 +195,7 @@ def ode_sample_latents(model, num_samples, seed=0, rtol=1e-5, atol=1e-5):
         return run
 
     run = compiled(model, ("ode", float(rtol), float(atol)), build)
-    return run(tf.constant(num_samples, tf.int32), seeding.as_seed(seed))
+    return run(tf.cast(num_samples, tf.int32), seeding.as_seed(seed))
 
 
 def sample(model, num_samples, sampler="pc", num_steps=500, seed=0, **options):
