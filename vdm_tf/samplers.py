@@ -28,6 +28,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from vdm_tf import images, seeding
+from vdm_tf.sde import per_example
 
 PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral", "none")
 CORRECTORS = ("langevin", "annealed_langevin", "none")
@@ -42,11 +43,6 @@ def compiled(model, key, build):
     if key not in functions:
         functions[key] = build()
     return functions[key]
-
-
-def per_example(value, z):
-    """A scalar or [N] value as [N, 1, 1, 1] for the batch of z."""
-    return images.per_example(tf.broadcast_to(tf.cast(value, z.dtype), tf.shape(z)[:1]), 4)
 
 
 def denoised_mean(model, z, t):

@@ -23,10 +23,9 @@ import tensorflow as tf
 from vdm_tf import images
 
 
-def _per_example(t, z):
-    """t (scalar or [N]) as [N, 1, 1, 1], matching the batch of z."""
-    t = tf.broadcast_to(tf.cast(t, z.dtype), tf.shape(z)[:1])
-    return images.per_example(t, 4)
+def per_example(value, z):
+    """A scalar or per-example [N] value as [N, 1, 1, 1], to broadcast against the batch z."""
+    return images.per_example(tf.broadcast_to(tf.cast(value, z.dtype), tf.shape(z)[:1]), 4)
 
 
 class SDE:
@@ -51,7 +50,7 @@ class SDE:
 
     def drift(self, z, t):
         """f(z, t) = drift_coefficient(t) z."""
-        return images.per_example(tf.broadcast_to(self.drift_coefficient(t), tf.shape(z)[:1]), 4) * z
+        return per_example(self.drift_coefficient(t), z) * z
 
     def gamma(self, t):
         """log(s_t^2 / m_t^2), the log noise-to-signal ratio at t: what a denoiser is conditioned on."""
@@ -76,7 +75,7 @@ class SDE:
 
     def reverse_drift(self, z, t, score, probability_flow=False):
         """Drift of the reverse-time SDE (eq. 6), or of the probability-flow ODE (eq. 13)."""
-        g = _per_example(self.diffusion(t), z)
+        g = per_example(self.diffusion(t), z)
         weight = 0.5 if probability_flow else 1.0
         return self.drift(z, t) - weight * tf.square(g) * score
 
@@ -85,7 +84,7 @@ class SDE:
 
         `VESDE` overrides it with SMLD's exact variance increments (Song et al., eq. 45-47).
         """
-        return self.drift(z, t) * dt, _per_example(self.diffusion(t), z) * math.sqrt(1.0) * tf.sqrt(dt)
+        return self.drift(z, t) * dt, per_example(self.diffusion(t), z) * tf.sqrt(dt)
 
 
 class VPSDE(SDE):
@@ -162,7 +161,7 @@ class VESDE(SDE):
     def discretize(self, z, t, dt):
         """SMLD: G_i^2 = sigma(t + dt)^2 - sigma(t)^2 exactly, no drift."""
         variance = tf.square(self.sigma(t + dt)) - tf.square(self.sigma(t))
-        return tf.zeros_like(z), _per_example(tf.sqrt(variance), z)
+        return tf.zeros_like(z), per_example(tf.sqrt(variance), z)
 
 
 class ScheduleSDE(SDE):
