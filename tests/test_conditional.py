@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from gaussian import GaussianDenoiser
 
-from vdm_tf import VDM, conditional, images, schedules, sde
+from vdm_tf import VDM, conditional, images, samplers, schedules, sde
 
 
 class CorrelatedGaussianScoreModel:
@@ -78,3 +78,45 @@ def test_colorization_keeps_the_grey_level():
     assert (colour[..., 0] - colour[..., 2]).mean() > 40
     with pytest.raises(ValueError, match="colorize needs an RGB model"):
         conditional.colorize(VDM(GaussianDenoiser(mean[..., :1], 0.2), schedules.FixedLinear(), (4, 4, 1)), grey)
+
+
+class TwoClassMixture:
+    """f ~ 0.5 N(-0.5, 0.5^2) + 0.5 N(+0.5, 0.5^2), one pixel, under a VP SDE: exact score and classifier."""
+
+    means = tf.constant([-0.5, 0.5])
+    std = 0.5
+
+    def __init__(self):
+        self.sde = sde.VPSDE()
+        self.image_shape = (1, 1, 1)
+
+    def log_joint(self, z, m, s):
+        """log p_t(z, y) for y = 0, 1: [N, 2]."""
+        variance = tf.square(m) * self.std**2 + tf.square(s)
+        return (
+            -0.5 * tf.square(tf.reshape(z, [-1, 1]) - m[:, None] * self.means) / variance[:, None]
+            - 0.5 * tf.math.log(variance)[:, None]
+        )
+
+    def score(self, z, t):
+        m, s = self.sde.marginal(tf.broadcast_to(tf.cast(t, tf.float32), tf.shape(z)[:1]))
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            log_density = tf.reduce_logsumexp(self.log_joint(z, m, s), axis=-1)
+        return tape.gradient(log_density, z)
+
+    def classifier(self, z, gamma):
+        """The Bayes classifier p_t(y | z) as logits, from the noise level gamma = log(s^2 / m^2)."""
+        return self.log_joint(z, tf.sqrt(tf.sigmoid(-gamma)), tf.sqrt(tf.sigmoid(gamma)))
+
+
+@pytest.mark.parametrize("scale, rate", [(0.0, 0.5), (1.0, 0.8413)])
+def test_class_guidance_gives_the_requested_class_at_the_implied_rate(scale, rate):
+    """With w = 1 the samples come from the class's own Gaussian, which the Bayes classifier
+    labels correctly with probability Phi(0.5 / 0.5) = 0.841; with w = 0 from the mixture (0.5)."""
+    data = TwoClassMixture()
+    guided = conditional.ClassGuidedModel(data, data.classifier, label=1, scale=scale)
+    x = samplers.pc_sample_latents(guided, 4000, num_steps=300, seed=11, corrector="none").numpy().reshape(-1)
+    assert abs((x > 0).mean() - rate) < 0.03, ((x > 0).mean(), rate)
+    if scale == 1.0:
+        assert abs(x.mean() - 0.5) < 0.03 and abs(x.std() - 0.5) < 0.03, (x.mean(), x.std())
