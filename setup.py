@@ -31,6 +31,8 @@ setup(
         # export/: TF-Serving's PredictionService protos and the gRPC client.
         "tensorflow-serving-api==2.21.0",
         "grpcio==1.85.3",
+        # vdm_tf.compression: the ANS entropy coder of bits-back coding.
+        "constriction==0.5.0",
     ],
     extras_require={"test": ["pytest==9.2.0"]},
 )

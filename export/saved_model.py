@@ -66,7 +66,9 @@ class ServingModule(tf.Module):
         max_num_samples: largest `num_samples` accepted by `sample`.
         max_num_steps: largest `num_steps` accepted by `sample` and `inpaint`.
         max_resample: largest `resample` accepted by `inpaint`.
-        dequantization: `"variational"` or `"uniform"`, for `exact_likelihood`.
+        dequantization: `"variational"` or `"uniform"`, for `exact_likelihood`; None picks
+            `"variational"` when the model's SDE starts at its decoder's z_0 (a VDM) and
+            `"uniform"` otherwise (a `ScoreSDEModel`).
         ode_tolerance: rtol = atol of the ODE solver in `exact_likelihood` and `sample`.
         score_sde: also export the Score-SDE tools: `exact_likelihood`, `inpaint` and the `pc`
             and `ode` samplers of `sample`. Off by default: their graphs (the adaptive ODE
@@ -81,7 +83,7 @@ class ServingModule(tf.Module):
         max_num_samples=256,
         max_num_steps=4096,
         max_resample=50,
-        dequantization="variational",
+        dequantization=None,
         ode_tolerance=1e-5,
         score_sde=False,
     ):
@@ -98,7 +100,7 @@ class ServingModule(tf.Module):
         self.max_num_samples = int(max_num_samples)
         self.max_num_steps = int(max_num_steps)
         self.max_resample = int(max_resample)
-        self.dequantization = dequantization
+        self.dequantization = dequantization or ("variational" if model.sde.t_min == 0.0 else "uniform")
         self.ode_tolerance = float(ode_tolerance)
         self.score_sde = bool(score_sde)
         self.sample_methods = ("ancestral",) + (SCORE_SDE_SAMPLERS if self.score_sde else ())

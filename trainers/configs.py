@@ -27,7 +27,14 @@ class Config:
     fourier_features: bool = True
     fourier_exponents: tuple = (7, 8)
     attention: bool = False
-    # Schedule and loss.
+    # Schedule and loss. `sde=vdm` trains `schedule` (a VDM); vp | subvp | ve train a score model
+    # of that fixed SDE by likelihood-weighted denoising score matching (vdm_tf.score_model),
+    # which replaces schedule, gamma_min and gamma_max by the SDE's.
+    sde: str = "vdm"
+    beta_min: float = 0.1  # vp, subvp (Song et al.)
+    beta_max: float = 20.0
+    sigma_min: float = 0.01  # ve
+    sigma_max: float = 50.0  # ve; Song et al.: about the largest distance between two training images
     schedule: str = "learned_monotonic"  # fixed_linear | learned_linear | learned_monotonic
     gamma_min: float = -13.3
     gamma_max: float = 5.0
@@ -135,9 +142,13 @@ PRESETS = {
 
 
 def build_model(config):
-    """The `vdm_tf.VDM` a configuration describes (denoiser, schedule, image shape)."""
+    """The model a configuration describes: a `vdm_tf.VDM`, or a `ScoreSDEModel` for `sde != "vdm"`."""
     image_shape = vdm_tf.datasets.info(config.dataset).image_shape
     augmentation = vdm_tf.augmentation.Augmentation(channel_swaps=image_shape[-1] == 3) if config.augment else None
+    process = build_sde(config)
+    gamma_min, gamma_max = (
+        vdm_tf.score_model.gamma_range(process) if process else (config.gamma_min, config.gamma_max)
+    )
     denoiser = vdm_tf.networks.ScoreUNet(
         n_layers=config.n_layers,
         n_embd=config.n_embd,
@@ -145,18 +156,28 @@ def build_model(config):
         fourier_exponents=config.fourier_exponents,
         attention=config.attention,
         dropout=config.dropout,
-        gamma_min=config.gamma_min,
-        gamma_max=config.gamma_max,
+        gamma_min=gamma_min,
+        gamma_max=gamma_max,
         conditioning_dim=augmentation.conditioning_dim if augmentation else 0,
     )
-    return vdm_tf.VDM(
-        denoiser,
-        build_schedule(config),
-        image_shape,
-        timesteps=config.timesteps,
-        seed=config.seed,
-        augmentation=augmentation,
-    )
+    common = dict(timesteps=config.timesteps, seed=config.seed, augmentation=augmentation)
+    if process:
+        return vdm_tf.score_model.ScoreSDEModel(denoiser, process, image_shape, **common)
+    return vdm_tf.VDM(denoiser, build_schedule(config), image_shape, **common)
+
+
+def build_sde(config):
+    """The fixed SDE of a score model (`--config.sde=vp|subvp|ve`), or None for a VDM."""
+    parameters = {
+        "vp": dict(beta_min=config.beta_min, beta_max=config.beta_max),
+        "subvp": dict(beta_min=config.beta_min, beta_max=config.beta_max),
+        "ve": dict(sigma_min=config.sigma_min, sigma_max=config.sigma_max),
+    }
+    if config.sde == "vdm":
+        return None
+    if config.sde not in parameters:
+        raise ValueError(f"Unknown sde {config.sde!r}; expected vdm, vp, subvp or ve.")
+    return vdm_tf.sde.from_config(config.sde, parameters[config.sde])
 
 
 def build_schedule(config):

@@ -16,6 +16,7 @@ from vdm_tf import (  # noqa: E402
     networks,
     samplers,
     schedules,
+    score_model,
     sde,
     seeding,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "networks",
     "samplers",
     "schedules",
+    "score_model",
     "sde",
     "seeding",
 ]

@@ -38,6 +38,10 @@ class SDE:
     t_min = 1e-5  # samplers stop, and likelihoods start, here (the score blows up at t = 0)
     prior_std = 1.0
 
+    def get_config(self):
+        """Constructor arguments; `from_config` rebuilds the SDE from them (and the class name)."""
+        return {}
+
     def drift_coefficient(self, t):
         raise NotImplementedError
 
@@ -98,6 +102,9 @@ class VPSDE(SDE):
         self.beta_min = float(beta_min)
         self.beta_max = float(beta_max)
 
+    def get_config(self):
+        return {"beta_min": self.beta_min, "beta_max": self.beta_max}
+
     def beta(self, t):
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
@@ -144,6 +151,9 @@ class VESDE(SDE):
         self.sigma_max = float(sigma_max)
         self.prior_std = self.sigma_max
         self.log_ratio = math.log(self.sigma_max / self.sigma_min)
+
+    def get_config(self):
+        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
 
     def sigma(self, t):
         return self.sigma_min * tf.exp(tf.convert_to_tensor(t, tf.float32) * self.log_ratio)
@@ -196,3 +206,21 @@ class ScheduleSDE(SDE):
 
     def gamma(self, t):
         return self.schedule(tf.convert_to_tensor(t, tf.float32))
+
+
+SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+
+
+def from_config(name, config=None):
+    """The SDE `name` ("vp", "subvp" or "ve") with constructor arguments `config`."""
+    if name not in SDES:
+        raise ValueError(f"Unknown SDE {name!r}; expected one of {', '.join(SDES)}.")
+    return SDES[name](**(config or {}))
+
+
+def name_of(process):
+    """The `SDES` name of an SDE object (inverse of `from_config`)."""
+    for name, cls in SDES.items():
+        if type(process) is cls:
+            return name
+    raise ValueError(f"{type(process).__name__} is not one of the named SDEs {', '.join(SDES)}.")
