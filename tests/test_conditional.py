@@ -81,13 +81,17 @@ def test_colorization_keeps_the_grey_level():
 
 
 class TwoClassMixture:
-    """f ~ 0.5 N(-0.5, 0.5^2) + 0.5 N(+0.5, 0.5^2), one pixel, under a VP SDE: exact score and classifier."""
+    """f ~ 0.5 N(-0.5, 0.5^2) + 0.5 N(+0.5, 0.5^2), one pixel, under an SDE: exact score and classifier.
+
+    The classifier takes variance-preserving inputs (z / sqrt(m^2 + s^2)) and gamma, as trained
+    classifiers do; the score is in the SDE's own coordinates.
+    """
 
     means = tf.constant([-0.5, 0.5])
     std = 0.5
 
-    def __init__(self):
-        self.sde = sde.VPSDE()
+    def __init__(self, process=None):
+        self.sde = process or sde.VPSDE()
         self.image_shape = (1, 1, 1)
 
     def log_joint(self, z, m, s):
@@ -110,11 +114,14 @@ class TwoClassMixture:
         return self.log_joint(z, tf.sqrt(tf.sigmoid(-gamma)), tf.sqrt(tf.sigmoid(gamma)))
 
 
-@pytest.mark.parametrize("scale, rate", [(0.0, 0.5), (1.0, 0.8413)])
-def test_class_guidance_gives_the_requested_class_at_the_implied_rate(scale, rate):
+@pytest.mark.parametrize(
+    "scale, rate, process", [(0.0, 0.5, sde.VPSDE()), (1.0, 0.8413, sde.VPSDE()), (1.0, 0.8413, sde.VESDE(0.01, 5.0))]
+)
+def test_class_guidance_gives_the_requested_class_at_the_implied_rate(scale, rate, process):
     """With w = 1 the samples come from the class's own Gaussian, which the Bayes classifier
-    labels correctly with probability Phi(0.5 / 0.5) = 0.841; with w = 0 from the mixture (0.5)."""
-    data = TwoClassMixture()
+    labels correctly with probability Phi(0.5 / 0.5) = 0.841; with w = 0 from the mixture (0.5).
+    Under the VE SDE the classifier sees rescaled inputs."""
+    data = TwoClassMixture(process)
     guided = conditional.ClassGuidedModel(data, data.classifier, label=1, scale=scale)
     x = samplers.pc_sample_latents(guided, 4000, num_steps=300, seed=11, corrector="none").numpy().reshape(-1)
     assert abs((x > 0).mean() - rate) < 0.03, ((x > 0).mean(), rate)

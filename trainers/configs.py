@@ -5,6 +5,8 @@ field (one flag is defined per field, from the dataclass, so there is one place 
 """
 
 import dataclasses
+import json
+import os
 
 import keras
 
@@ -139,6 +141,20 @@ PRESETS = {
         ema_momentum=0.9999,
     ),
 }
+
+
+def config_path(model_dir):
+    return os.path.join(model_dir, "config.json")
+
+
+def saved_config(model_dir):
+    """The `Config` saved in a run directory (`config.json`), or None."""
+    if not os.path.exists(config_path(model_dir)):
+        return None
+    with open(config_path(model_dir)) as f:
+        fields = json.load(f)
+    fields["fourier_exponents"] = tuple(fields["fourier_exponents"])
+    return Config(**fields)
 
 
 def build_model(config):

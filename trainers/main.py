@@ -89,27 +89,13 @@ def config_from_flags(base=None):
     return dataclasses.replace(base, **overrides)
 
 
-def _config_path(model_dir):
-    return os.path.join(model_dir, "config.json")
-
-
-def saved_config(model_dir):
-    """The configuration saved in a run directory, or None."""
-    if not os.path.exists(_config_path(model_dir)):
-        return None
-    with open(_config_path(model_dir)) as f:
-        fields = json.load(f)
-    fields["fourier_exponents"] = tuple(fields["fourier_exponents"])
-    return configs.Config(**fields)
-
-
 def run_training(model_dir, strategy):
     """Trains (or resumes) and returns the final config."""
-    config = config_from_flags(saved_config(model_dir))
+    config = config_from_flags(configs.saved_config(model_dir))
     os.makedirs(model_dir, exist_ok=True)
     trainer = train.Trainer(config, model_dir, strategy, FLAGS.data_dir)
     if trainer.cluster.is_chief:
-        with open(_config_path(model_dir), "w") as f:
+        with open(configs.config_path(model_dir), "w") as f:
             json.dump(dataclasses.asdict(config), f, indent=2)
     try:
         trainer.train()
@@ -170,7 +156,7 @@ def main(argv):
         if not distribute.cluster_info(strategy).is_chief:
             return
     else:
-        config = saved_config(model_dir)
+        config = configs.saved_config(model_dir)
         if config is None:
             raise app.UsageError(f"{model_dir} holds no run (no config.json); train first.")
     model = train.restore_for_inference(model_dir, config)

@@ -4,6 +4,10 @@
     x = vdm_tf.conditional.colorize(model, grey_uint8, num_steps=250, seed=0, resample=1)
     x = vdm_tf.conditional.class_conditional_sample(model, classifier, label=3, num_samples=16, scale=1.0)
 
+The classifier of class guidance is any layer `logits = classifier(z_t, gamma_t)`; `NoisyClassifier`
+trains one (a `vdm_tf.networks.NoiseConditionalClassifier`, say) on labelled images with
+`model.fit`, and is itself such a layer.
+
 Both run the ancestral sampler (`vdm_tf.samplers.posterior_step`) and, after every step, replace
 the known part of z_s by a fresh draw from q(z_s | x_known) (Song et al. 2021, appendix I.2).
 Plain replacement is biased on correlated data: the unknown part never sees the known part's
@@ -21,10 +25,12 @@ the same in either space, and in that space the grey image is one known channel.
 
 import math
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from vdm_tf import images, samplers, seeding
+from vdm_tf import sde as sdes
 
 # Columns: grey (1, 1, 1) / sqrt(3), then (-2, 1, 1) / sqrt(6) and (0, 1, -1) / sqrt(2).
 DECOUPLED_COLOUR_BASIS = np.array(
@@ -147,7 +153,8 @@ class ClassGuidedModel:
     Args:
         model: the unconditional model (`.sde`, `.score(z, t)`, `.image_shape`).
         classifier: a Keras layer, `logits = classifier(z_t, gamma_t)` [N, num_classes], trained on
-            noisy inputs at every noise level (gamma_t as in the denoiser protocol).
+            noisy inputs at every noise level (gamma_t and the variance-preserving z_t as in the
+            denoiser protocol; z of other SDEs is rescaled by 1 / sqrt(m_t^2 + s_t^2) for it).
         label: the class to sample.
         scale: the guidance weight w.
     """
@@ -161,10 +168,13 @@ class ClassGuidedModel:
         self.image_shape = model.image_shape
 
     def score(self, z, t):
-        gamma_t = self.sde.gamma(tf.broadcast_to(tf.cast(t, tf.float32), tf.shape(z)[:1]))
+        t = tf.broadcast_to(tf.cast(t, tf.float32), tf.shape(z)[:1])
+        mean, std = self.sde.marginal(t)
+        scale = sdes.per_example(tf.sqrt(tf.square(mean) + tf.square(std)), z)
         with tf.GradientTape() as tape:
             tape.watch(z)
-            log_probability = tf.nn.log_softmax(self.classifier(z, gamma_t))[:, self.label]
+            logits = self.classifier(z / scale, self.sde.gamma(t))
+            log_probability = tf.nn.log_softmax(logits)[:, self.label]
         # Examples are independent, so the gradient of the sum is each example's gradient.
         return self.model.score(z, t) + self.scale * tape.gradient(log_probability, z)
 
@@ -174,3 +184,101 @@ def class_conditional_sample(model, classifier, label, num_samples, scale=1.0, s
     guided = ClassGuidedModel(model, classifier, label, scale)
     return samplers.sample(guided, num_samples, sampler=sampler, seed=seed, **options)
 
+
+
+@keras.saving.register_keras_serializable(package="vdm_tf")
+class NoisyClassifier(keras.Model):
+    """Trains a noise-conditional classifier for `ClassGuidedModel` with `model.fit`.
+
+    Each training example is noised to z = alpha f + sigma eps at gamma ~ U[gamma_min, gamma_max]
+    (uniform in log-SNR, the range of the diffusion model to guide), and the loss is the cross
+    entropy of its label: the classifier learns p_t(y | z_t) at every noise level. Randomness is
+    per example and step (`vdm_tf.seeding`), so replicas under tf.distribute draw what one
+    device would. Calling it returns the classifier's logits, so the trained object is itself the
+    `classifier` argument of `ClassGuidedModel`.
+
+    Args:
+        classifier: a layer `logits = classifier(z_t, gamma_t)`.
+        image_shape: (H, W, C) of the uint8 images.
+        gamma_min, gamma_max: the noise levels trained on.
+        seed: base seed of the noise.
+        **kwargs: forwarded to `keras.Model`.
+
+    Example:
+    >>> noisy = NoisyClassifier(vdm_tf.networks.NoiseConditionalClassifier(10), image_shape=(8, 8, 1))
+    >>> noisy.compile(optimizer="adam")
+    >>> noisy.fit(vdm_tf.datasets.load("digits", "train", 128, with_labels=True), steps_per_epoch=500)
+    >>> x = class_conditional_sample(vdm_model, noisy, label=3, num_samples=16, scale=2.0)
+    """
+
+    def __init__(self, classifier, image_shape, gamma_min=-13.3, gamma_max=5.0, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.classifier = classifier
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.gamma_min = float(gamma_min)
+        self.gamma_max = float(gamma_max)
+        self.seed = int(seed)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self.classifier(tf.zeros((1,) + self.image_shape), tf.zeros((1,)))  # creates the weights
+        self.built = True
+
+    def call(self, z_t, gamma_t, training=False):
+        return self.classifier(z_t, gamma_t, training=training)
+
+    def noisy_batch(self, x, seed):
+        """(z_t, gamma_t) for uint8 images x, each example's draw fixed by (seed, its global index)."""
+        context = tf.distribute.get_replica_context()
+        local_size = tf.shape(x)[0]
+        example_index = tf.cast(context.replica_id_in_sync_group, tf.int32) * local_size + tf.range(local_size)
+        gamma_seed, eps_seed = seeding.split_seed(seed, 2)
+        u = tf.map_fn(
+            lambda i: tf.random.stateless_uniform([], seeding.fold_in(gamma_seed, i)),
+            tf.cast(example_index, tf.int64),
+            fn_output_signature=tf.float32,
+        )
+        gamma_t = self.gamma_min + (self.gamma_max - self.gamma_min) * u
+        eps = seeding.per_example_normal(eps_seed, example_index, self.image_shape)
+        gamma = images.per_example(gamma_t, 4)
+        z_t = tf.sqrt(tf.sigmoid(-gamma)) * images.encode(x) + tf.sqrt(tf.sigmoid(gamma)) * eps
+        return z_t, gamma_t
+
+    def _step(self, data, training):
+        x, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        z_t, gamma_t = self.noisy_batch(x, seeding.fold_in(self.seed, self.optimizer.iterations))
+        logits = self.classifier(z_t, gamma_t, training=training)
+        per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(labels, tf.int32), logits)
+        self.loss_tracker.update_state(per_example)
+        self.accuracy_tracker.update_state(labels, logits)
+        return tf.reduce_mean(per_example) / tf.distribute.get_strategy().num_replicas_in_sync
+
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            loss = self._step(data, training=True)
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, self.trainable_variables), self.trainable_variables))
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        self._step(data, training=False)
+        return {m.name: m.result() for m in self.metrics}
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.accuracy_tracker]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            classifier=keras.saving.serialize_keras_object(self.classifier),
+            image_shape=self.image_shape,
+            gamma_min=self.gamma_min,
+            gamma_max=self.gamma_max,
+            seed=self.seed,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["classifier"] = keras.saving.deserialize_keras_object(config["classifier"])
+        return cls(**config)

@@ -1,9 +1,18 @@
-"""Networks for VDM: the noise-prediction U-Net (`ScoreUNet`) and its building blocks."""
+"""Networks: the noise-prediction U-Net (`ScoreUNet`), its blocks, the noise-conditional classifier."""
 
 from vdm_tf.networks.blocks import AttentionBlock, ResnetBlock
 from vdm_tf.networks.embeddings import TimestepEmbedding
 from vdm_tf.networks.fourier_features import FourierFeatures
+from vdm_tf.networks.noise_conditional_classifier import NoiseConditionalClassifier
 from vdm_tf.networks.normalization import GroupNorm
 from vdm_tf.networks.score_unet import ScoreUNet
 
-__all__ = ["AttentionBlock", "FourierFeatures", "GroupNorm", "ResnetBlock", "ScoreUNet", "TimestepEmbedding"]
+__all__ = [
+    "AttentionBlock",
+    "FourierFeatures",
+    "GroupNorm",
+    "NoiseConditionalClassifier",
+    "ResnetBlock",
+    "ScoreUNet",
+    "TimestepEmbedding",
+]
