@@ -100,7 +100,9 @@ class ServingModule(tf.Module):
         self.max_num_samples = int(max_num_samples)
         self.max_num_steps = int(max_num_steps)
         self.max_resample = int(max_resample)
-        self.dequantization = dequantization or ("variational" if model.sde.t_min == 0.0 else "uniform")
+        if dequantization is None and score_sde:
+            dequantization = "variational" if model.sde.t_min == 0.0 else "uniform"
+        self.dequantization = dequantization
         self.ode_tolerance = float(ode_tolerance)
         self.score_sde = bool(score_sde)
         self.sample_methods = ("ancestral",) + (SCORE_SDE_SAMPLERS if self.score_sde else ())

@@ -42,6 +42,11 @@ class Config:
     gamma_max: float = 5.0
     minimize_variance: bool = True
     timesteps: int = 0  # 0: continuous-time VLB
+    # Multi-scale diffusion (vdm_tf.multiscale): L Haar levels, detail group d_k reaching noise at
+    # end time t_k (() = stages of equal length), one shared denoiser or one per stage.
+    multiscale_levels: int = 0  # 0: a uniform VDM
+    multiscale_end_times: tuple = ()
+    multiscale_stage_networks: bool = False
     augment: bool = False  # flips, rotations (and channel swaps for RGB), denoiser conditioned on them
     # Optimisation (VDM: AdamW, b1 0.9, b2 0.99, weight decay 0.01, EMA 0.9999).
     optimizer: str = "adamw"  # or "sgd": same schedule, EMA and clipping; scale-sensitive (tests use it)
@@ -141,6 +146,11 @@ PRESETS = {
         ema_momentum=0.9999,
     ),
 }
+# Non-uniform (multi-scale) diffusion, Batzolis et al. 2022: the coarsest stage runs at 8x8
+# (digits: 4x4), so most sampling steps are cheap.
+PRESETS["digits_multiscale"] = dataclasses.replace(PRESETS["digits"], multiscale_levels=1)
+PRESETS["cifar10_multiscale"] = dataclasses.replace(PRESETS["cifar10"], multiscale_levels=2)
+PRESETS["imagenet64_multiscale"] = dataclasses.replace(PRESETS["imagenet64"], multiscale_levels=3)
 
 
 def config_path(model_dir):
@@ -153,33 +163,55 @@ def saved_config(model_dir):
         return None
     with open(config_path(model_dir)) as f:
         fields = json.load(f)
-    fields["fourier_exponents"] = tuple(fields["fourier_exponents"])
+    for name in ("fourier_exponents", "multiscale_end_times"):
+        if name in fields:
+            fields[name] = tuple(fields[name])
     return Config(**fields)
 
 
 def build_model(config):
-    """The model a configuration describes: a `vdm_tf.VDM`, or a `ScoreSDEModel` for `sde != "vdm"`."""
+    """The model a configuration describes.
+
+    A `vdm_tf.VDM`; a `vdm_tf.score_model.ScoreSDEModel` when `sde` names a fixed SDE; a
+    `vdm_tf.multiscale.MultiScaleVDM` when `multiscale_levels` > 0.
+    """
     image_shape = vdm_tf.datasets.info(config.dataset).image_shape
     augmentation = vdm_tf.augmentation.Augmentation(channel_swaps=image_shape[-1] == 3) if config.augment else None
     process = build_sde(config)
     gamma_min, gamma_max = (
         vdm_tf.score_model.gamma_range(process) if process else (config.gamma_min, config.gamma_max)
     )
-    denoiser = vdm_tf.networks.ScoreUNet(
-        n_layers=config.n_layers,
-        n_embd=config.n_embd,
-        fourier_features=config.fourier_features,
-        fourier_exponents=config.fourier_exponents,
-        attention=config.attention,
-        dropout=config.dropout,
-        gamma_min=gamma_min,
-        gamma_max=gamma_max,
-        conditioning_dim=augmentation.conditioning_dim if augmentation else 0,
-    )
+
+    def network():
+        return vdm_tf.networks.ScoreUNet(
+            n_layers=config.n_layers,
+            n_embd=config.n_embd,
+            fourier_features=config.fourier_features,
+            fourier_exponents=config.fourier_exponents,
+            attention=config.attention,
+            dropout=config.dropout,
+            gamma_min=gamma_min,
+            gamma_max=gamma_max,
+            conditioning_dim=augmentation.conditioning_dim if augmentation else 0,
+        )
+
+    if config.multiscale_levels:
+        if config.timesteps or process:
+            raise ValueError("Multi-scale diffusion is a continuous-time VDM: set timesteps=0 and sde=vdm.")
+        stages = config.multiscale_levels + 1
+        return vdm_tf.multiscale.MultiScaleVDM(
+            [network() for _ in range(stages)] if config.multiscale_stage_networks else network(),
+            build_schedule(config),
+            image_shape,
+            levels=config.multiscale_levels,
+            end_times=config.multiscale_end_times or None,
+            seed=config.seed,
+            augmentation=augmentation,
+        )
     common = dict(timesteps=config.timesteps, seed=config.seed, augmentation=augmentation)
     if process:
-        return vdm_tf.score_model.ScoreSDEModel(denoiser, process, image_shape, **common)
-    return vdm_tf.VDM(denoiser, build_schedule(config), image_shape, **common)
+        return vdm_tf.score_model.ScoreSDEModel(network(), process, image_shape, **common)
+    return vdm_tf.VDM(network(), build_schedule(config), image_shape, **common)
 
 
 def build_sde(config):

@@ -64,12 +64,17 @@ def _define_config_flags():
         elif kind is float:
             flags.DEFINE_float(name, None, help_text)
         elif kind is tuple:
-            flags.DEFINE_list(name, None, help_text + " Comma-separated integers.")
+            flags.DEFINE_list(name, None, help_text + " Comma-separated numbers.")
         else:
             flags.DEFINE_string(name, None, help_text)
 
 
 _define_config_flags()
+
+
+def _number(text):
+    """'7' -> 7, '0.5' -> 0.5."""
+    return int(text) if text.strip().lstrip("-").isdigit() else float(text)
 
 
 def config_from_flags(base=None):
@@ -82,7 +87,7 @@ def config_from_flags(base=None):
     for field in dataclasses.fields(configs.Config):
         value = FLAGS[f"config.{field.name}"].value
         if value is not None:
-            overrides[field.name] = tuple(int(v) for v in value) if field.type is tuple else value
+            overrides[field.name] = tuple(_number(v) for v in value) if field.type is tuple else value
     for name in _SHORTCUTS:
         if FLAGS[name].value is not None:
             overrides[name] = FLAGS[name].value

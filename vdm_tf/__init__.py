@@ -11,8 +11,10 @@ from vdm_tf import (  # noqa: E402
     conditional,
     datasets,
     evaluation,
+    haar,
     images,
     likelihood,
+    multiscale,
     networks,
     samplers,
     schedules,
@@ -24,14 +26,28 @@ from vdm_tf.vdm import VDM  # noqa: E402
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # vdm_tf.compression loads constriction; import it on first use, which also keeps
+    # `python -m vdm_tf.compression` from finding the module already imported.
+    if name == "compression":
+        import importlib
+
+        return importlib.import_module("vdm_tf.compression")
+    raise AttributeError(f"module 'vdm_tf' has no attribute {name!r}")
+
+
 __all__ = [
     "VDM",
     "augmentation",
+    "compression",
     "conditional",
     "datasets",
     "evaluation",
+    "haar",
     "images",
     "likelihood",
+    "multiscale",
     "networks",
     "samplers",
     "schedules",

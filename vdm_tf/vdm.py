@@ -27,6 +27,17 @@ from vdm_tf.sde import ScheduleSDE
 TERMS = ("bpd", "diffusion", "prior", "reconstruction")
 
 
+def ancestral_update(z_t, eps_hat, gamma_s, gamma_t, noise):
+    """z_s = mean + std * noise, a draw of q(z_s | z_t, x = x_hat(z_t)) for gamma_s <= gamma_t.
+
+    VDM eq. 32-34. With c = -expm1(gamma_s - gamma_t) = 1 - SNR(t) / SNR(s):
+    mean = alpha_s / alpha_t (z_t - sigma_t c eps_hat), variance = sigma_s^2 c.
+    """
+    c = -tf.math.expm1(gamma_s - gamma_t)
+    mean = tf.sqrt(tf.sigmoid(-gamma_s) / tf.sigmoid(-gamma_t)) * (z_t - tf.sqrt(tf.sigmoid(gamma_t)) * c * eps_hat)
+    return mean + tf.sqrt(tf.sigmoid(gamma_s) * c) * noise
+
+
 @keras.saving.register_keras_serializable(package="vdm_tf")
 class VDM(keras.Model):
     """Variational Diffusion Model: negative ELBO in bpd, training, ancestral sampling.
@@ -308,17 +319,10 @@ class VDM(keras.Model):
         return -eps_hat / images.per_example(tf.sqrt(tf.sigmoid(gamma_t)), 4)
 
     def ancestral_step(self, z_t, s, t, seed):
-        """One draw z_s ~ p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t)) for s < t (VDM eq. 32-34).
-
-        With c = -expm1(gamma_s - gamma_t) = 1 - SNR(t) / SNR(s):
-        mean = alpha_s / alpha_t * (z_t - sigma_t c eps_hat), variance = sigma_s^2 c.
-        """
+        """One draw z_s ~ p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t)) for s < t (`ancestral_update`)."""
         gamma_s, gamma_t = self.schedule(s), self.schedule(t)
         eps_hat = self.denoiser(z_t, tf.fill(tf.shape(z_t)[:1], gamma_t), training=False)
-        c = -tf.math.expm1(gamma_s - gamma_t)
-        mean = tf.sqrt(tf.sigmoid(-gamma_s) / tf.sigmoid(-gamma_t)) * (z_t - tf.sqrt(tf.sigmoid(gamma_t)) * c * eps_hat)
-        noise = tf.random.stateless_normal(tf.shape(z_t), seed)
-        return mean + tf.sqrt(tf.sigmoid(gamma_s) * c) * noise
+        return ancestral_update(z_t, eps_hat, gamma_s, gamma_t, tf.random.stateless_normal(tf.shape(z_t), seed))
 
     def sample(self, num_samples, num_steps=256, seed=0, argmax=False):
         """Ancestral sampling with `num_steps` equal time steps from z_1 ~ N(0, I) to x.
