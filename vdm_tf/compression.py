@@ -1,0 +1,703 @@
+"""Lossless compression of images with a trained VDM: bits-back ANS over the discrete-time chain.
+
+    codec = vdm_tf.compression.BitsBackCodec(model, num_steps=250)
+    data = codec.encode(x_uint8)                 # bytes
+    x_uint8 = codec.decode(data)                 # bit-exact
+    python -m vdm_tf.compression encode --model=model.keras a.png b.png -o out.vdmz
+    python -m vdm_tf.compression decode --model=model.keras out.vdmz -o DIR
+
+## The code
+
+With T steps on the grid t_i = i / T, a VDM is a latent-variable model with latents z_0 .. z_T
+(gamma_i = gamma(t_i), alpha_i^2 = sigmoid(-gamma_i), sigma_i^2 = sigmoid(gamma_i), f the pixels
+in [-1, 1]):
+
+    generative  p(x, z_0..z_T) = N(z_T; 0, I) prod_i p(z_{i-1} | z_i) p(x | z_0),
+    inference   q(z_0..z_T | x) = N(z_0; alpha_0 f, sigma_0^2) prod_i q(z_i | z_{i-1}),
+
+- q(z_i | z_{i-1}) = N((alpha_i / alpha_{i-1}) z_{i-1}, sigma_i^2 c_i), the forward transition,
+  with c_i = -expm1(gamma_{i-1} - gamma_i) = 1 - SNR_i / SNR_{i-1};
+- p(z_{i-1} | z_i) = N((alpha_{i-1} / alpha_i) (z_i - sigma_i c_i eps_hat(z_i, gamma_i)),
+  sigma_{i-1}^2 c_i), VDM's ancestral step (eq. 32-34, `VDM.ancestral_step`);
+- p(x | z_0): the discretized decoder of `vdm_tf.images`, a 256-way categorical per pixel.
+
+Bits-back coding (BB-ANS, Townsend et al. 2019) on an ANS stack, in the Bit-Swap order
+(Kingma et al. 2019) so that each latent is pushed back right after the next one is popped:
+
+    encode:  pop z_0 ~ q(z_0 | x);  push x with p(x | z_0);
+             for i = 1..T: pop z_i ~ q(z_i | z_{i-1}); push z_{i-1} with p(z_{i-1} | z_i);
+             push z_T with N(0, I).
+    decode:  the exact reverse: pop z_T; for i = T..1: pop z_{i-1} with p(z_{i-1} | z_i),
+             push z_i with q(z_i | z_{i-1}); pop x with p(x | z_0); push z_0 with q(z_0 | x).
+
+A pop from q costs -log q bits of the stack (they are "got back"), a push with p adds -log p,
+so the stack grows by log q(z | x) - log p(x, z) for the sampled z: in expectation the
+discrete-time negative ELBO with T steps (`VDM(..., timesteps=T).elbo`), the sum of the
+reconstruction, prior and T diffusion KL terms. Batches of `batch_size` images run through the
+chain together (one denoiser call per step, vectorised ANS calls over all their latents); the
+steps are a Python loop because each one alternates ANS calls with the network.
+
+## Clean bits
+
+A pop is an exact sample of q only if the bits it reads are uniformly random. Here it reads the
+code of the latent pushed just before, and VDM's p(z_{i-1} | z_i) has the variance of the true
+posterior q(z_{i-1} | z_i, x), not the larger spread of z_{i-1} around p's own guess: that code
+is slightly redundant, the pops draw over-dispersed latents, and the excess compounds along the
+chain (measured on Gaussian data: +7% over the -ELBO at T = 50, +2% at T = 200, not shrinking
+with T). So before every pop from q the top of the stack, as many bits as the pop will read on
+average, is XORed with a pseudo-random mask keyed by (batch, level) (`_whiten`, an involution
+that the decoder applies again at the mirror point); the popped latents are then distributed as
+q, and the codelength matches the -ELBO to about 0.2% (tests/test_compression.py).
+
+## What a file holds besides the -ELBO
+
+- the discretisation of the latents (below): no error measurable above the Monte-Carlo noise
+  (about 0.1%) from latent_bins = 2 up on Gaussian data;
+- the initial bits: the first pops of a message (z_0 and z_1 of the first batch, about
+  `n_1 D (h(q(z_0 | x)) + h(q(z_1 | z_0)) - h(x | z_0))` bits, with n_1 = min(batch_size, N) and h
+  the entropies on the grid; 5 to 10 bits per dimension of the first batch) come from a stack
+  that holds nothing yet. The stack starts with fixed pseudo-random words and the file keeps
+  only the words the message changed, so this is paid once per message: batches are chained on
+  one stack and later batches pop the bits earlier ones pushed. Smaller batches cost less here.
+  `read_header(data).initial_bits` reports it, `.net_bits` the growth of the stack;
+- the header: 122 bytes, the file names and a CRC-32.
+
+## The latent grid
+
+Each latent z_i lives on its own grid z_i = k delta_i, k an integer, with
+delta_i = min(std of q(z_i | .), std of p(z_i | .)) / latent_bins (the narrowest Gaussian that codes
+z_i, so each covers at least `latent_bins` grid points per standard deviation). A Gaussian
+N(m, s^2) over z_i codes the integer k - round(m / delta_i) with constriction's QuantizedGaussian
+of mean m / delta_i - round(m / delta_i) and std s / delta_i, restricted to a window of
++-ceil(window * s / delta_i) symbols (a finite alphabet keeps the cost of constriction's
+probability floor, 2^-24 per symbol, negligible). Pops come from the window. A value outside the
+window of a push (a p that misses, e.g. an untrained model) is coded as an escape symbol followed
+by its offset in 32 raw bits, so any model codes losslessly, only less compactly.
+
+## Determinism
+
+Encoder and decoder must compute bit-identical distributions. Everything that depends on the
+latents is either exact float64 arithmetic in NumPy (+, -, *, / and rounding, which IEEE-754
+fixes) or one traced `tf.function` per batch size (the denoiser and the decoder's softmax at a
+fixed batch shape [batch_size, H, W, C], float32; the last batch is padded with zeros, and rows
+of a batch do not interact), so decoding runs the same graph on the same inputs as encoding.
+TensorFlow's CPU kernels then give the same bits run after run and process after process on the
+same kind of machine: same TensorFlow build, CPU instruction set, oneDNN setting
+(TF_ENABLE_ONEDNN_OPTS, which vdm_tf turns on when imported before TensorFlow) and intra-op
+thread count (on this project's 2-core CPU the demo model's outputs differ between 1 and 2
+threads: reductions split otherwise add in another order). The header records the encoder's
+thread count and the command line sets it before TensorFlow starts. The command line also turns
+on `tf.config.experimental.enable_op_determinism()` (it does not change these CPU kernels' bits
+but forbids nondeterministic ones); the library leaves that global switch to its caller.
+Nothing is assumed unchecked: the header carries a SHA-256 of the model's weights and a SHA-256
+of the grid constants and of the network's outputs on a fixed probe batch, so a different
+model, or a process that computes different bits, fails with `ModelMismatchError` before
+decoding; a CRC-32 covers the whole file; and the decoder checks that the stack ends exactly
+where the encoder started it.
+
+Reference: Townsend, Bird, Barber (2019), "Practical lossless compression with latent variables
+using bits back coding" (BB-ANS); Kingma, Abbeel, Ho (2019), "Bit-Swap"; Kingma et al. (2021),
+"Variational Diffusion Models" (its bits-back compression experiment); Bamler (2022), `constriction`.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import math
+import os
+import struct
+import sys
+import time
+import zlib
+
+import constriction
+import keras
+import numpy as np
+import tensorflow as tf
+
+from vdm_tf import evaluation, images, samplers
+from vdm_tf.vdm import VDM
+
+MAGIC = b"VDMZ"
+FORMAT_VERSION = 1
+# magic, version, H, W, C, count, num_steps, batch_size, latent_bins, window, intra-op threads,
+# initial words, shared words, names bytes, payload words, SHA-256 of the weights and of the probe.
+_HEADER = struct.Struct("<4sH13I32s32s")
+_CRC = struct.Struct("<I")
+_INITIAL_SEED = 0x5644_4D5A  # the pseudo-random words the stack starts with (PCG64 raw stream)
+_PRECISION_BITS = 24  # constriction's ANS precision: one symbol costs at most 24 bits
+_MAX_ALPHABET = 1 << 20
+_RAW_HALF = constriction.stream.model.Uniform(1 << 16)  # an escaped offset: two 16-bit halves
+_PIXELS = constriction.stream.model.Categorical(perfect=False)
+
+
+class CompressionError(ValueError):
+    """Compressed data that cannot be decoded: not a vdm_tf file, truncated, corrupted."""
+
+
+class ModelMismatchError(CompressionError):
+    """The data was encoded with another model (or on a machine that computes different bits)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """What a compressed file says about itself (`read_header`).
+
+    `initial_bits` is the one-off cost of the first pops (initial stack words the message
+    changed), `net_bits` the growth of the stack (the bits-back codelength, about the
+    discrete-time -ELBO of the images); the file holds both plus the header.
+    """
+
+    image_shape: tuple
+    count: int
+    num_steps: int
+    batch_size: int
+    latent_bins: int
+    window: int
+    threads: int
+    initial_words: int
+    shared_words: int
+    weights_sha256: bytes
+    probe_sha256: bytes
+    names: tuple
+    payload: np.ndarray  # uint32 words: the ANS stack above the shared initial words
+
+    @property
+    def num_dims(self):
+        return self.count * math.prod(self.image_shape)
+
+    @property
+    def initial_bits(self):
+        return 32 * (self.initial_words - self.shared_words)
+
+    @property
+    def net_bits(self):
+        return 32 * (self.shared_words + len(self.payload) - self.initial_words)
+
+
+def read_header(data):
+    """Parses and checks a compressed file (magic, version, length, CRC-32); returns a `Header`.
+
+    Raises:
+        CompressionError: not a vdm_tf compressed file, another format version, truncated or corrupted.
+    """
+    data = bytes(data)
+    if len(data) < 4 or data[:4] != MAGIC:
+        raise CompressionError(f"Not a vdm_tf compressed file: it does not start with {MAGIC!r}.")
+    if len(data) < _HEADER.size + _CRC.size:
+        raise CompressionError(f"Truncated file: {len(data)} bytes, shorter than the {_HEADER.size}-byte header.")
+    fields = _HEADER.unpack_from(data)
+    _, version, height, width, channels, count, num_steps, batch_size, bins, window, threads = fields[:11]
+    initial, shared, names_bytes, payload_words, weights_sha, probe_sha = fields[11:]
+    if version != FORMAT_VERSION:
+        raise CompressionError(f"Format version {version}; this vdm_tf reads version {FORMAT_VERSION}.")
+    expected = _HEADER.size + names_bytes + 4 * payload_words + _CRC.size
+    if len(data) != expected:
+        state = "Truncated" if len(data) < expected else "Corrupted"
+        raise CompressionError(f"{state} file: {len(data)} bytes, the header announces {expected}.")
+    (crc,) = _CRC.unpack_from(data, expected - _CRC.size)
+    if zlib.crc32(data[: expected - _CRC.size]) != crc:
+        raise CompressionError("Corrupted file: the CRC-32 checksum does not match its contents.")
+    if not (1 <= batch_size <= count and min(num_steps, bins, window, threads, height, width, channels) >= 1):
+        raise CompressionError(f"Corrupted header: impossible fields {fields[2:11]}.")
+    if not shared <= initial or shared + payload_words < 1:
+        raise CompressionError(f"Corrupted header: {shared} shared of {initial} initial words, {payload_words} more.")
+    names = data[_HEADER.size : _HEADER.size + names_bytes].decode("utf-8")
+    payload = np.frombuffer(data, "<u4", payload_words, _HEADER.size + names_bytes).astype(np.uint32)
+    return Header(
+        (height, width, channels), count, num_steps, batch_size, bins, window, threads, initial, shared,
+        weights_sha, probe_sha, tuple(names.split("\n")) if names_bytes else (), payload,
+    )  # fmt: skip
+
+
+def intra_op_threads():
+    """TensorFlow's intra-op thread count in this process (its default: the CPUs this process may use)."""
+    threads = tf.config.threading.get_intra_op_parallelism_threads()
+    return threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+
+
+def _initial_words(num_words):
+    """The fixed pseudo-random words the ANS stack starts with (last word non-zero, as ANS needs)."""
+    words = np.random.PCG64(_INITIAL_SEED).random_raw((num_words + 1) // 2).view("<u4")[:num_words].astype(np.uint32)
+    words[-1] |= 1
+    return words
+
+
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+    """Constants of the T + 1 latent levels (float64 arrays indexed by level i = 0..T).
+
+    q_std[i], p_std[i]: stds of the Gaussians that pop (q) and push (p) z_i; delta[i] its grid
+    step; q_radius[i], p_radius[i] their windows in grid steps. Level T is pushed with N(0, 1),
+    level 0 popped with q(z_0 | x) = N(alpha_0 f, sigma_0^2).
+    """
+
+    gamma: np.ndarray
+    alpha: np.ndarray
+    sigma: np.ndarray
+    c: np.ndarray  # c[i] = 1 - SNR_i / SNR_{i-1} for i >= 1 (c[0] unused)
+    q_std: np.ndarray
+    p_std: np.ndarray
+    delta: np.ndarray
+    q_radius: np.ndarray
+    p_radius: np.ndarray
+    q_bits: np.ndarray  # entropy of a pop from q in bits: what `_whiten` covers
+
+    @classmethod
+    def build(cls, gamma, latent_bins, window):
+        gamma = np.asarray(gamma, np.float64)
+        if not (np.all(np.isfinite(gamma)) and np.all(np.diff(gamma) > 0)):
+            raise ValueError(f"The schedule must be finite and strictly increasing on the grid; got gamma = {gamma}.")
+        alpha, sigma = np.sqrt(1.0 / (1.0 + np.exp(gamma))), np.sqrt(1.0 / (1.0 + np.exp(-gamma)))
+        c = np.concatenate([[np.nan], -np.expm1(gamma[:-1] - gamma[1:])])
+        q_std = np.concatenate([sigma[:1], sigma[1:] * np.sqrt(c[1:])])
+        p_std = np.concatenate([sigma[:-1] * np.sqrt(c[1:]), [1.0]])
+        delta = np.minimum(q_std, p_std) / latent_bins
+        q_radius, p_radius = np.ceil(window * q_std / delta), np.ceil(window * p_std / delta)
+        if max(q_radius.max(), p_radius.max()) >= _MAX_ALPHABET // 2:
+            raise ValueError(
+                f"Windows of {int(max(q_radius.max(), p_radius.max()))} grid steps exceed constriction's alphabet: "
+                f"use fewer steps, fewer latent_bins or a smaller window."
+            )
+        q_bits = np.log2(q_std / delta * math.sqrt(2 * math.pi * math.e))
+        return cls(gamma, alpha, sigma, c, q_std, p_std, delta, q_radius.astype(int), p_radius.astype(int), q_bits)
+
+    def sha256(self):
+        digest = hashlib.sha256()
+        for field in dataclasses.fields(self):
+            digest.update(np.ascontiguousarray(getattr(self, field.name)).tobytes())
+        return digest
+
+
+def _window(mean, std, delta, radius):
+    """A Gaussian over z = k delta as (centre, the coding model, its offset means): k - centre is coded."""
+    scaled = np.nan_to_num(mean / delta)
+    centre = np.clip(np.round(scaled), -(1 << 30), 1 << 30)
+    model = constriction.stream.model.QuantizedGaussian(-int(radius), int(radius), std=std / delta)
+    return centre.astype(np.int64), model, scaled - centre
+
+
+def _whiten(coder, num_bits, key):
+    """XORs the top `num_bits` (rounded up to 16) of the stack with a pseudo-random mask keyed by `key`.
+
+    An involution: the decoder undoes it by calling it again at the mirror point. Makes the bits
+    the next pop reads look uniformly random (see "Clean bits" in the module docstring).
+    """
+    num_halves = int(math.ceil(num_bits / 16))
+    halves = coder.decode(_RAW_HALF, num_halves)
+    mask = np.random.PCG64([_INITIAL_SEED, *key]).random_raw(num_halves) & 0xFFFF
+    coder.encode_reverse(halves ^ mask.astype(np.int32), _RAW_HALF)
+
+
+def _pop(coder, mean, std, delta, radius):
+    """Pops grid indices k ~ N(mean, std^2) restricted to the window (any sample fits)."""
+    centre, model, offset = _window(mean, std, delta, radius)
+    return centre + coder.decode(model, offset)
+
+
+def _push(coder, k, mean, std, delta, radius):
+    """Pushes grid indices popped from the same Gaussian (they lie in its window)."""
+    centre, model, offset = _window(mean, std, delta, radius)
+    coder.encode_reverse((k - centre).astype(np.int32), model, offset)
+
+
+def _push_escaped(coder, k, mean, std, delta, radius):
+    """Pushes any grid indices: symbol radius + 1 escapes to the offset in 32 raw bits."""
+    centre, _, offset = _window(mean, std, delta, radius)
+    symbols = k - centre
+    escaped = np.abs(symbols) > radius
+    if escaped.any():
+        raw = symbols[escaped] & 0xFFFF_FFFF  # two's complement
+        coder.encode_reverse(np.stack([raw >> 16, raw & 0xFFFF], -1).reshape(-1).astype(np.int32), _RAW_HALF)
+    model = constriction.stream.model.QuantizedGaussian(-int(radius), int(radius) + 1, std=std / delta)
+    coder.encode_reverse(np.where(escaped, radius + 1, symbols).astype(np.int32), model, offset)
+
+
+def _pop_escaped(coder, mean, std, delta, radius):
+    """The inverse of `_push_escaped`."""
+    centre, _, offset = _window(mean, std, delta, radius)
+    model = constriction.stream.model.QuantizedGaussian(-int(radius), int(radius) + 1, std=std / delta)
+    symbols = coder.decode(model, offset).astype(np.int64)
+    escaped = symbols == radius + 1
+    if escaped.any():
+        halves = coder.decode(_RAW_HALF, 2 * int(escaped.sum())).astype(np.int64).reshape(-1, 2)
+        raw = (halves[:, 0] << 16) | halves[:, 1]
+        symbols[escaped] = raw - ((raw >> 31) << 32)
+    return centre + symbols
+
+
+class BitsBackCodec:
+    """Lossless bits-back ANS coder of uint8 images with a VDM (see the module docstring).
+
+    Args:
+        model: a `vdm_tf.VDM` (any timesteps: the codec uses its denoiser and schedule on its own
+            grid of `num_steps` steps).
+        num_steps: T, the number of diffusion steps (denoiser calls per image, each way);
+            default: the model's `timesteps`, or 250 for a continuous-time model.
+        batch_size: images coded together (one denoiser call per step for all of them). The
+            one-off initial bits grow with it (5-10 bits per dimension of the first batch); on a
+            CPU the time per image hardly drops beyond 16 for small images.
+        latent_bins: grid points per standard deviation of the narrowest Gaussian over a latent
+            (2 is already as good as finer grids on Gaussian data; each doubling adds about 2 bits
+            per dimension of the first batch to the initial bits).
+        window: half-width of the coding windows, in standard deviations.
+
+    `decode` reads T, the batch size and the grid from the file, so any codec with the right
+    model decodes it.
+
+    Example:
+    >>> codec = BitsBackCodec(model, num_steps=100)
+    >>> data = codec.encode(x)                       # uint8 [N, H, W, C] -> bytes
+    >>> assert (codec.decode(data) == x).all()
+    >>> read_header(data).net_bits / x.size          # about the -ELBO in bits per dimension
+
+    Reference: Townsend et al. 2019 (BB-ANS); Kingma et al. 2019 (Bit-Swap); Kingma et al. 2021 (VDM).
+    """
+
+    def __init__(self, model, num_steps=None, batch_size=16, latent_bins=4, window=8):
+        if not isinstance(model, VDM):
+            raise TypeError(f"model must be a vdm_tf.VDM; got {type(model).__name__}.")
+        self.model = model
+        self.num_steps = int(num_steps if num_steps is not None else model.timesteps or 250)
+        self.batch_size = int(batch_size)
+        self.latent_bins = int(latent_bins)
+        self.window = int(window)
+        for name in ("num_steps", "batch_size", "latent_bins", "window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)}.")
+        self.image_shape = tuple(model.image_shape)
+        self.num_dims = math.prod(self.image_shape)
+
+    # ----------------------------------------------------------------------------------------
+    # Model side: the grid, the traced network, the fingerprints.
+
+    def _grid(self, num_steps, latent_bins, window):
+        t = tf.range(num_steps + 1, dtype=tf.float32) / num_steps
+        return _Grid.build(self.model.schedule(t).numpy(), latent_bins, window)
+
+    def _network(self, batch_size):
+        """(eps_hat(z, gamma), pixel probabilities(z_0, gamma_0)), traced once per batch size."""
+        model, shape = self.model, (batch_size,) + self.image_shape
+        signature = [tf.TensorSpec(shape, tf.float32), tf.TensorSpec([], tf.float32)]
+
+        def build():
+            eps_hat = tf.function(
+                lambda z, gamma: model.denoiser(z, tf.fill([batch_size], gamma), training=False),
+                input_signature=signature,
+            )
+            probabilities = tf.function(
+                lambda z_0, gamma_0: tf.nn.softmax(images.decoder_logits(z_0, gamma_0)), input_signature=signature
+            )
+            return eps_hat, probabilities
+
+        return samplers.compiled(model, ("bits_back", batch_size), build)
+
+    def weights_sha256(self):
+        """SHA-256 of the model: class names, image shape and every weight's shape and bytes."""
+        digest = hashlib.sha256(repr((type(self.model.denoiser).__name__, type(self.model.schedule).__name__)).encode())
+        digest.update(repr(self.image_shape).encode())
+        for weight in self.model.weights:
+            value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+            digest.update(repr((value.shape, value.dtype.str)).encode() + value.tobytes())
+        return digest.digest()
+
+    def _probe_sha256(self, grid, batch_size):
+        """SHA-256 of the grid and of the network's outputs on a fixed batch: equal only where
+        this machine computes the same bits as the encoder's."""
+        eps_hat, probabilities = self._network(batch_size)
+        raw = np.random.PCG64(_INITIAL_SEED + 1).random_raw(batch_size * self.num_dims)
+        z = ((raw >> 11) * 2.0**-53 * 4.0 - 2.0).astype(np.float32).reshape((batch_size,) + self.image_shape)
+        digest = grid.sha256()
+        for level in (1, len(grid.gamma) - 1):
+            digest.update(eps_hat(z, np.float32(grid.gamma[level])).numpy().tobytes())
+        digest.update(probabilities(z, np.float32(grid.gamma[0])).numpy().tobytes())
+        return digest.digest()
+
+    # ----------------------------------------------------------------------------------------
+    # One batch each way.
+
+    def _padded(self, z, batch_size):
+        """Flat latents of n <= batch_size images as the float32 network input, zeros below."""
+        padded = np.zeros(batch_size * self.num_dims, np.float32)
+        padded[: len(z)] = z
+        return padded.reshape((batch_size,) + self.image_shape)
+
+    def _prior_mean(self, z, level, grid, network, batch_size):
+        """Mean of p(z_{level-1} | z_level) (VDM eq. 32-34), flat float64 [n D]."""
+        eps_hat = network[0](self._padded(z, batch_size), np.float32(grid.gamma[level])).numpy()
+        eps_hat = eps_hat.reshape(-1)[: len(z)].astype(np.float64)
+        ratio = grid.alpha[level - 1] / grid.alpha[level]
+        return ratio * (z - grid.sigma[level] * grid.c[level] * eps_hat)
+
+    def _pixel_probabilities(self, z_0, grid, network, batch_size):
+        probabilities = network[1](self._padded(z_0, batch_size), np.float32(grid.gamma[0])).numpy()
+        return probabilities.reshape(-1, images.NUM_VALUES)[: len(z_0)]
+
+    def _encode_batch(self, coder, x, batch, grid, network, batch_size, progress):
+        """Pushes batch number `batch`, x (uint8 [n, H, W, C]), onto the stack."""
+        g = grid
+        f = images.encode(x).numpy().astype(np.float64).reshape(-1)
+        _whiten(coder, len(f) * g.q_bits[0], (batch, 0))
+        k = _pop(coder, g.alpha[0] * f, g.q_std[0], g.delta[0], g.q_radius[0])
+        z = k * g.delta[0]
+        probabilities = self._pixel_probabilities(z, g, network, batch_size)
+        coder.encode_reverse(x.reshape(-1).astype(np.int32), _PIXELS, probabilities)
+        for i in range(1, len(g.gamma)):
+            _whiten(coder, len(k) * g.q_bits[i], (batch, i))
+            k_next = _pop(coder, g.alpha[i] / g.alpha[i - 1] * z, g.q_std[i], g.delta[i], g.q_radius[i])
+            z_next = k_next * g.delta[i]
+            mean = self._prior_mean(z_next, i, g, network, batch_size)
+            _push_escaped(coder, k, mean, g.p_std[i - 1], g.delta[i - 1], g.p_radius[i - 1])
+            k, z = k_next, z_next
+            progress.add(1)
+        _push_escaped(coder, k, np.zeros_like(z), 1.0, g.delta[-1], g.p_radius[-1])
+        progress.add(1)
+
+    def _decode_batch(self, coder, n, batch, grid, network, batch_size, progress):
+        """Pops batch number `batch`, n images, off the stack: the exact reverse of `_encode_batch`."""
+        g = grid
+        k = _pop_escaped(coder, np.zeros(n * self.num_dims), 1.0, g.delta[-1], g.p_radius[-1])
+        z = k * g.delta[-1]
+        progress.add(1)
+        for i in range(len(g.gamma) - 1, 0, -1):
+            mean = self._prior_mean(z, i, g, network, batch_size)
+            k_prev = _pop_escaped(coder, mean, g.p_std[i - 1], g.delta[i - 1], g.p_radius[i - 1])
+            z_prev = k_prev * g.delta[i - 1]
+            _push(coder, k, g.alpha[i] / g.alpha[i - 1] * z_prev, g.q_std[i], g.delta[i], g.q_radius[i])
+            _whiten(coder, len(k) * g.q_bits[i], (batch, i))
+            k, z = k_prev, z_prev
+            progress.add(1)
+        x = coder.decode(_PIXELS, self._pixel_probabilities(z, g, network, batch_size)).astype(np.uint8)
+        x = x.reshape((n,) + self.image_shape)
+        f = images.encode(x).numpy().astype(np.float64).reshape(-1)
+        _push(coder, k, g.alpha[0] * f, g.q_std[0], g.delta[0], g.q_radius[0])
+        _whiten(coder, len(k) * g.q_bits[0], (batch, 0))
+        return x
+
+    # ----------------------------------------------------------------------------------------
+    # Public API.
+
+    def encode(self, x, names=None, verbose=False):
+        """Compresses uint8 images [N, H, W, C] losslessly; returns the bytes of the container.
+
+        Args:
+            x: uint8 images of the model's shape (tensor or array), N >= 1.
+            names: optional N file names, stored in the container (the command line uses them).
+            verbose: show a progress bar.
+        """
+        x = images.check_images(x, self.image_shape).numpy()
+        if not len(x):
+            raise ValueError("images must hold at least one image; got an empty batch.")
+        names = tuple(names or ())
+        if names and (len(names) != len(x) or any("\n" in name for name in names)):
+            raise ValueError(f"names must be {len(x)} strings without newlines, one per image; got {names!r}.")
+        batch_size = min(self.batch_size, len(x))
+        grid = self._grid(self.num_steps, self.latent_bins, self.window)
+        network = self._network(batch_size)
+        # Enough initial words for two layers of worst-case pops of a full batch, and more.
+        initial = _initial_words(math.ceil(3 * _PRECISION_BITS * batch_size * self.num_dims / 32) + 4)
+        coder = constriction.stream.stack.AnsCoder(initial)
+        starts = range(0, len(x), batch_size)
+        progress = keras.utils.Progbar(len(starts) * (self.num_steps + 1), verbose=int(verbose), unit_name="step")
+        for batch, start in enumerate(starts):
+            self._encode_batch(coder, x[start : start + batch_size], batch, grid, network, batch_size, progress)
+        words = coder.get_compressed()
+        common = min(len(words), len(initial))
+        differs = np.flatnonzero(words[:common] != initial[:common])
+        shared = int(differs[0]) if len(differs) else common
+        names_bytes = "\n".join(names).encode("utf-8")
+        header = _HEADER.pack(
+            MAGIC, FORMAT_VERSION, *self.image_shape, len(x), self.num_steps, batch_size, self.latent_bins,
+            self.window, intra_op_threads(), len(initial), shared, len(names_bytes), len(words) - shared,
+            self.weights_sha256(), self._probe_sha256(grid, batch_size),
+        )  # fmt: skip
+        body = header + names_bytes + words[shared:].astype("<u4").tobytes()
+        return body + _CRC.pack(zlib.crc32(body))
+
+    def decode(self, data, verbose=False):
+        """Decompresses `encode`'s output; returns uint8 images [N, H, W, C].
+
+        Raises:
+            CompressionError: not a vdm_tf file, truncated or corrupted data.
+            ModelMismatchError: encoded with another model or image shape, or this machine
+                computes the network's outputs differently from the encoder's.
+        """
+        header = read_header(data)
+        if header.image_shape != self.image_shape:
+            raise ModelMismatchError(
+                f"The data holds {header.image_shape} images; this model codes {self.image_shape} images."
+            )
+        if header.weights_sha256 != self.weights_sha256():
+            raise ModelMismatchError("The data was encoded with a different model (the weights' SHA-256 differs).")
+        grid = self._grid(header.num_steps, header.latent_bins, header.window)
+        if header.probe_sha256 != self._probe_sha256(grid, header.batch_size):
+            raise ModelMismatchError(
+                f"This process computes the model's grid or outputs differently from the encoder's (same weights, "
+                f"different bits): decoding would fail. The encoder ran {header.threads} intra-op threads, this "
+                f"process {intra_op_threads()} (set tf.config.threading.set_intra_op_parallelism_threads before "
+                f"TensorFlow starts; the command line does). TensorFlow version, CPU kind and oneDNN "
+                f"(TF_ENABLE_ONEDNN_OPTS, on when vdm_tf is imported before TensorFlow) must match too."
+            )
+        network = self._network(header.batch_size)
+        initial = _initial_words(header.initial_words)
+        words = np.concatenate([initial[: header.shared_words], header.payload])
+        if words[-1] == 0:
+            raise CompressionError("Corrupted data: an ANS stack never ends in a zero word.")
+        coder = constriction.stream.stack.AnsCoder(words)
+        starts = range(0, header.count, header.batch_size)
+        progress = keras.utils.Progbar(len(starts) * (header.num_steps + 1), verbose=int(verbose), unit_name="step")
+        batches = []
+        try:
+            for batch, start in reversed(list(enumerate(starts))):
+                n = min(header.batch_size, header.count - start)
+                batches.append(self._decode_batch(coder, n, batch, grid, network, header.batch_size, progress))
+        except KeyError as error:  # constriction: a symbol outside a model's alphabet
+            raise CompressionError(f"Corrupted data: decoding reached an impossible symbol ({error}).") from None
+        if not np.array_equal(coder.get_compressed(), initial):
+            raise CompressionError("Corrupted data: decoding did not end on the initial stack.")
+        return np.concatenate(batches[::-1])
+
+
+def discrete_elbo_bpd(model, x, num_steps, num_time_samples=8, seed=0, batch_size=64):
+    """The model's discrete-time negative ELBO with T = num_steps (what the codec approaches).
+
+    Returns `vdm_tf.evaluation.dataset_bpd`'s dict (`bpd`, `stderr`, `per_image`, ...) for a
+    VDM that shares the model's denoiser and schedule, with `timesteps=num_steps`.
+    """
+    discrete = model
+    if model.timesteps != num_steps:
+        discrete = VDM(model.denoiser, model.schedule, model.image_shape, timesteps=num_steps)
+    batches = [x[start : start + batch_size] for start in range(0, len(x), batch_size)]
+    return evaluation.dataset_bpd(discrete, batches, num_time_samples=num_time_samples, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line.
+
+
+def load_model(path):
+    """A VDM from a `.keras` file (`model.save`) or a trainer run directory (config.json, checkpoints/)."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        from trainers import configs, train  # the library itself never imports trainers
+
+        return train.restore_for_inference(path, configs.saved_config(path))
+    if os.path.isfile(path) and path.endswith(".keras"):
+        model = keras.saving.load_model(path, compile=False)
+        if isinstance(model, VDM):
+            return model
+    raise ValueError(
+        f"--model must be a .keras file written by VDM.save or a trainer run directory (config.json and "
+        f"checkpoints/); got {path!r}."
+    )
+
+
+def read_png(path, image_shape):
+    """An image file as uint8 [H, W, C]: mode L for C = 1, RGB for C = 3 (nothing converted)."""
+    from PIL import Image
+
+    mode = {1: "L", 3: "RGB"}.get(image_shape[-1])
+    if mode is None:
+        raise ValueError(f"The command line reads L or RGB images; the model codes {image_shape[-1]} channels.")
+    with Image.open(path) as picture:
+        if picture.mode != mode:
+            raise ValueError(f"{path}: the model codes {mode} images of {image_shape}; got mode {picture.mode}.")
+        array = np.asarray(picture, np.uint8).reshape(picture.height, picture.width, -1)
+    if array.shape != tuple(image_shape):
+        raise ValueError(f"{path}: the model codes images of shape {tuple(image_shape)}; got {array.shape}.")
+    return array
+
+
+def image_file_bytes(image, **options):
+    """The size of one uint8 image [H, W, C] as a file written by Pillow (`Image.save` options; PNG by default)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, **({"format": "PNG"} | options))
+    return len(buffer.getvalue())
+
+
+def _use_threads(threads):
+    """Sets TensorFlow's intra-op thread count (possible only before TensorFlow runs its first op)."""
+    if threads and threads != intra_op_threads():
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        except RuntimeError:  # already running: the probe check of `decode` tells if the bits differ
+            print(f"warning: could not switch TensorFlow to {threads} intra-op threads", file=sys.stderr)
+
+
+def _encode_command(args):
+    _use_threads(args.threads)
+    model = load_model(args.model)
+    x = np.stack([read_png(path, model.image_shape) for path in args.images])
+    codec = BitsBackCodec(model, args.steps, args.batch_size, args.latent_bins, args.window)
+    start = time.perf_counter()
+    data = codec.encode(x, names=[os.path.basename(path) for path in args.images], verbose=True)
+    seconds = time.perf_counter() - start
+    with open(args.output, "wb") as f:
+        f.write(data)
+    header = read_header(data)
+    dims = header.num_dims
+    print(
+        f"{len(x)} images {'x'.join(map(str, model.image_shape))}, T={codec.num_steps}: {len(data)} bytes in "
+        f"{seconds:.1f} s ({len(x) / seconds:.2f} images/s) -> {args.output}"
+    )
+    print(f"  file        {8 * len(data) / dims:8.3f} bpd (initial bits {header.initial_bits / dims:.3f} bpd)")
+    print(f"  net         {header.net_bits / dims:8.3f} bpd (bits-back codelength)")
+    if args.elbo_samples:
+        elbo = discrete_elbo_bpd(model, x, codec.num_steps, num_time_samples=args.elbo_samples)
+        print(f"  -ELBO(T)    {elbo['bpd']:8.3f} bpd +- {elbo['stderr']:.3f} ({args.elbo_samples} time samples/image)")
+    png = sum(image_file_bytes(image, optimize=True) for image in x)
+    print(f"  PNG         {8 * png / dims:8.3f} bpd (Pillow, one file per image, optimize=True)")
+
+
+def _decode_command(args):
+    with open(args.input, "rb") as f:
+        data = f.read()
+    header = read_header(data)
+    _use_threads(header.threads)  # the encoder's: reductions split over threads add in another order
+    model = load_model(args.model)
+    start = time.perf_counter()
+    x = BitsBackCodec(model).decode(data, verbose=True)
+    seconds = time.perf_counter() - start
+    names = [os.path.basename(name) for name in header.names]
+    if len(set(names)) != len(x) or not all(names):
+        names = [f"{i:05d}.png" for i in range(len(x))]
+    os.makedirs(args.output, exist_ok=True)
+    from PIL import Image
+
+    for name, image in zip(names, x):
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(os.path.join(args.output, name))
+    print(f"{len(x)} images in {seconds:.1f} s ({len(x) / seconds:.2f} images/s) -> {args.output}")
+
+
+def main(argv=None):
+    """`python -m vdm_tf.compression encode|decode ...`; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m vdm_tf.compression", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    encode = commands.add_parser("encode", help="compress image files (PNG) into one .vdmz file")
+    encode.add_argument("images", nargs="+", help="image files of the model's shape (L or RGB)")
+    encode.add_argument("-o", "--output", required=True, help="the compressed file")
+    encode.add_argument("--steps", type=int, default=None, help="T (default: the model's timesteps, or 250)")
+    encode.add_argument("--batch_size", type=int, default=16)
+    encode.add_argument("--latent_bins", type=int, default=4)
+    encode.add_argument("--window", type=int, default=8)
+    encode.add_argument("--elbo_samples", type=int, default=8, help="time samples per image for -ELBO (0: skip)")
+    encode.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads (0: its default)")
+    decode = commands.add_parser("decode", help="decompress a .vdmz file into a directory of PNG files")
+    decode.add_argument("input", help="the compressed file")
+    decode.add_argument("-o", "--output", required=True, help="directory for the images")
+    for command in (encode, decode):
+        command.add_argument("--model", required=True, help="a .keras file (VDM.save) or a trainer run directory")
+    args = parser.parse_args(argv)
+    try:
+        (_encode_command if args.command == "encode" else _decode_command)(args)
+    except (ValueError, OSError) as error:  # CompressionError is a ValueError
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    tf.config.experimental.enable_op_determinism()  # a program's global switch; `main` leaves it alone
+    sys.exit(main())
