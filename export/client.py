@@ -128,6 +128,10 @@ class Client:
         """-log p(x) in bpd through the probability-flow ODE: {"bpd": [N], "nfe": scalar}."""
         return self.predict("exact_likelihood", images=_uint8_images(images), seed=np.int64(seed))
 
+    def one_step_likelihood(self, images, seed=0):
+        """A CDM's one-step -log p(x) in bpd (a density, not a bound): {"bpd": [N]}."""
+        return self.predict("one_step_likelihood", images=_uint8_images(images), seed=np.int64(seed))
+
     def sample(self, num_samples, num_steps=256, seed=0, sampler="ancestral"):
         """`num_samples` new images (uint8 [num_samples, H, W, C]).
 
@@ -203,10 +207,10 @@ def define_flags():
     flags.DEFINE_integer("resample", 1, "inpaint: RePaint's tries per step.")
 
 
-COMMANDS = ("likelihood", "exact_likelihood", "sample", "inpaint", "metadata")
+COMMANDS = ("likelihood", "exact_likelihood", "one_step_likelihood", "sample", "inpaint", "metadata")
 USAGE = (
     "usage: python -m export.client [flags] likelihood IMAGE.png ... | exact_likelihood IMAGE.png ... "
-    "| sample | inpaint --mask=MASK.png IMAGE.png ... | metadata"
+    "| one_step_likelihood IMAGE.png ... | sample | inpaint --mask=MASK.png IMAGE.png ... | metadata"
 )
 
 
@@ -238,7 +242,7 @@ def write_images(batch, path):
 def main(argv):
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(USAGE)
-    if argv[1] in ("likelihood", "exact_likelihood", "inpaint") and len(argv) < 3:
+    if argv[1] in ("likelihood", "exact_likelihood", "one_step_likelihood", "inpaint") and len(argv) < 3:
         raise app.UsageError(f"{argv[1]} needs at least one image file.")
     command, paths = argv[1], argv[2:]
     with Client(FLAGS.server, FLAGS.model, FLAGS.version, FLAGS.timeout, FLAGS.retries) as client:
@@ -253,12 +257,13 @@ def main(argv):
                         f"{result['prior_bpd'][i]:7.4f}  {result['reconstruction_bpd'][i]:7.3f}"
                     )
                 print(f"{'mean':<{width}}  {result['bpd'].mean():7.3f}")
-            elif command == "exact_likelihood":
-                result = client.exact_likelihood(read_images(paths), seed=FLAGS.seed)
+            elif command in ("exact_likelihood", "one_step_likelihood"):
+                result = getattr(client, command)(read_images(paths), seed=FLAGS.seed)
                 width = max(len(p) for p in paths)
                 for path, bpd in zip(paths, result["bpd"]):
                     print(f"{path:<{width}}  {bpd:7.3f}")
-                print(f"{'mean':<{width}}  {result['bpd'].mean():7.3f}  ({int(result['nfe'])} ODE evaluations)")
+                evaluations = f"  ({int(result['nfe'])} ODE evaluations)" if "nfe" in result else ""
+                print(f"{'mean':<{width}}  {result['bpd'].mean():7.3f}{evaluations}")
             elif command == "sample":
                 samples = client.sample(FLAGS.num, num_steps=FLAGS.steps, seed=FLAGS.seed, sampler=FLAGS.sampler)
                 write_images(samples, FLAGS.out)

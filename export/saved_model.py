@@ -26,6 +26,10 @@ With `score_sde=True` (`--export_score_sde`) also:
   `seed`, `num_steps` (optional, default 250) and `resample` (optional, default 1) int32
   scalars -> `images` uint8: `vdm_tf.conditional.inpaint`, known pixels unchanged.
 
+For a `vdm_tf.cdm.CDM`, `likelihood` returns only `bpd` (the one-step density averaged over
+`time_samples` dequantisations), and `one_step_likelihood` (`images`, `seed` -> `bpd` float32
+[N]) is its single-draw `one_step_bpd`: densities at the dequantised pixels, not bounds.
+
 Every input is validated inside the graph, so TF-Serving answers a bad request with
 INVALID_ARGUMENT and a message naming the expected form, and keeps serving. The input specs are
 deliberately loose (any shape): a tight spec would make TensorFlow's loader refuse a wrong rank
@@ -39,7 +43,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from vdm_tf import conditional, likelihood, samplers, seeding
+from vdm_tf import cdm, conditional, likelihood, samplers, seeding
 
 LIKELIHOOD_OUTPUTS = ("bpd", "diffusion_bpd", "prior_bpd", "reconstruction_bpd")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
@@ -100,12 +104,33 @@ class ServingModule(tf.Module):
         self.max_num_samples = int(max_num_samples)
         self.max_num_steps = int(max_num_steps)
         self.max_resample = int(max_resample)
-        if dequantization is None and score_sde:
-            dequantization = "variational" if model.sde.t_min == 0.0 else "uniform"
+        if dequantization is None:
+            process = getattr(model, "sde", None)  # a multi-scale model has none
+            dequantization = "variational" if process is not None and process.t_min == 0.0 else "uniform"
         self.dequantization = dequantization
         self.ode_tolerance = float(ode_tolerance)
         self.score_sde = bool(score_sde)
         self.sample_methods = ("ancestral",) + (SCORE_SDE_SAMPLERS if self.score_sde else ())
+        # The optional signatures become tf.functions only when exported: saving traces every
+        # tf.function of the module, and the ODE solver's graph alone takes a minute to trace.
+        self.optional_signatures = {}
+        images_and_seed = [tf.TensorSpec(None, tf.uint8, name="images"), tf.TensorSpec(None, tf.int64, name="seed")]
+        if self.score_sde:
+            self.exact_likelihood = tf.function(self._exact_likelihood, input_signature=images_and_seed)
+            self.inpaint = tf.function(
+                self._inpaint,
+                input_signature=images_and_seed[:1]
+                + [
+                    tf.TensorSpec(None, tf.uint8, name="mask"),
+                    tf.TensorSpec(None, tf.int64, name="seed"),
+                    tf.TensorSpec(None, tf.int32, name="num_steps"),
+                    tf.TensorSpec(None, tf.int32, name="resample"),
+                ],
+            )
+            self.optional_signatures.update(exact_likelihood=self.exact_likelihood, inpaint=self.inpaint)
+        if isinstance(model, cdm.CDM):
+            self.one_step_likelihood = tf.function(self._one_step_likelihood, input_signature=images_and_seed)
+            self.optional_signatures["one_step_likelihood"] = self.one_step_likelihood
 
     @tf.__internal__.tracking.no_automatic_dependency_tracking
     def _keep_untracked(self, model):
@@ -161,7 +186,14 @@ class ServingModule(tf.Module):
         images = self._valid_images(images)
         seed = seeding.as_seed(self._valid_scalar(seed, "seed"))
         terms = self.model.elbo_graph(images, seed, tf.constant(self.time_samples, tf.int32))
-        return {output: terms[output.removesuffix("_bpd")] for output in LIKELIHOOD_OUTPUTS}
+        names = {output: output.removesuffix("_bpd") for output in LIKELIHOOD_OUTPUTS}
+        # A CDM's `elbo_graph` gives its one-step `bpd` only.
+        return {output: terms[name] for output, name in names.items() if name in terms}
+
+    def _one_step_likelihood(self, images, seed=DEFAULT_SEED):
+        images = self._valid_images(images)
+        seed = seeding.as_seed(self._valid_scalar(seed, "seed"))
+        return {"bpd": self.model.one_step_bpd_graph(images, seed)}
 
     @tf.function(
         input_signature=[
@@ -185,10 +217,7 @@ class ServingModule(tf.Module):
         samples = tf.switch_case(self._valid_sampler(sampler), branches)
         return {"images": tf.ensure_shape(samples, (None,) + self.image_shape)}
 
-    @tf.function(
-        input_signature=[tf.TensorSpec(None, tf.uint8, name="images"), tf.TensorSpec(None, tf.int64, name="seed")]
-    )
-    def exact_likelihood(self, images, seed=DEFAULT_SEED):
+    def _exact_likelihood(self, images, seed=DEFAULT_SEED):
         images = self._valid_images(images)
         seed = seeding.as_seed(self._valid_scalar(seed, "seed"))
         out = likelihood.ode_bpd(
@@ -196,16 +225,7 @@ class ServingModule(tf.Module):
         )
         return {"bpd": out["bpd"], "nfe": out["nfe"]}
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec(None, tf.uint8, name="images"),
-            tf.TensorSpec(None, tf.uint8, name="mask"),
-            tf.TensorSpec(None, tf.int64, name="seed"),
-            tf.TensorSpec(None, tf.int32, name="num_steps"),
-            tf.TensorSpec(None, tf.int32, name="resample"),
-        ]
-    )
-    def inpaint(self, images, mask, seed=DEFAULT_SEED, num_steps=DEFAULT_INPAINT_STEPS, resample=DEFAULT_RESAMPLE):
+    def _inpaint(self, images, mask, seed=DEFAULT_SEED, num_steps=DEFAULT_INPAINT_STEPS, resample=DEFAULT_RESAMPLE):
         images = self._valid_images(images)
         mask = self._valid_mask(mask, images)
         seed = seeding.as_seed(self._valid_scalar(seed, "seed"))
@@ -254,8 +274,7 @@ def export_model(model, export_dir, name="vdm", version=None, warmup=True, **ser
         tf.io.gfile.rmtree(temporary_path)
     module = ServingModule(model, **serving_options)
     signatures = {"serving_default": module.likelihood, "likelihood": module.likelihood, "sample": module.sample}
-    if module.score_sde:
-        signatures.update(exact_likelihood=module.exact_likelihood, inpaint=module.inpaint)
+    signatures.update(module.optional_signatures)
     # Serving needs no gradients; saving the ODE solver's custom (adjoint) gradient would cost
     # minutes and gigabytes.
     options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)

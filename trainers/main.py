@@ -123,8 +123,12 @@ def evaluate(config, model):
         data_dir=FLAGS.data_dir,
     )
     result = vdm_tf.evaluation.dataset_bpd(model, test_data, config.eval_time_samples, seed=config.seed)
-    terms = ", ".join(f"{name} {result[name]:.4f}" for name in ("diffusion", "prior", "reconstruction"))
-    print(f"terms (bpd): {terms}")
+    names = [name for name in ("diffusion", "prior", "reconstruction") if name in result]
+    terms = ", ".join(f"{name} {result[name]:.4f}" for name in names)
+    if terms:
+        print(f"terms (bpd): {terms}")
+    else:  # a CDM: the one-step density, not a bound
+        print("one-step bpd (CDM): a density at the dequantised pixel values, not a bound")
     print(vdm_tf.evaluation.summary_line(result))
     return result
 

@@ -8,6 +8,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from vdm_tf import (  # noqa: E402
     augmentation,
+    cdm,
     conditional,
     datasets,
     evaluation,
@@ -40,6 +41,7 @@ def __getattr__(name):
 __all__ = [
     "VDM",
     "augmentation",
+    "cdm",
     "compression",
     "conditional",
     "datasets",
