@@ -28,11 +28,14 @@ representation"; Batzolis et al. (2022), "Non-Uniform Diffusion Models", section
 multi-scale diffusion uses this transform).
 """
 
+import numpy as np
 import tensorflow as tf
 
 # Rows: low, horizontal, vertical, diagonal; columns: the block's pixels in space_to_depth's
 # order (p00, p01, p10, p11). Orthogonal and symmetric: _MATRIX @ _MATRIX = I.
-_MATRIX = 0.5 * tf.constant([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], tf.float32)
+# A NumPy array: a TensorFlow constant here would start TensorFlow's runtime at import time,
+# after which no one can configure devices (tf.config.set_logical_device_configuration).
+_MATRIX = 0.5 * np.array([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], np.float32)
 
 
 def _mix(blocks):
