@@ -6,6 +6,7 @@ import tensorflow as tf
 from vdm_tf.networks.blocks import AttentionBlock, ResnetBlock, conv3x3
 from vdm_tf.networks.fourier_features import FourierFeatures
 from vdm_tf.networks.normalization import GroupNorm
+from vdm_tf.networks.score_unet import unet_trunk
 
 
 @keras.saving.register_keras_serializable(package="vdm_tf")
@@ -121,23 +122,7 @@ class NoiseLevelClassifier(keras.layers.Layer):
     def call(self, z, training=None):
         no_time = tf.zeros(tf.stack([tf.shape(z)[0], 1]), z.dtype)  # the blocks' (constant) conditioning
         h = tf.concat([z, self.fourier(z)], axis=-1) if self.fourier_features else z
-        h = self.conv_in(h)
-        skips = [h]
-        for i, block in enumerate(self.down_blocks):
-            h = block(h, no_time, training=training)
-            if self.attention:
-                h = self.down_attention[i](h)
-            skips.append(h)
-
-        h = self.mid_block1(h, no_time, training=training)
-        h = self.mid_attention(h)
-        h = self.mid_block2(h, no_time, training=training)
-
-        for i, block in enumerate(self.up_blocks):
-            h = block(tf.concat([h, skips.pop()], axis=-1), no_time, training=training)
-            if self.attention:
-                h = self.up_attention[i](h)
-
+        h = unet_trunk(self, self.conv_in(h), no_time, training)
         h = self.conv_out(tf.nn.silu(self.norm_out(h)))
         log_ratios = self.logits(tf.reduce_mean(h, axis=[1, 2]))  # r_t = log p(t | z) / p(t - 1 | z)
         return tf.cumsum(log_ratios, axis=-1)

@@ -158,23 +158,7 @@ class ScoreUNet(keras.layers.Layer):
         cond = self.cond_dense1(self.cond_dense0(cond))
 
         h = tf.concat([z_t, self.fourier(z_t)], axis=-1) if self.fourier_features else z_t
-        h = self.conv_in(h)
-        skips = [h]
-        for i, block in enumerate(self.down_blocks):
-            h = block(h, cond, training=training)
-            if self.attention:
-                h = self.down_attention[i](h)
-            skips.append(h)
-
-        h = self.mid_block1(h, cond, training=training)
-        h = self.mid_attention(h)
-        h = self.mid_block2(h, cond, training=training)
-
-        for i, block in enumerate(self.up_blocks):
-            h = block(tf.concat([h, skips.pop()], axis=-1), cond, training=training)
-            if self.attention:
-                h = self.up_attention[i](h)
-
+        h = unet_trunk(self, self.conv_in(h), cond, training)
         return self.conv_out(tf.nn.silu(self.norm_out(h))) + z_t
 
     def compute_output_shape(self, z_t_shape, gamma_t_shape=None):
@@ -196,3 +180,28 @@ class ScoreUNet(keras.layers.Layer):
             }
         )
         return config
+
+
+def unet_trunk(net, h, cond, training=None):
+    """The U-Net between the input and output convolutions, shared by `ScoreUNet` and CDM's classifier.
+
+    `net` has the blocks of `ScoreUNet`: `down_blocks` (and `down_attention` when `net.attention`),
+    `mid_block1`, `mid_attention`, `mid_block2`, `up_blocks` (and `up_attention`); every ResNet
+    block is conditioned on `cond`, and each up block takes the matching down block's output.
+    """
+    skips = [h]
+    for i, block in enumerate(net.down_blocks):
+        h = block(h, cond, training=training)
+        if net.attention:
+            h = net.down_attention[i](h)
+        skips.append(h)
+
+    h = net.mid_block1(h, cond, training=training)
+    h = net.mid_attention(h)
+    h = net.mid_block2(h, cond, training=training)
+
+    for i, block in enumerate(net.up_blocks):
+        h = block(tf.concat([h, skips.pop()], axis=-1), cond, training=training)
+        if net.attention:
+            h = net.up_attention[i](h)
+    return h
