@@ -3,10 +3,10 @@
 import keras
 import tensorflow as tf
 
-from vdm_tf.networks.blocks import AttentionBlock, ResnetBlock, conv3x3
+from vdm_tf.networks.blocks import conv3x3
 from vdm_tf.networks.fourier_features import FourierFeatures
 from vdm_tf.networks.normalization import GroupNorm
-from vdm_tf.networks.score_unet import unet_trunk
+from vdm_tf.networks.score_unet import build_unet_trunk, make_unet_trunk, unet_trunk
 
 
 @keras.saving.register_keras_serializable(package="vdm_tf")
@@ -86,18 +86,9 @@ class NoiseLevelClassifier(keras.layers.Layer):
         self.dropout = dropout
         self.head_channels = int(head_channels or 2 * n_embd)
 
-        def attention_blocks(prefix, count):
-            return [AttentionBlock(name=f"{prefix}_{i}") for i in range(count)] if attention else []
-
         self.fourier = FourierFeatures(self.fourier_exponents, name="fourier") if fourier_features else None
         self.conv_in = conv3x3(n_embd, name="conv_in")
-        self.down_blocks = [ResnetBlock(n_embd, dropout, name=f"down_block_{i}") for i in range(n_layers)]
-        self.down_attention = attention_blocks("down_attention", n_layers)
-        self.mid_block1 = ResnetBlock(n_embd, dropout, name="mid_block1")
-        self.mid_attention = AttentionBlock(name="mid_attention")
-        self.mid_block2 = ResnetBlock(n_embd, dropout, name="mid_block2")
-        self.up_blocks = [ResnetBlock(n_embd, dropout, name=f"up_block_{i}") for i in range(n_layers + 1)]
-        self.up_attention = attention_blocks("up_attention", n_layers + 1)
+        make_unet_trunk(self, n_layers, n_embd, dropout, attention)
         self.norm_out = GroupNorm(name="norm_out")
         self.conv_out = conv3x3(self.head_channels, name="conv_out")
         self.logits = keras.layers.Dense(self.num_levels + 2, kernel_initializer="zeros", name="logits")
@@ -109,12 +100,7 @@ class NoiseLevelClassifier(keras.layers.Layer):
         h_shape = (*spatial, self.n_embd)
         in_channels = channels * (1 + 2 * len(self.fourier_exponents)) if self.fourier_features else channels
         self.conv_in.build((*spatial, in_channels))
-        for block in (*self.down_blocks, self.mid_block1, self.mid_block2):
-            block.build(h_shape, no_time)
-        for block in self.up_blocks:
-            block.build((*spatial, 2 * self.n_embd), no_time)
-        for block in (*self.down_attention, self.mid_attention, *self.up_attention):
-            block.build(h_shape)
+        build_unet_trunk(self, h_shape, no_time)
         self.norm_out.build(h_shape)
         self.conv_out.build(h_shape)
         self.logits.build((spatial[0], self.head_channels))

@@ -104,20 +104,11 @@ class ScoreUNet(keras.layers.Layer):
         def dense(name):
             return keras.layers.Dense(4 * n_embd, activation="silu", kernel_initializer="lecun_normal", name=name)
 
-        def attention_blocks(prefix, count):
-            return [AttentionBlock(name=f"{prefix}_{i}") for i in range(count)] if attention else []
-
         self.time_embedding = TimestepEmbedding(n_embd, name="time_embedding")
         self.cond_dense0, self.cond_dense1 = dense("cond_dense0"), dense("cond_dense1")
         self.fourier = FourierFeatures(self.fourier_exponents, name="fourier") if fourier_features else None
         self.conv_in = conv3x3(n_embd, name="conv_in")
-        self.down_blocks = [ResnetBlock(n_embd, dropout, name=f"down_block_{i}") for i in range(n_layers)]
-        self.down_attention = attention_blocks("down_attention", n_layers)
-        self.mid_block1 = ResnetBlock(n_embd, dropout, name="mid_block1")
-        self.mid_attention = AttentionBlock(name="mid_attention")
-        self.mid_block2 = ResnetBlock(n_embd, dropout, name="mid_block2")
-        self.up_blocks = [ResnetBlock(n_embd, dropout, name=f"up_block_{i}") for i in range(n_layers + 1)]
-        self.up_attention = attention_blocks("up_attention", n_layers + 1)
+        make_unet_trunk(self, n_layers, n_embd, dropout, attention)
         self.norm_out = GroupNorm(name="norm_out")
         # Its size is the input's channel count, so it is created in `build`.
         self.conv_out = None
@@ -131,12 +122,7 @@ class ScoreUNet(keras.layers.Layer):
         self.cond_dense1.build(cond_shape)
         in_channels = channels * (1 + 2 * len(self.fourier_exponents)) if self.fourier_features else channels
         self.conv_in.build((*spatial, in_channels))
-        for block in (*self.down_blocks, self.mid_block1, self.mid_block2):
-            block.build(h_shape, cond_shape)
-        for block in self.up_blocks:
-            block.build((*spatial, 2 * self.n_embd), cond_shape)
-        for block in (*self.down_attention, self.mid_attention, *self.up_attention):
-            block.build(h_shape)
+        build_unet_trunk(self, h_shape, cond_shape)
         self.norm_out.build(h_shape)
         self.conv_out = conv3x3(channels, zero_init=True, name="conv_out")
         self.conv_out.build(h_shape)
@@ -180,6 +166,32 @@ class ScoreUNet(keras.layers.Layer):
             }
         )
         return config
+
+
+def make_unet_trunk(net, n_layers, n_embd, dropout, attention):
+    """Creates the trunk's blocks as attributes of `net` (the layout `unet_trunk` runs)."""
+
+    def attention_blocks(prefix, count):
+        return [AttentionBlock(name=f"{prefix}_{i}") for i in range(count)] if attention else []
+
+    net.down_blocks = [ResnetBlock(n_embd, dropout, name=f"down_block_{i}") for i in range(n_layers)]
+    net.down_attention = attention_blocks("down_attention", n_layers)
+    net.mid_block1 = ResnetBlock(n_embd, dropout, name="mid_block1")
+    net.mid_attention = AttentionBlock(name="mid_attention")
+    net.mid_block2 = ResnetBlock(n_embd, dropout, name="mid_block2")
+    net.up_blocks = [ResnetBlock(n_embd, dropout, name=f"up_block_{i}") for i in range(n_layers + 1)]
+    net.up_attention = attention_blocks("up_attention", n_layers + 1)
+
+
+def build_unet_trunk(net, h_shape, cond_shape):
+    """Creates the trunk's weights: features `h_shape` [N, H, W, n_embd], conditioning `cond_shape`."""
+    skip_shape = (*h_shape[:-1], 2 * h_shape[-1])
+    for block in (*net.down_blocks, net.mid_block1, net.mid_block2):
+        block.build(h_shape, cond_shape)
+    for block in net.up_blocks:
+        block.build(skip_shape, cond_shape)
+    for block in (*net.down_attention, net.mid_attention, *net.up_attention):
+        block.build(h_shape)
 
 
 def unet_trunk(net, h, cond, training=None):
