@@ -14,7 +14,6 @@ from its last checkpoint with the configuration saved there (flags given again o
 """
 
 import dataclasses
-import json
 import os
 import sys
 import typing
@@ -100,8 +99,7 @@ def run_training(model_dir, strategy):
     os.makedirs(model_dir, exist_ok=True)
     trainer = train.Trainer(config, model_dir, strategy, FLAGS.data_dir)
     if trainer.cluster.is_chief:
-        with open(configs.config_path(model_dir), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=2)
+        configs.save_config(model_dir, config)
     try:
         trainer.train()
     except train.NonFiniteLossError as error:

@@ -27,7 +27,7 @@ import keras
 import tensorflow as tf
 
 import vdm_tf
-from trainers import configs, distribute, monitoring
+from trainers import distribute, monitoring
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,16 +62,15 @@ class Trainer:
             )
         keras.utils.set_random_seed(config.seed)  # the same initial weights on every run and worker
         with strategy.scope():
-            self.model = configs.build_model(config)
-            self.model.compile(optimizer=configs.build_optimizer(config, self.model))
-            self.model.optimizer.build(self.model.trainable_variables)
+            self.model = vdm_tf.runs.compiled_model(config)
         self.data = iter(self._worker_dataset(data_dir))
         self.data_checkpointable = True
         self._train_function = self._make_train_function()
 
-        model_checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
         self.checkpoints = tf.train.CheckpointManager(
-            model_checkpoint, self._write_dir("checkpoints"), max_to_keep=config.keep_checkpoints
+            vdm_tf.runs.model_checkpoint(self.model),
+            self._write_dir("checkpoints"),
+            max_to_keep=config.keep_checkpoints,
         )
         data_checkpoint = tf.train.Checkpoint(iterator=self.data)
         self.data_checkpoints = tf.train.CheckpointManager(
@@ -239,15 +238,5 @@ class Trainer:
                 self.log.pictures(step, self.model.schedule, samples.numpy())
 
 
-def restore_for_inference(model_dir, config):
-    """The trained model of a run directory, with its EMA weights (for eval, sample, export)."""
-    model = configs.build_model(config)
-    model.compile(optimizer=configs.build_optimizer(config, model))
-    model.optimizer.build(model.trainable_variables)
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    if latest is None:
-        raise FileNotFoundError(f"No checkpoint in {os.path.join(model_dir, 'checkpoints')}; train first.")
-    tf.train.Checkpoint(model=model, optimizer=model.optimizer).restore(latest).assert_existing_objects_matched()
-    if model.optimizer.use_ema:
-        model.optimizer.finalize_variable_values(model.trainable_variables)
-    return model
+# The trained model of a run directory, EMA weights in (eval, sample, export): one helper in the library.
+restore_for_inference = vdm_tf.runs.restore_for_inference

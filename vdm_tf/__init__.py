@@ -6,6 +6,10 @@ import os
 # turn them on by itself (AMD among them). Effective only if TensorFlow is not imported yet.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
+from vdm_tf import _startup  # noqa: E402
+
+_startup.import_tensorflow()  # without the CPU machine's start-up banners (VDM_TF_STARTUP_LOGS=1 shows them)
+
 from vdm_tf import (  # noqa: E402
     augmentation,
     cdm,
@@ -17,12 +21,14 @@ from vdm_tf import (  # noqa: E402
     likelihood,
     multiscale,
     networks,
+    runs,
     samplers,
     schedules,
     score_model,
     sde,
     seeding,
 )
+from vdm_tf.runs import load  # noqa: E402
 from vdm_tf.vdm import VDM  # noqa: E402
 
 __version__ = "0.1.0"
@@ -40,6 +46,7 @@ def __getattr__(name):
 
 __all__ = [
     "VDM",
+    "load",
     "augmentation",
     "cdm",
     "compression",
@@ -51,6 +58,7 @@ __all__ = [
     "likelihood",
     "multiscale",
     "networks",
+    "runs",
     "samplers",
     "schedules",
     "score_model",

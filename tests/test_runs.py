@@ -1,0 +1,93 @@
+"""vdm_tf.load and run directories (vdm_tf.runs): the library's own reader of trainer runs."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import vdm_tf
+from vdm_tf import runs
+
+TINY = runs.Config(dataset="digits", n_layers=1, n_embd=16, dropout=0.0, ema_momentum=0.9)
+
+
+def _perturbed(config, seed):
+    """A model of `config` whose weights are moved off their initial values."""
+    model = runs.compiled_model(config)
+    rng = np.random.default_rng(seed)
+    for variable in model.trainable_variables:
+        variable.assign(variable + 0.01 * rng.standard_normal(variable.shape).astype(np.float32))
+    return model
+
+
+def _assert_same_weights(a, b):
+    assert len(a.weights) == len(b.weights)
+    for x, y in zip(a.weights, b.weights):
+        np.testing.assert_array_equal(x.numpy(), y.numpy(), err_msg=x.path)
+
+
+def test_save_run_then_load_gives_the_same_model(tmp_path):
+    model = _perturbed(TINY, seed=1)
+    run = str(tmp_path / "run")
+    runs.save_run(run, TINY, model)
+    assert runs.saved_config(run) == TINY
+    loaded = vdm_tf.load(run)
+    _assert_same_weights(model, loaded)
+    x = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1)).astype(np.uint8)
+    np.testing.assert_array_equal(model.elbo(x, seed=3)["bpd"].numpy(), loaded.elbo(x, seed=3)["bpd"].numpy())
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        runs.save_run(run, TINY, model)
+
+
+def test_load_takes_the_ema_weights_of_a_run(tmp_path):
+    """A run's checkpoint holds raw and EMA weights; load gives the EMA ones, not the raw."""
+    run = str(tmp_path / "run")
+    model = _perturbed(TINY, seed=2)
+    runs.save_config(run, TINY)
+    ema = model.optimizer._model_variables_moving_average
+    for average, variable in zip(ema, model.trainable_variables):
+        average.assign(variable + 1.0)  # EMA weights differ from the raw ones by exactly 1
+    tf.train.CheckpointManager(runs.model_checkpoint(model), runs.checkpoint_dir(run), max_to_keep=1).save(5)
+    loaded = vdm_tf.load(run)
+    for variable, restored in zip(model.trainable_variables, loaded.trainable_variables):
+        np.testing.assert_allclose(restored.numpy(), variable.numpy() + 1.0, rtol=0, atol=1e-6, err_msg=variable.path)
+
+
+def test_load_reads_a_keras_file(tmp_path):
+    model = _perturbed(TINY, seed=3)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    _assert_same_weights(model, vdm_tf.load(path))
+
+
+def test_load_refuses_what_is_not_a_model(tmp_path):
+    with pytest.raises(ValueError, match="not a run directory"):
+        vdm_tf.load(str(tmp_path))
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="expected a .keras file"):
+        vdm_tf.load(str(text))
+    (tmp_path / "run").mkdir()
+    runs.save_config(str(tmp_path / "run"), TINY)
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        vdm_tf.load(str(tmp_path / "run"))
+    fields = dataclasses.asdict(TINY) | {"from_the_future": 1}
+    (tmp_path / "future").mkdir()
+    (tmp_path / "future" / "config.json").write_text(__import__("json").dumps(fields))
+    with pytest.raises(ValueError, match="unknown fields from_the_future"):
+        vdm_tf.load(str(tmp_path / "future"))
+
+
+def test_the_library_imports_nothing_from_trainers_or_export():
+    code = (
+        "import sys, vdm_tf, vdm_tf.runs, vdm_tf.compression\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('trainers', 'export'))\n"
+        "assert not bad, bad\n"
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,0 +1,338 @@
+"""Run directories and the configurations that describe their models.
+
+A *run directory* is what `python -m trainers.main --model_dir=DIR` writes (and
+`python -m vdm_tf.convert --model_dir=DIR` too):
+
+    config.json      the `Config` of the run: which model, network, schedule and optimiser
+    checkpoints/     model, optimizer (with the EMA weights) and step, `tf.train.Checkpoint`
+
+This module is the library's side of that format: the `Config` dataclass, the model and
+optimiser a configuration builds, and `load(path)` (`vdm_tf.load`), which gives back the trained
+model of a run directory (EMA weights) or of a `.keras` file. The trainer (`trainers/`) adds
+presets, flags and the training loop on top; the library imports nothing from it.
+"""
+
+import dataclasses
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from vdm_tf import augmentation as augmentation_lib
+from vdm_tf import cdm, multiscale, networks, schedules, score_model, sde
+from vdm_tf.datasets import info as dataset_info
+from vdm_tf.vdm import VDM
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a training run needs to know.
+
+    Fields are grouped: data, denoiser (`vdm_tf.networks.ScoreUNet`), schedule and loss,
+    optimisation, evaluation and sampling.
+    """
+
+    dataset: str = "digits"
+    # Denoiser.
+    n_layers: int = 4
+    n_embd: int = 64
+    dropout: float = 0.1
+    fourier_features: bool = True
+    fourier_exponents: tuple = (7, 8)
+    attention: bool = False
+    # Schedule and loss. `sde=vdm` trains `schedule` (a VDM); vp | subvp | ve train a score model
+    # of that fixed SDE by likelihood-weighted denoising score matching (vdm_tf.score_model),
+    # which replaces schedule, gamma_min and gamma_max by the SDE's.
+    sde: str = "vdm"
+    beta_min: float = 0.1  # vp, subvp (Song et al.)
+    beta_max: float = 20.0
+    sigma_min: float = 0.01  # ve
+    sigma_max: float = 50.0  # ve; Song et al.: about the largest distance between two training images
+    schedule: str = "learned_monotonic"  # fixed_linear | learned_linear | learned_monotonic
+    gamma_min: float = -13.3
+    gamma_max: float = 5.0
+    minimize_variance: bool = True
+    timesteps: int = 0  # 0: continuous-time VLB
+    # Classification Diffusion Model (vdm_tf.cdm): `model=cdm` trains a noise-level classifier
+    # (NoiseLevelClassifier, the network fields above) on num_levels + 2 levels of the schedule
+    # FixedLinear(gamma_min, gamma_max); its eval reports the one-step bpd.
+    model: str = "vdm"  # vdm | cdm
+    num_levels: int = 1000
+    cross_entropy_weight: float = 1e-3
+    head_channels: int = 0  # 0: 2 * n_embd
+    # Multi-scale diffusion (vdm_tf.multiscale): L Haar levels, detail group d_k reaching noise at
+    # end time t_k (() = stages of equal length), one shared denoiser or one per stage.
+    multiscale_levels: int = 0  # 0: a uniform VDM
+    multiscale_end_times: tuple = ()
+    multiscale_stage_networks: bool = False
+    augment: bool = False  # flips, rotations (and channel swaps for RGB), denoiser conditioned on them
+    # Optimisation (VDM: AdamW, b1 0.9, b2 0.99, weight decay 0.01, EMA 0.9999).
+    optimizer: str = "adamw"  # or "sgd": same schedule, EMA and clipping; scale-sensitive (tests use it)
+    batch_size: int = 128
+    train_steps: int = 10_000
+    learning_rate: float = 2e-4
+    warmup_steps: int = 100
+    final_learning_rate_fraction: float = 1.0  # < 1: cosine decay to this fraction of the rate
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    ema_momentum: float = 0.9999  # 0: no EMA
+    clip_norm: float = 0.0  # 0: no gradient clipping
+    steps_per_execution: int = 1  # train steps per call into the compiled step function
+    jit_compile: bool = True  # XLA; on 2-core CPUs the train step is faster without it
+    seed: int = 0
+    # Checkpoints and monitoring (intervals in steps; rounded up to steps_per_execution).
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 100  # TensorBoard scalars and metrics.jsonl
+    sample_every: int = 10_000  # sample grid and SNR curve in TensorBoard
+    # Evaluation and sampling.
+    eval_time_samples: int = 8
+    export_time_samples: int = 8  # antithetic time samples per image in the exported `likelihood`
+    sample_steps: int = 256
+    num_samples: int = 64
+
+
+
+def config_path(model_dir):
+    return os.path.join(model_dir, "config.json")
+
+
+def checkpoint_dir(model_dir):
+    return os.path.join(model_dir, "checkpoints")
+
+
+def saved_config(model_dir):
+    """The `Config` saved in a run directory (`config.json`), or None if there is none."""
+    if not os.path.exists(config_path(model_dir)):
+        return None
+    with open(config_path(model_dir)) as f:
+        fields = json.load(f)
+    unknown = sorted(set(fields) - {field.name for field in dataclasses.fields(Config)})
+    if unknown:
+        raise ValueError(f"{config_path(model_dir)}: unknown fields {', '.join(unknown)} (written by a newer vdm_tf?)")
+    for name in ("fourier_exponents", "multiscale_end_times"):
+        if name in fields:
+            fields[name] = tuple(fields[name])
+    return Config(**fields)
+
+
+def save_config(model_dir, config):
+    """Writes `config` as the run directory's `config.json` (creating the directory)."""
+    os.makedirs(model_dir, exist_ok=True)
+    with open(config_path(model_dir), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=2)
+
+
+def build_model(config):
+    """The model a configuration describes.
+
+    A `vdm_tf.VDM`; a `vdm_tf.score_model.ScoreSDEModel` when `sde` names a fixed SDE; a
+    `multiscale.MultiScaleVDM` when `multiscale_levels` > 0; a `cdm.CDM` for `model=cdm`.
+    """
+    image_shape = dataset_info(config.dataset).image_shape
+    augmentation = augmentation_lib.Augmentation(channel_swaps=image_shape[-1] == 3) if config.augment else None
+    process = build_sde(config)
+    gamma_min, gamma_max = (
+        score_model.gamma_range(process) if process else (config.gamma_min, config.gamma_max)
+    )
+
+    def network():
+        return networks.ScoreUNet(
+            n_layers=config.n_layers,
+            n_embd=config.n_embd,
+            fourier_features=config.fourier_features,
+            fourier_exponents=config.fourier_exponents,
+            attention=config.attention,
+            dropout=config.dropout,
+            gamma_min=gamma_min,
+            gamma_max=gamma_max,
+            conditioning_dim=augmentation.conditioning_dim if augmentation else 0,
+        )
+
+    if config.model == "cdm":
+        if process or config.multiscale_levels:
+            raise ValueError("A CDM uses its own noise levels: set sde=vdm and multiscale_levels=0.")
+        classifier = networks.NoiseLevelClassifier(
+            config.num_levels, config.n_layers, config.n_embd, config.fourier_features, config.fourier_exponents,
+            config.attention, config.dropout, config.head_channels or None,
+        )
+        schedule = schedules.FixedLinear(config.gamma_min, config.gamma_max)
+        return cdm.CDM(
+            classifier, schedule, image_shape, config.num_levels, config.cross_entropy_weight, seed=config.seed
+        )
+    if config.model != "vdm":
+        raise ValueError(f"Unknown model {config.model!r}; expected vdm or cdm.")
+    if config.multiscale_levels:
+        if config.timesteps or process:
+            raise ValueError("Multi-scale diffusion is a continuous-time VDM: set timesteps=0 and sde=vdm.")
+        stages = config.multiscale_levels + 1
+        return multiscale.MultiScaleVDM(
+            [network() for _ in range(stages)] if config.multiscale_stage_networks else network(),
+            build_schedule(config),
+            image_shape,
+            levels=config.multiscale_levels,
+            end_times=config.multiscale_end_times or None,
+            seed=config.seed,
+            augmentation=augmentation,
+        )
+    common = dict(timesteps=config.timesteps, seed=config.seed, augmentation=augmentation)
+    if process:
+        return score_model.ScoreSDEModel(network(), process, image_shape, **common)
+    return VDM(network(), build_schedule(config), image_shape, **common)
+
+
+def build_sde(config):
+    """The fixed SDE of a score model (`--config.sde=vp|subvp|ve`), or None for a VDM."""
+    parameters = {
+        "vp": dict(beta_min=config.beta_min, beta_max=config.beta_max),
+        "subvp": dict(beta_min=config.beta_min, beta_max=config.beta_max),
+        "ve": dict(sigma_min=config.sigma_min, sigma_max=config.sigma_max),
+    }
+    if config.sde == "vdm":
+        return None
+    if config.sde not in parameters:
+        raise ValueError(f"Unknown sde {config.sde!r}; expected vdm, vp, subvp or ve.")
+    return sde.from_config(config.sde, parameters[config.sde])
+
+
+def build_schedule(config):
+    if config.schedule == "fixed_linear":
+        return schedules.FixedLinear(config.gamma_min, config.gamma_max)
+    if config.schedule == "learned_linear":
+        return schedules.LearnedLinear(config.gamma_min, config.gamma_max)
+    if config.schedule == "learned_monotonic":
+        return schedules.LearnedMonotonic(
+            config.gamma_min, config.gamma_max, minimize_variance=config.minimize_variance
+        )
+    raise ValueError(
+        f"Unknown schedule {config.schedule!r}; expected fixed_linear, learned_linear or learned_monotonic."
+    )
+
+
+def build_optimizer(config, model):
+    """AdamW (or SGD) with linear warm-up, optional cosine decay, optional EMA and clipping.
+
+    Weight decay applies to the kernels only: not to biases, normalisation scales and offsets,
+    or the schedule's parameters (VDM's decay mask).
+    """
+    learning_rate = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0,
+        decay_steps=max(config.train_steps - config.warmup_steps, 1),
+        alpha=config.final_learning_rate_fraction,
+        warmup_target=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+    )
+    common = dict(
+        learning_rate=learning_rate,
+        global_clipnorm=config.clip_norm or None,
+        use_ema=config.ema_momentum > 0,
+        ema_momentum=config.ema_momentum or 0.99,
+    )
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(**common)
+    if config.optimizer != "adamw":
+        raise ValueError(f"Unknown optimizer {config.optimizer!r}; expected adamw or sgd.")
+    optimizer = keras.optimizers.AdamW(
+        weight_decay=config.weight_decay, beta_1=config.adam_beta1, beta_2=config.adam_beta2, **common
+    )
+    schedule_ids = {id(v) for v in model.schedule.variables}
+    optimizer.exclude_from_weight_decay(
+        var_list=[v for v in model.trainable_variables if len(v.shape) <= 1 or id(v) in schedule_ids]
+    )
+    return optimizer
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and writing run directories.
+
+
+def compiled_model(config):
+    """The model of `config`, compiled with its optimiser and the optimiser's variables built.
+
+    Building the optimiser creates its slots and EMA copies, so that a checkpoint of
+    `tf.train.Checkpoint(model=model, optimizer=model.optimizer)` restores into it.
+    """
+    model = build_model(config)
+    model.compile(optimizer=build_optimizer(config, model))
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def model_checkpoint(model):
+    """The `tf.train.Checkpoint` of a run directory: the model and its optimiser (EMA included)."""
+    return tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+
+
+def restore_for_inference(model_dir, config=None):
+    """The trained model of a run directory, with its EMA weights (for eval, sample, export).
+
+    Args:
+        model_dir: a run directory (`config.json`, `checkpoints/`).
+        config: its `Config`; by default the one saved in `config.json`.
+    """
+    config = config or saved_config(model_dir)
+    if config is None:
+        raise FileNotFoundError(f"{model_dir} is not a run directory: it has no config.json.")
+    latest = tf.train.latest_checkpoint(checkpoint_dir(model_dir))
+    if latest is None:
+        raise FileNotFoundError(f"No checkpoint in {checkpoint_dir(model_dir)}; train first.")
+    model = compiled_model(config)
+    model_checkpoint(model).restore(latest).assert_existing_objects_matched()
+    if model.optimizer.use_ema:
+        model.optimizer.finalize_variable_values(model.trainable_variables)
+    return model
+
+
+def save_run(model_dir, config, model):
+    """Writes `model`'s weights as a run directory that `load` and `trainers.main` read.
+
+    The weights become both the raw and the EMA weights of a fresh optimiser at step 0, so a
+    training run started on the directory continues from them. Used by `vdm_tf.convert`.
+
+    Args:
+        model_dir: the directory to write (`config.json`, `checkpoints/ckpt-0`); must not hold
+            a run already.
+        config: the `Config` that builds a model of `model`'s architecture.
+        model: a built model whose weights to save.
+    """
+    if os.path.exists(config_path(model_dir)):
+        raise FileExistsError(f"{model_dir} already holds a run (config.json); choose a new directory.")
+    target = compiled_model(config)
+    if len(target.weights) != len(model.weights):
+        raise ValueError(f"The configuration builds {len(target.weights)} weights; the model has {len(model.weights)}.")
+    for destination, source in zip(target.weights, model.weights):
+        if tuple(destination.shape) != tuple(source.shape):
+            raise ValueError(f"{destination.path}: the configuration builds {destination.shape}; got {source.shape}.")
+        destination.assign(source)
+    optimizer = target.optimizer
+    if optimizer.use_ema:
+        for variable in target.trainable_variables:
+            optimizer._model_variables_moving_average[optimizer._get_variable_index(variable)].assign(variable)
+    save_config(model_dir, config)
+    tf.train.CheckpointManager(model_checkpoint(target), checkpoint_dir(model_dir), max_to_keep=None).save(
+        checkpoint_number=0
+    )
+
+
+def load(path):
+    """A trained model from a `.keras` file (`model.save`) or a run directory (EMA weights).
+
+    Example:
+        model = vdm_tf.load("runs/demo")
+        model.elbo(x_uint8, seed=0)["bpd"]
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if not os.path.exists(config_path(path)):
+            raise ValueError(f"{path} is not a run directory: it has no config.json.")
+        return restore_for_inference(path)
+    if os.path.isfile(path) and path.endswith(".keras"):
+        model = keras.saving.load_model(path, compile=False)
+        if not isinstance(model, VDM):
+            raise ValueError(f"{path} holds a {type(model).__name__}, not a vdm_tf model.")
+        return model
+    raise ValueError(
+        f"expected a .keras file written by model.save or a run directory (config.json, checkpoints/); got {path!r}."
+    )
