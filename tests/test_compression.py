@@ -13,9 +13,10 @@ from compression_helpers import GAMMA_0, GAMMA_1, edge_and_digit_images, gaussia
 from PIL import Image
 
 from vdm_tf import compression
-from vdm_tf.compression import BitsBackCodec, CompressionError, ModelMismatchError, read_header
+from vdm_tf.compression import BitsBackCodec, CompressionError, ModelMismatchError, decoded_file_names, read_header
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = tuple(f"image_{i}.png" for i in range(15))
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,15 @@ def images():
 
 @pytest.fixture(scope="module")
 def encoded(model, images):
-    """15 images in batches of 6 (the last one padded), T = 4."""
-    return BitsBackCodec(model, num_steps=4, batch_size=6).encode(images)
+    """15 images named image_0.png .. image_14.png in batches of 6 (the last one padded), T = 4."""
+    return BitsBackCodec(model, num_steps=4, batch_size=6).encode(images, names=NAMES)
+
+
+@pytest.fixture(scope="module")
+def model_file(model, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("model") / "model.keras")
+    model.save(path)
+    return path
 
 
 def test_round_trip_is_bit_exact_for_random_edge_and_digit_images(model, images, encoded):
@@ -40,8 +48,9 @@ def test_round_trip_is_bit_exact_for_random_edge_and_digit_images(model, images,
     np.testing.assert_array_equal(decoded, images)
     header = read_header(encoded)
     assert (header.count, header.num_steps, header.batch_size, header.image_shape) == (15, 4, 6, (8, 8, 1))
+    assert header.names == NAMES
     # The whole encoder is deterministic (network outputs included): same images, same bytes.
-    assert BitsBackCodec(model, num_steps=4, batch_size=6).encode(images) == encoded
+    assert BitsBackCodec(model, num_steps=4, batch_size=6).encode(images, names=NAMES) == encoded
     # One image alone (a batch of one) and an untrained model that misses: still lossless.
     single = BitsBackCodec(model, num_steps=2).encode(images[:1])
     np.testing.assert_array_equal(BitsBackCodec(model).decode(single), images[:1])
@@ -98,7 +107,7 @@ def test_corrupted_truncated_and_wrong_model_inputs_fail_clearly(model, images, 
     with pytest.raises(CompressionError, match="impossible symbol"):
         codec.decode(_recrc(bytes(flipped)))
     bottom = bytearray(encoded)
-    bottom[compression._HEADER.size] ^= 0x01
+    bottom[compression._HEADER.size + read_header(encoded).names_bytes] ^= 0x01
     with pytest.raises(CompressionError, match="did not end on the initial stack"):
         codec.decode(_recrc(bytes(bottom)))
     with pytest.raises(ModelMismatchError, match="different model"):
@@ -109,31 +118,245 @@ def test_corrupted_truncated_and_wrong_model_inputs_fail_clearly(model, images, 
         codec.decode(_recrc(bytes(version)))
     with pytest.raises(TypeError, match="uint8"):
         codec.encode(images.astype(np.float32) / 255)
-    with pytest.raises(ValueError, match="names must be 15 strings"):
+    with pytest.raises(ValueError, match="names must be 15 strings, one per image; got 1"):
         codec.encode(images, names=["a.png"])
 
 
-def test_command_line_decodes_in_another_process(model, images, tmp_path, capsys):
-    """Encode with the command line here, decode with it in a fresh Python process: same pixels, names."""
-    model_path = str(tmp_path / "model.keras")
-    model.save(model_path)
-    paths = []
-    for i, image in enumerate(images[3:9]):
-        paths.append(str(tmp_path / f"image_{i}.png"))
-        Image.fromarray(image[..., 0]).save(paths[-1])
+# --------------------------------------------------------------------------------------------
+# File names.
+
+
+def _with_names_block(data, version, block):
+    """`data` with another format version and names block (the CRC-32 recomputed)."""
+    fields = list(compression._HEADER.unpack_from(data))
+    payload = data[compression._HEADER.size + read_header(data).names_bytes : -4]
+    fields[1], fields[13] = version, len(block)
+    return _recrc(compression._HEADER.pack(*fields) + block + payload + bytes(4))
+
+
+def test_names_are_front_coded_and_deflated_and_version_1_files_still_decode(model, images, encoded):
+    digits = [f"digit{i:04d}.png" for i in range(297)]  # the CLI's names for the digits test split
+    packed = compression._pack_names(digits)
+    assert compression._unpack_names(packed) == tuple(digits)
+    assert len(packed) < 0.03 * len("\n".join(digits).encode())  # 92 bytes instead of 4157
+    # Shared prefixes beyond 255 bytes and of 10 bytes (the newline's code), repeats, non-ASCII,
+    # a POSIX name that is not UTF-8 (surrogateescape) and an empty name all come back.
+    odd = ["x" * 300 + "a", "x" * 300 + "b", "0123456789a", "0123456789b", "ü.png", "ü.png", "\udcff.png", ""]
+    assert compression._unpack_names(compression._pack_names(odd)) == tuple(odd)
+    with pytest.raises(CompressionError, match="Corrupted file names"):
+        compression._unpack_names(packed[:-5])
+    # A file of format version 1 (names stored raw) still decodes, names included.
+    old = _with_names_block(encoded, 1, "\n".join(NAMES).encode())
+    assert read_header(old).names == NAMES
+    with pytest.raises(CompressionError, match="14 file names for 15 images"):
+        read_header(_with_names_block(encoded, 2, compression._pack_names(NAMES[:14])))
+    np.testing.assert_array_equal(BitsBackCodec(model).decode(old), images)
+
+
+def test_decoded_file_names_are_png_with_unique_stems():
+    names = [
+        "digit4.jpg", "noext", "digit0.dat", "a.png", "a.jpg", "A.PNG", "a-1.png",
+        "", "..", "../../evil.png", "archive.tar.gz",
+    ]  # fmt: skip
+    assert decoded_file_names(names, len(names)) == [
+        "digit4.png", "noext.png", "digit0.png", "a.png", "a-2.png", "A-3.png", "a-1.png",
+        "00007.png", "00008.png", "evil.png", "archive.tar.png",
+    ]  # fmt: skip
+    assert decoded_file_names((), 2) == ["00000.png", "00001.png"]
+
+
+# --------------------------------------------------------------------------------------------
+# The command line.
+
+
+def test_command_line_decodes_in_another_process_to_png_with_the_encoded_pixels(model_file, images, tmp_path, capsys):
+    """Encode with the command line here (JPEG inputs, odd extensions, two files with one stem),
+    decode with it in a fresh Python process: PNG files holding exactly the pixels read at encode."""
+    inputs = {"digit4.jpg": "JPEG", "a.png": "PNG", "a.jpg": "JPEG", "noext": "PNG", "digit0.dat": "PNG"}
+    inputs["image_5.png"] = "PNG"
+    paths, pixels = [], []
+    for (name, kind), image in zip(inputs.items(), images[3:9]):
+        paths.append(str(tmp_path / name))
+        Image.fromarray(image[..., 0]).save(paths[-1], format=kind)
+        with Image.open(paths[-1]) as picture:
+            pixels.append(np.asarray(picture))
+    assert not np.array_equal(pixels[0], images[3, ..., 0])  # JPEG is lossy: what is read is what counts
     out = str(tmp_path / "images.vdmz")
-    args = ["encode", f"--model={model_path}", *paths, "-o", out, "--steps=3", "--batch_size=4", "--elbo_samples=0"]
+    args = ["encode", f"--model={model_file}", *paths, "-o", out, "--steps=3", "--batch_size=4", "--elbo_samples=0"]
     assert compression.main(args) == 0
     summary = capsys.readouterr().out
     assert "6 images 8x8x1, T=3" in summary and "net" in summary and "PNG" in summary, summary
+    names_bytes = read_header((tmp_path / "images.vdmz").read_bytes()).names_bytes
+    names_bpd = 8 * names_bytes / (6 * 64)
+    assert f"\n  names       {names_bpd:8.3f} bpd ({names_bytes} bytes for 6 names)\n" in summary, summary
+    assert "2 inputs are JPEG files, not PNG: decode writes PNG files holding the decoded pixels" in summary, summary
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     decoded = tmp_path / "decoded"
-    command = [sys.executable, "-m", "vdm_tf.compression", "decode", f"--model={model_path}", out, "-o", str(decoded)]
+    command = [sys.executable, "-m", "vdm_tf.compression", "decode", f"--model={model_file}", out, "-o", str(decoded)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    for i, image in enumerate(images[3:9]):
-        np.testing.assert_array_equal(np.asarray(Image.open(decoded / f"image_{i}.png")), image[..., 0])
-    # An RGB file for a grayscale model: a clear error, exit status 1.
-    Image.new("RGB", (8, 8)).save(tmp_path / "rgb.png")
-    assert compression.main(["encode", f"--model={model_path}", str(tmp_path / "rgb.png"), "-o", out]) == 1
-    assert "mode RGB" in capsys.readouterr().err
+    written = ["digit4.png", "a.png", "a-1.png", "noext.png", "digit0.png", "image_5.png"]
+    assert sorted(os.listdir(decoded)) == sorted(written)  # no staging directory left behind
+    for name, expected in zip(written, pixels):
+        with Image.open(decoded / name) as picture:
+            assert picture.format == "PNG" and picture.mode == "L"
+            np.testing.assert_array_equal(np.asarray(picture), expected)
+
+
+def test_one_image_round_trip_prints_no_standard_error(model, model_file, images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(compression, "load_model", lambda path: model)
+    Image.fromarray(images[5, ..., 0]).save(tmp_path / "one.png")
+    out = str(tmp_path / "one.vdmz")
+    args = ["encode", f"--model={model_file}", str(tmp_path / "one.png"), "-o", out, "--steps=2", "--elbo_samples=2"]
+    assert compression.main(args) == 0
+    summary = capsys.readouterr().out
+    assert "-ELBO(T)" in summary and "+-" not in summary and "nan" not in summary, summary
+    assert compression.main(["decode", f"--model={model_file}", out, "-o", str(tmp_path / "out")]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "one.png")), images[5, ..., 0])
+
+
+@pytest.mark.parametrize("failing", ["save", "replace"])
+def test_a_failed_write_keeps_the_decoded_images(
+    failing, model, model_file, images, encoded, tmp_path, monkeypatch, capsys
+):
+    """Writing fails after decoding (disk full, say) while saving the 3rd file or moving the 6th
+    into place: every image is still on disk, in the output directory or in a rescue directory."""
+    monkeypatch.setattr(compression, "load_model", lambda path: model)
+    monkeypatch.setattr(compression.tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    calls = {"save": 0, "replace": 0}
+    output = str(tmp_path / "out")
+
+    def fail_on_call(kind, number, function):
+        def wrapped(path, *args):
+            if path.startswith(output):
+                calls[kind] += 1
+                if calls[kind] == number:
+                    raise OSError(28, "No space left on device")
+            return function(path, *args)
+
+        return wrapped
+
+    if failing == "save":
+        monkeypatch.setattr(compression, "_save_png", fail_on_call("save", 3, compression._save_png))
+    else:
+        monkeypatch.setattr(compression.os, "replace", fail_on_call("replace", 6, os.replace))
+    (tmp_path / "images.vdmz").write_bytes(encoded)
+    assert compression.main(["decode", f"--model={model_file}", str(tmp_path / "images.vdmz"), "-o", output]) == 1
+    error = capsys.readouterr().err
+    assert "No space left on device" in error and len(error.strip().splitlines()) == 1, error
+    (rescue,) = os.listdir(tmp_path / "tmp")
+    assert str(tmp_path / "tmp" / rescue) in error
+    placed = sorted(os.listdir(output))  # complete files only, no staging directory
+    assert len(placed) == (0 if failing == "save" else 5)
+    assert sorted(placed + os.listdir(tmp_path / "tmp" / rescue)) == sorted(NAMES)
+    for i, name in enumerate(NAMES):
+        path = os.path.join(output, name) if name in placed else os.path.join(tmp_path / "tmp" / rescue, name)
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), images[i, ..., 0])
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, encoded):
+    """Paths for the command line's error matrix, by name."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    paths = {"dir": str(root), "missing": str(root / "missing.png"), "missing_vdmz": str(root / "missing.vdmz")}
+    paths["missing_keras"] = str(root / "missing.keras")
+    paths["missing_newline"] = str(root / "gone\nfile.vdmz")  # the message still fits on one line
+
+    def write(key, name, content):
+        paths[key] = str(root / name)
+        if isinstance(content, bytes):
+            (root / name).write_bytes(content)
+        else:
+            content.save(root / name, format="PNG")
+
+    write("good", "good.png", Image.new("L", (8, 8), 7))
+    write("palette", "palette.png", Image.new("P", (8, 8)))
+    write("grey_alpha", "grey_alpha.png", Image.new("LA", (8, 8)))
+    write("rgb", "rgb.png", Image.new("RGB", (8, 8)))
+    write("wrong_size", "wrong_size.png", Image.new("L", (8, 16)))
+    write("newline", "new\nline.png", Image.new("L", (8, 8)))
+    write("text", "text.png", b"not an image\n")
+    write("empty", "empty.png", b"")
+    write("truncated", "truncated.png", open(paths["good"], "rb").read()[:40])
+    write("broken_keras", "broken.keras", b"not a zip file")
+    write("vdmz", "good.vdmz", encoded)
+    write("truncated_vdmz", "truncated.vdmz", encoded[:-7])
+    flipped = bytearray(encoded)
+    flipped[len(encoded) // 2] ^= 0x10
+    write("corrupted_vdmz", "corrupted.vdmz", bytes(flipped))
+    taller = bytearray(encoded)
+    taller[6] = 16  # the header's height: images of 16x8x1
+    write("other_shape_vdmz", "other_shape.vdmz", _recrc(bytes(taller)))
+    os.makedirs(root / "cifar_run")
+    write("cifar_config", "cifar_run/config.json", b'{"dataset": "cifar10"}')  # a run directory's config
+    paths["cifar_run"] = str(root / "cifar_run")
+    os.makedirs(root / "occupied" / "image_3.png")  # decode would write image 3 where a directory is
+    paths["occupied"] = str(root / "occupied")
+    return paths
+
+
+ENCODE = ["encode", "--model={model}", "{good}", "-o", "{dir}/out.vdmz"]
+DECODE = ["decode", "--model={model}", "{vdmz}", "-o", "{dir}/decoded"]
+ERRORS = {  # name: (argv, what the message says)
+    "missing input": (ENCODE[:2] + ["{missing}"] + ENCODE[3:], "No such file"),
+    "non-image file": (ENCODE[:2] + ["{text}"] + ENCODE[3:], "not an image file"),
+    "empty file": (ENCODE[:2] + ["{empty}"] + ENCODE[3:], "an empty file"),
+    "truncated image": (ENCODE[:2] + ["{truncated}"] + ENCODE[3:], "expected an L image of 8x8x1"),
+    "palette PNG": (ENCODE[:2] + ["{palette}"] + ENCODE[3:], "got mode P;"),
+    "grey+alpha PNG": (ENCODE[:2] + ["{grey_alpha}"] + ENCODE[3:], "got mode LA;"),
+    "RGB for a grey model": (ENCODE[:2] + ["{rgb}"] + ENCODE[3:], "got mode RGB;"),
+    "wrong size": (ENCODE[:2] + ["{good}", "{wrong_size}"] + ENCODE[3:], "got 16x8x1; expected an L"),
+    "directory as input": (ENCODE[:2] + ["{dir}"] + ENCODE[3:], "Is a directory"),
+    "newline in a name": (ENCODE[:2] + ["{newline}"] + ENCODE[3:], "without newlines; got 'new\\nline.png'"),
+    "encode output is a directory": (ENCODE[:4] + ["{dir}"], "is a directory; expected the name"),
+    "encode output under a file": (ENCODE[:4] + ["{good}/out.vdmz"], "is a file, not a directory"),
+    "encode, missing --model": (["encode", "--model={missing_keras}"] + ENCODE[2:], "--model must be a .keras"),
+    "encode, --model without config": (["encode", "--model={dir}"] + ENCODE[2:], "--model must be a .keras"),
+    "encode, run directory of RGB images": (
+        ["encode", "--model={cifar_run}"] + ENCODE[2:],
+        "got mode L; expected an RGB image of 32x32x3",
+    ),
+    "encode, broken .keras": (["encode", "--model={broken_keras}"] + ENCODE[2:], "not a .keras file of a vdm_tf"),
+    "decode output is a file": (DECODE[:4] + ["{good}"], "is a file; expected a directory"),
+    "decode output under a file": (DECODE[:4] + ["{good}/decoded"], "is a file, not a directory"),
+    "decode output name is a directory": (DECODE[:4] + ["{occupied}"], "image_3.png is a directory; decode writes"),
+    "missing .vdmz": (DECODE[:2] + ["{missing_vdmz}"] + DECODE[3:], "No such file"),
+    "missing .vdmz, newline in its name": (DECODE[:2] + ["{missing_newline}"] + DECODE[3:], "No such file"),
+    "not a .vdmz": (DECODE[:2] + ["{good}"] + DECODE[3:], "Not a vdm_tf compressed file"),
+    "truncated .vdmz": (DECODE[:2] + ["{truncated_vdmz}"] + DECODE[3:], "Truncated file"),
+    "corrupted .vdmz": (DECODE[:2] + ["{corrupted_vdmz}"] + DECODE[3:], "CRC-32"),
+    ".vdmz of another shape": (DECODE[:2] + ["{other_shape_vdmz}"] + DECODE[3:], "holds 16x8x1 images"),
+    "decode, missing --model": (["decode", "--model={missing_keras}"] + DECODE[2:], "--model must be a .keras"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_command_line_rejects_bad_input_in_one_line_before_loading_the_model(
+    case, bad_inputs, model_file, monkeypatch, capsys
+):
+    """Exit status 1, one line naming what was expected, no traceback, and the model (seconds to
+    load, TensorFlow's runtime) never loaded: every input is checked first."""
+    monkeypatch.setattr(compression, "load_model", lambda path: pytest.fail("loaded the model before checking"))
+    template, expected = ERRORS[case]
+    argv = [part.format_map(dict(bad_inputs, model=model_file)) for part in template]
+    assert compression.main(argv) == 1
+    out, error = capsys.readouterr()
+    assert out == "" and "Traceback" not in error and len(error.strip().splitlines()) == 1, error
+    assert expected in error, error
+    assert not os.path.exists(os.path.join(bad_inputs["dir"], "out.vdmz"))
+    assert not os.path.exists(os.path.join(bad_inputs["dir"], "decoded"))
+
+
+def test_command_line_reports_a_model_that_does_not_load_in_one_line(bad_inputs, tmp_path, capsys):
+    """A .keras file whose configuration reads (so every input check passes) but whose model does not load."""
+    import zipfile
+
+    broken = str(tmp_path / "broken.keras")
+    with zipfile.ZipFile(broken, "w") as archive:
+        archive.writestr("config.json", '{"class_name": "NoSuchModel", "config": {"image_shape": [8, 8, 1]}}')
+    argv = ["encode", f"--model={broken}", bad_inputs["good"], "-o", str(tmp_path / "out.vdmz")]
+    assert compression.main(argv) == 1
+    out, error = capsys.readouterr()
+    assert "Traceback" not in error and len(error.strip().splitlines()) == 1, error
+    assert f"--model={broken}: could not load the model" in error, error

@@ -4,7 +4,12 @@
     data = codec.encode(x_uint8)                 # bytes
     x_uint8 = codec.decode(data)                 # bit-exact
     python -m vdm_tf.compression encode --model=model.keras a.png b.png -o out.vdmz
-    python -m vdm_tf.compression decode --model=model.keras out.vdmz -o DIR
+    python -m vdm_tf.compression decode --model=model.keras out.vdmz -o DIR     # DIR/a.png, DIR/b.png
+
+The command line checks every input (files, modes, sizes, the output paths, the model's path
+and image shape) before it loads the model. `decode` always writes PNG files, `<stem>.png` for
+each stored name (`decoded_file_names`), holding exactly the encoded pixels: for an input in a
+lossy format (JPEG) that is the pixels Pillow decoded from it, not the original file's bytes.
 
 ## The code
 
@@ -60,7 +65,8 @@ q, and the codelength matches the -ELBO to about 0.2% (tests/test_compression.py
   only the words the message changed, so this is paid once per message: batches are chained on
   one stack and later batches pop the bits earlier ones pushed. Smaller batches cost less here.
   `read_header(data).initial_bits` reports it, `.net_bits` the growth of the stack;
-- the header: 122 bytes, the file names and a CRC-32.
+- the header (122 bytes), the file names (front-coded and deflated, `_pack_names`: 92 bytes for
+  the 297 names digit0000.png .. digit0296.png, 0.04 bpd of those 8x8 images) and a CRC-32.
 
 ## The latent grid
 
@@ -104,11 +110,15 @@ import argparse
 import dataclasses
 import hashlib
 import io
+import json
 import math
 import os
+import shutil
 import struct
 import sys
+import tempfile
 import time
+import zipfile
 import zlib
 
 import constriction
@@ -120,7 +130,7 @@ from vdm_tf import evaluation, images, samplers
 from vdm_tf.vdm import VDM
 
 MAGIC = b"VDMZ"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # version 2: the names block is front-coded and deflated (`_pack_names`); 1: raw
 # magic, version, H, W, C, count, num_steps, batch_size, latent_bins, window, intra-op threads,
 # initial words, shared words, names bytes, payload words, SHA-256 of the weights and of the probe.
 _HEADER = struct.Struct("<4sH13I32s32s")
@@ -161,6 +171,7 @@ class Header:
     weights_sha256: bytes
     probe_sha256: bytes
     names: tuple
+    names_bytes: int  # the size of the stored names block
     payload: np.ndarray  # uint32 words: the ANS stack above the shared initial words
 
     @property
@@ -190,8 +201,8 @@ def read_header(data):
     fields = _HEADER.unpack_from(data)
     _, version, height, width, channels, count, num_steps, batch_size, bins, window, threads = fields[:11]
     initial, shared, names_bytes, payload_words, weights_sha, probe_sha = fields[11:]
-    if version != FORMAT_VERSION:
-        raise CompressionError(f"Format version {version}; this vdm_tf reads version {FORMAT_VERSION}.")
+    if version not in (1, FORMAT_VERSION):
+        raise CompressionError(f"Format version {version}; this vdm_tf reads versions 1 and {FORMAT_VERSION}.")
     expected = _HEADER.size + names_bytes + 4 * payload_words + _CRC.size
     if len(data) != expected:
         state = "Truncated" if len(data) < expected else "Corrupted"
@@ -203,12 +214,65 @@ def read_header(data):
         raise CompressionError(f"Corrupted header: impossible fields {fields[2:11]}.")
     if not shared <= initial or shared + payload_words < 1:
         raise CompressionError(f"Corrupted header: {shared} shared of {initial} initial words, {payload_words} more.")
-    names = data[_HEADER.size : _HEADER.size + names_bytes].decode("utf-8")
+    block = data[_HEADER.size : _HEADER.size + names_bytes]
+    if version == 1:
+        names = tuple(block.decode("utf-8", "surrogateescape").split("\n")) if names_bytes else ()
+    else:
+        names = _unpack_names(block)
+    if len(names) not in (0, count):
+        raise CompressionError(f"Corrupted file: {len(names)} file names for {count} images.")
     payload = np.frombuffer(data, "<u4", payload_words, _HEADER.size + names_bytes).astype(np.uint32)
     return Header(
         (height, width, channels), count, num_steps, batch_size, bins, window, threads, initial, shared,
-        weights_sha, probe_sha, tuple(names.split("\n")) if names_bytes else (), payload,
+        weights_sha, probe_sha, names, names_bytes, payload,
     )  # fmt: skip
+
+
+def _check_names(names, count):
+    """Raises ValueError unless `names` is empty or `count` strings without newlines."""
+    if names and len(names) != count:
+        raise ValueError(f"names must be {count} strings, one per image; got {len(names)}.")
+    for name in names:
+        if not isinstance(name, str) or "\n" in name:
+            raise ValueError(f"names must be strings without newlines; got {name!r}.")
+
+
+def _pack_names(names):
+    """The names block of format version 2: the names front-coded, then deflated (zlib, raw).
+
+    Front coding writes each name as the number of leading bytes it shares with the previous
+    name (one byte, at most 255), its remaining UTF-8 bytes and a newline; deflate then finds
+    what repeats. Sequential names cost a few bits each: the 297 names digit0000.png ..
+    digit0296.png take 92 bytes instead of 4157. Names that are not valid UTF-8 (POSIX file
+    names are bytes) keep their bytes (surrogateescape).
+    """
+    block, previous = bytearray(), b""
+    for name in names:
+        name = name.encode("utf-8", "surrogateescape")
+        shared = min(len(os.path.commonprefix([previous, name])), 255)
+        block += bytes([shared]) + name[shared:] + b"\n"
+        previous = name
+    if not block:
+        return b""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return deflate.compress(bytes(block)) + deflate.flush()
+
+
+def _unpack_names(data):
+    """The inverse of `_pack_names`."""
+    try:
+        block = zlib.decompress(data, -15) if data else b""
+    except zlib.error as error:
+        raise CompressionError(f"Corrupted file names: {error}.") from None
+    names, previous, position = [], b"", 0
+    while position < len(block):
+        shared, end = block[position], block.find(b"\n", position + 1)
+        if end < 0 or shared > len(previous):
+            raise CompressionError("Corrupted file names: the names block does not parse.")
+        previous = previous[:shared] + block[position + 1 : end]
+        names.append(previous.decode("utf-8", "surrogateescape"))
+        position = end + 1
+    return tuple(names)
 
 
 def intra_op_threads():
@@ -483,15 +547,15 @@ class BitsBackCodec:
 
         Args:
             x: uint8 images of the model's shape (tensor or array), N >= 1.
-            names: optional N file names, stored in the container (the command line uses them).
+            names: optional N file names without newlines, stored in the container (front-coded
+                and deflated; the command line stores the input files' names).
             verbose: show a progress bar.
         """
         x = images.check_images(x, self.image_shape).numpy()
         if not len(x):
             raise ValueError("images must hold at least one image; got an empty batch.")
         names = tuple(names or ())
-        if names and (len(names) != len(x) or any("\n" in name for name in names)):
-            raise ValueError(f"names must be {len(x)} strings without newlines, one per image; got {names!r}.")
+        _check_names(names, len(x))
         batch_size = min(self.batch_size, len(x))
         grid = self._grid(self.num_steps, self.latent_bins, self.window)
         network = self._network(batch_size)
@@ -506,7 +570,7 @@ class BitsBackCodec:
         common = min(len(words), len(initial))
         differs = np.flatnonzero(words[:common] != initial[:common])
         shared = int(differs[0]) if len(differs) else common
-        names_bytes = "\n".join(names).encode("utf-8")
+        names_bytes = _pack_names(names)
         header = _HEADER.pack(
             MAGIC, FORMAT_VERSION, *self.image_shape, len(x), self.num_steps, batch_size, self.latent_bins,
             self.window, intra_op_threads(), len(initial), shared, len(names_bytes), len(words) - shared,
@@ -577,35 +641,76 @@ def discrete_elbo_bpd(model, x, num_steps, num_time_samples=8, seed=0, batch_siz
 
 
 def load_model(path):
-    """A VDM from a `.keras` file (`model.save`) or a trainer run directory (config.json, checkpoints/)."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-        from trainers import configs, train  # the library itself never imports trainers
+    """A VDM from a `.keras` file (`model.save`) or a trainer run directory: `vdm_tf.load`."""
+    from vdm_tf.runs import load
 
-        return train.restore_for_inference(path, configs.saved_config(path))
+    return load(path)
+
+
+_MODES = {1: "L", 3: "RGB"}  # what the command line reads and writes for C channels
+
+
+def _shape_text(shape):
+    return "x".join(map(str, shape))
+
+
+def _model_image_shape(path):
+    """The image shape of the model at `path`, read from its configuration without loading it.
+
+    A `.keras` file holds its model's `get_config` in `config.json` (VDM's has `image_shape`);
+    a run directory's `config.json` names its data set. Lets the command line check every input
+    before it loads the model (seconds) and starts TensorFlow's runtime.
+    """
+    path = os.fspath(path)
     if os.path.isfile(path) and path.endswith(".keras"):
-        model = keras.saving.load_model(path, compile=False)
-        if isinstance(model, VDM):
-            return model
+        try:
+            with zipfile.ZipFile(path) as archive:
+                shape = json.loads(archive.read("config.json"))["config"]["image_shape"]
+            return tuple(int(size) for size in shape)
+        except (OSError, zipfile.BadZipFile, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"--model={path}: not a .keras file of a vdm_tf model (model.save): {error}") from None
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        from vdm_tf import datasets, runs
+
+        try:
+            return tuple(datasets.info(runs.saved_config(path).dataset).image_shape)
+        except (OSError, TypeError, ValueError) as error:
+            raise ValueError(f"--model={path}: unreadable run configuration config.json: {error}") from None
     raise ValueError(
-        f"--model must be a .keras file written by VDM.save or a trainer run directory (config.json and "
-        f"checkpoints/); got {path!r}."
+        f"--model must be a .keras file written by model.save or a trainer run directory (with config.json); "
+        f"got {path!r}."
     )
 
 
-def read_png(path, image_shape):
-    """An image file as uint8 [H, W, C]: mode L for C = 1, RGB for C = 3 (nothing converted)."""
-    from PIL import Image
+def read_image(path, image_shape):
+    """An image file as uint8 [H, W, C] and its format (Pillow's name: PNG, JPEG, ...).
 
-    mode = {1: "L", 3: "RGB"}.get(image_shape[-1])
+    Mode L for C = 1, RGB for C = 3, nothing converted: palette, grey+alpha or 16-bit images are
+    refused. Raises ValueError with a one-line message naming what was expected.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    mode = _MODES.get(image_shape[-1])
     if mode is None:
         raise ValueError(f"The command line reads L or RGB images; the model codes {image_shape[-1]} channels.")
-    with Image.open(path) as picture:
-        if picture.mode != mode:
-            raise ValueError(f"{path}: the model codes {mode} images of {image_shape}; got mode {picture.mode}.")
-        array = np.asarray(picture, np.uint8).reshape(picture.height, picture.width, -1)
+    expected = f"expected an {mode} image of {_shape_text(image_shape)}, the model's shape"
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            found = picture.mode, picture.format
+            array = np.asarray(picture).reshape(picture.height, picture.width, -1) if found[0] == mode else None
+    except UnidentifiedImageError:
+        reason = "an empty file" if os.path.getsize(path) == 0 else "not an image file Pillow can read"
+        raise ValueError(f"{path}: {reason}; {expected}.") from None
+    except OSError as error:
+        raise ValueError(f"{path}: {error.strerror or error}; {expected}.") from None
+    except Exception as error:  # Pillow reports broken files with many exception types
+        raise ValueError(f"{path}: a broken image file ({type(error).__name__}: {error}); {expected}.") from None
+    if found[0] != mode:
+        raise ValueError(f"{path}: got mode {found[0]}; {expected} (nothing is converted).")
     if array.shape != tuple(image_shape):
-        raise ValueError(f"{path}: the model codes images of shape {tuple(image_shape)}; got {array.shape}.")
-    return array
+        raise ValueError(f"{path}: got {_shape_text(array.shape)}; {expected}.")
+    return array, found[1]
 
 
 def image_file_bytes(image, **options):
@@ -615,6 +720,89 @@ def image_file_bytes(image, **options):
     buffer = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, **({"format": "PNG"} | options))
     return len(buffer.getvalue())
+
+
+def decoded_file_names(names, count):
+    """The PNG file names `decode` writes for the stored `names` of `count` images.
+
+    Each image goes to `<stem>.png` whatever its stored extension (digit4.jpg -> digit4.png,
+    noext -> noext.png). Of several names with one stem (compared ignoring case), the first keeps
+    `<stem>.png` and the later ones get `<stem>-1.png`, `<stem>-2.png`, ... (the first number no
+    other name takes): a.png, a.jpg -> a.png, a-1.png. Stems that are no usable file name
+    (empty, ".", "..", a NUL byte, over 200 bytes) and files without names get the image's index,
+    00000.png, 00001.png, ...
+    """
+    stems = []
+    for i in range(count):
+        stem = os.path.splitext(os.path.basename(names[i]) if names else "")[0]
+        if stem in ("", ".", "..") or "\0" in stem or len(stem.encode("utf-8", "surrogateescape")) > 200:
+            stem = f"{i:05d}"
+        stems.append(stem)
+    wanted = {f"{stem}.png".casefold() for stem in stems}
+    written, used = [], set()
+    for stem in stems:
+        name, number = f"{stem}.png", 0
+        while name.casefold() in used or (number and name.casefold() in wanted):
+            number += 1
+            name = f"{stem}-{number}.png"
+        used.add(name.casefold())
+        written.append(name)
+    return written
+
+
+def _check_can_create(path, what):
+    """Raises ValueError unless `path` is a directory this process may write in, or can be made one."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{what}: {existing} is a file, not a directory.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: no permission to write in {existing}.")
+
+
+def _save_png(path, image):
+    from PIL import Image
+
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, format="PNG")
+
+
+def write_pngs(x, names, directory):
+    """Writes uint8 images [N, H, W, C] as PNG files `directory/names[i]`, each complete or absent.
+
+    The files are written in a hidden staging directory inside `directory`, then renamed into
+    place. If any of this fails, the images not yet in place are written under the same names to
+    a new directory in the system's temporary directory, and the OSError raised names it: a
+    finished decode is not thrown away.
+    """
+    placed = 0
+    try:
+        os.makedirs(directory, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".vdmz-", dir=directory)
+        try:
+            for name, image in zip(names, x):
+                _save_png(os.path.join(staging, name), image)
+            for name in names:
+                os.replace(os.path.join(staging, name), os.path.join(directory, name))
+                placed += 1
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as error:
+        rescue = tempfile.mkdtemp(prefix="vdmz-decoded-")
+        for name, image in zip(names[placed:], x[placed:]):
+            _save_png(os.path.join(rescue, name), image)
+        raise OSError(
+            f"writing the images to {directory} failed ({error}); the {len(names) - placed} images not written "
+            f"there are in {rescue}"
+        ) from None
+
+
+def _load_checked_model(path):
+    """`load_model` for the command line: any failure becomes a one-line ValueError naming the path."""
+    try:
+        return load_model(path)
+    except Exception as error:  # Keras reports unloadable files with many exception types
+        raise ValueError(f"--model={path}: could not load the model ({type(error).__name__}: {error})") from None
 
 
 def _use_threads(threads):
@@ -627,73 +815,123 @@ def _use_threads(threads):
 
 
 def _encode_command(args):
+    # Every check that can fail comes first: no model is loaded, TensorFlow's runtime not started.
+    image_shape = _model_image_shape(args.model)
+    names = [os.path.basename(path) for path in args.images]
+    _check_names(names, len(names))
+    x, formats = zip(*(read_image(path, image_shape) for path in args.images))
+    if os.path.isdir(args.output):
+        raise ValueError(f"-o {args.output} is a directory; expected the name of the file to write (out.vdmz).")
+    _check_can_create(os.path.dirname(args.output) or ".", f"-o {args.output}")
+    x = np.stack(x)
     _use_threads(args.threads)
-    model = load_model(args.model)
-    x = np.stack([read_png(path, model.image_shape) for path in args.images])
+    model = _load_checked_model(args.model)
     codec = BitsBackCodec(model, args.steps, args.batch_size, args.latent_bins, args.window)
     start = time.perf_counter()
-    data = codec.encode(x, names=[os.path.basename(path) for path in args.images], verbose=True)
+    data = codec.encode(x, names=names, verbose=True)
     seconds = time.perf_counter() - start
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "wb") as f:
         f.write(data)
     header = read_header(data)
     dims = header.num_dims
     print(
-        f"{len(x)} images {'x'.join(map(str, model.image_shape))}, T={codec.num_steps}: {len(data)} bytes in "
+        f"{len(x)} images {_shape_text(image_shape)}, T={codec.num_steps}: {len(data)} bytes in "
         f"{seconds:.1f} s ({len(x) / seconds:.2f} images/s) -> {args.output}"
     )
     print(f"  file        {8 * len(data) / dims:8.3f} bpd (initial bits {header.initial_bits / dims:.3f} bpd)")
     print(f"  net         {header.net_bits / dims:8.3f} bpd (bits-back codelength)")
+    print(f"  names       {8 * header.names_bytes / dims:8.3f} bpd ({header.names_bytes} bytes for {len(names)} names)")
     if args.elbo_samples:
         elbo = discrete_elbo_bpd(model, x, codec.num_steps, num_time_samples=args.elbo_samples)
-        print(f"  -ELBO(T)    {elbo['bpd']:8.3f} bpd +- {elbo['stderr']:.3f} ({args.elbo_samples} time samples/image)")
+        spread = f" +- {elbo['stderr']:.3f}" if len(x) > 1 else ""  # no standard error from one image
+        print(f"  -ELBO(T)    {elbo['bpd']:8.3f} bpd{spread} ({args.elbo_samples} time samples/image)")
     png = sum(image_file_bytes(image, optimize=True) for image in x)
     print(f"  PNG         {8 * png / dims:8.3f} bpd (Pillow, one file per image, optimize=True)")
+    other = sorted({str(found) for found in formats} - {"PNG"})
+    if other:
+        print(
+            f"note: {sum(found != 'PNG' for found in formats)} inputs are {'/'.join(other)} files, not PNG: decode "
+            f"writes PNG files holding the decoded pixels, not the original file bytes."
+        )
 
 
 def _decode_command(args):
-    with open(args.input, "rb") as f:
-        data = f.read()
+    # Every check that can fail comes first: no model is loaded, TensorFlow's runtime not started.
+    try:
+        with open(args.input, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise ValueError(f"{args.input}: {error.strerror or error}; expected a file written by encode.") from None
     header = read_header(data)
+    image_shape = _model_image_shape(args.model)
+    if header.image_shape != image_shape:
+        raise ModelMismatchError(
+            f"{args.input} holds {_shape_text(header.image_shape)} images; --model={args.model} codes "
+            f"{_shape_text(image_shape)} images."
+        )
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise ValueError(f"-o {args.output} is a file; expected a directory for the PNG files.")
+    _check_can_create(args.output, f"-o {args.output}")
+    names = decoded_file_names(header.names, header.count)
+    for name in names:
+        if os.path.isdir(os.path.join(args.output, name)):
+            raise ValueError(f"{os.path.join(args.output, name)} is a directory; decode writes a PNG file there.")
     _use_threads(header.threads)  # the encoder's: reductions split over threads add in another order
-    model = load_model(args.model)
+    model = _load_checked_model(args.model)
     start = time.perf_counter()
     x = BitsBackCodec(model).decode(data, verbose=True)
     seconds = time.perf_counter() - start
-    names = [os.path.basename(name) for name in header.names]
-    if len(set(names)) != len(x) or not all(names):
-        names = [f"{i:05d}.png" for i in range(len(x))]
-    os.makedirs(args.output, exist_ok=True)
-    from PIL import Image
+    write_pngs(x, names, args.output)
+    print(f"{len(x)} images in {seconds:.1f} s ({len(x) / seconds:.2f} images/s) -> {args.output} (PNG)")
 
-    for name, image in zip(names, x):
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(os.path.join(args.output, name))
-    print(f"{len(x)} images in {seconds:.1f} s ({len(x) / seconds:.2f} images/s) -> {args.output}")
+
+def _integer_at_least(minimum):
+    """An argparse type: an integer >= minimum."""
+
+    def integer(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}; got {text}")
+        return value
+
+    return integer
 
 
 def main(argv=None):
     """`python -m vdm_tf.compression encode|decode ...`; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m vdm_tf.compression", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    encode = commands.add_parser("encode", help="compress image files (PNG) into one .vdmz file")
+    # Short usage lines: an argparse error stays two lines.
+    encode = commands.add_parser(
+        "encode",
+        help="compress image files (PNG, or any format Pillow reads) into one file",
+        usage=f"{parser.prog} encode IMAGE [IMAGE ...] -o FILE.vdmz --model=MODEL [options]",
+    )
     encode.add_argument("images", nargs="+", help="image files of the model's shape (L or RGB)")
     encode.add_argument("-o", "--output", required=True, help="the compressed file")
-    encode.add_argument("--steps", type=int, default=None, help="T (default: the model's timesteps, or 250)")
-    encode.add_argument("--batch_size", type=int, default=16)
-    encode.add_argument("--latent_bins", type=int, default=4)
-    encode.add_argument("--window", type=int, default=8)
-    encode.add_argument("--elbo_samples", type=int, default=8, help="time samples per image for -ELBO (0: skip)")
-    encode.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads (0: its default)")
-    decode = commands.add_parser("decode", help="decompress a .vdmz file into a directory of PNG files")
+    positive, non_negative = _integer_at_least(1), _integer_at_least(0)
+    encode.add_argument("--steps", type=positive, default=None, help="T (default: the model's timesteps, or 250)")
+    encode.add_argument("--batch_size", type=positive, default=16)
+    encode.add_argument("--latent_bins", type=positive, default=4)
+    encode.add_argument("--window", type=positive, default=8)
+    encode.add_argument("--elbo_samples", type=non_negative, default=8, help="time samples per image, -ELBO (0: skip)")
+    encode.add_argument("--threads", type=non_negative, default=0, help="TensorFlow intra-op threads (0: its default)")
+    decode = commands.add_parser(
+        "decode",
+        help="decompress a .vdmz file into a directory of PNG files",
+        usage=f"{parser.prog} decode FILE.vdmz -o DIRECTORY --model=MODEL",
+    )
     decode.add_argument("input", help="the compressed file")
-    decode.add_argument("-o", "--output", required=True, help="directory for the images")
+    decode.add_argument("-o", "--output", required=True, help="directory for the PNG files (<stem>.png per image)")
     for command in (encode, decode):
-        command.add_argument("--model", required=True, help="a .keras file (VDM.save) or a trainer run directory")
+        command.add_argument("--model", required=True, help="a .keras file (model.save) or a trainer run directory")
     args = parser.parse_args(argv)
     try:
         (_encode_command if args.command == "encode" else _decode_command)(args)
     except (ValueError, OSError) as error:  # CompressionError is a ValueError
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, whatever the error text holds
+        print(f"{parser.prog} {args.command}: error: {message}", file=sys.stderr)
         return 1
     return 0
 
