@@ -1,127 +1,233 @@
-"""Train-step throughput on the CPU, against the official JAX VDM on the same machine kind.
+"""Train-step throughput and time to the first step, side by side with the official JAX VDM.
 
-    python -m bench.train_throughput                       # tiny, small, paper; XLA on and off
-    python -m bench.train_throughput --configs=tiny,small --steps=10
+    python -m bench.train_throughput --official_repo=PATH/vdm            # tiny, small, paper
+    python -m bench.train_throughput --official_repo=PATH/vdm --configs=tiny --steps=6 --rounds=2
+
+`PATH/vdm` is a checkout of google-research/vdm (`git clone https://github.com/google-research/vdm`;
+the figures here used dc27b98). The JAX side runs in its own virtual environment, made by this
+bench on first use (`--jax_venv`, default `bench/.jax-venv`: jax 0.10.2, flax 0.12.8, optax 0.2.8,
+chex, ml_collections from the package registry); JAX is never a dependency of vdm_tf. Without
+`--official_repo` only vdm_tf is timed.
 
 Each configuration is the VDM CIFAR-10 setup at 32x32x3 (continuous time, Fourier features,
-learnable linear schedule, dropout 0.1, AdamW b2 0.99 with weight decay 0.01 and EMA 0.9999
-updated in the step) with a smaller or larger U-Net. A step is one `model.fit` step on random
-uint8 images; the figure is the median over `--steps` steps after `--warmup` steps (which
-include tracing and, with XLA, compilation). The JAX figures are from ../shared/BENCHMARKS.md
-(google-research/vdm at dc27b98, jax 0.10.2, plain `jax.jit`, 2-core CPU of this machine kind).
+dropout 0.1, AdamW b1 0.9 / b2 0.99 / weight decay 0.01, EMA 0.9999 updated in the step) with a
+smaller or larger U-Net, on random uint8 images. Every measurement is a fresh process, so the
+first step includes all tracing and compilation, and each round is bracketed
+JAX / vdm_tf `model.fit` / vdm_tf trainer loop / JAX, so that the two sides see the same machine
+load (these machines are shared and noisy):
 
-Prints a table and writes bench/results/train_throughput.json.
+- `jax`: the official loss (`VDM.__call__`, learnable scalar schedule), AdamW with its decay mask
+  and the EMA update under plain `jax.jit` (`bench/official_jax_step.py`).
+- `fit`: `model.fit` on a `vdm_tf.VDM` with the same schedule (`LearnedLinear`), no XLA.
+- `trainer`: `trainers.train.Trainer`, the loop of `python -m trainers.main`, with the presets'
+  learned monotone schedule and its variance objective (so its cost shows against `fit`), no XLA.
+
+Reported per path: the median s/step over `--steps` steps after the first, images/s, the first
+step alone, and the time to the first step (process start to the end of the first step:
+imports, model construction, tracing, graph optimisation / compilation and the step), plus the
+CPU model and whether oneDNN is on. Prints a table; writes bench/results/train_throughput.json.
 """
 
+import argparse
 import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # before TensorFlow is imported: see vdm_tf/__init__.py
+START = time.time()  # a worker's process start (imports included in the time to first step)
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-import vdm_tf  # noqa: E402
-
-# name: (n_layers, n_embd, batch size, JAX params, JAX seconds per step)
-CONFIGS = {
-    "tiny": (2, 32, 8, 223_557, 0.254),
-    "small": (4, 64, 16, 1_331_717, 1.80),
-    "paper": (32, 128, 4, 30_578_181, 4.97),
-}
+# name: (n_layers, n_embd, batch size)
+CONFIGS = {"tiny": (2, 32, 8), "small": (4, 64, 16), "paper": (32, 128, 4)}
 IMAGE_SHAPE = (32, 32, 3)
-
-flags.DEFINE_list("configs", list(CONFIGS), "Configurations to time.")
-flags.DEFINE_list("jit", ["1", "0"], "XLA settings to time: 1 (jit_compile=True) and/or 0.")
-flags.DEFINE_integer("steps", 10, "Timed steps per configuration.")
-flags.DEFINE_integer("warmup", 3, "Untimed steps first (tracing, compilation).")
-flags.DEFINE_string("out", "bench/results/train_throughput.json", "Where to write the JSON results.")
-FLAGS = flags.FLAGS
+JAX_PACKAGES = ["jax==0.10.2", "jaxlib==0.10.2", "flax==0.12.8", "optax==0.2.8", "chex", "ml_collections"]
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class StepTimer(keras.callbacks.Callback):
-    """Wall time of every training step."""
-
-    def __init__(self):
-        super().__init__()
-        self.durations = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.durations.append(time.perf_counter() - self._start)
+# ----------------------------------------------------------------------------------------------
+# Workers: one measurement each, in a fresh process; print one JSON line.
 
 
-def time_config(name, jit):
-    n_layers, n_embd, batch_size, jax_params, jax_seconds = CONFIGS[name]
+def _worker_fit(n_layers, n_embd, batch_size, steps):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import vdm_tf
+
     keras.utils.set_random_seed(0)
     denoiser = vdm_tf.networks.ScoreUNet(n_layers=n_layers, n_embd=n_embd, fourier_features=True, dropout=0.1)
     model = vdm_tf.VDM(denoiser, vdm_tf.schedules.LearnedLinear(), IMAGE_SHAPE)
     optimizer = keras.optimizers.AdamW(2e-4, beta_2=0.99, weight_decay=0.01, use_ema=True, ema_momentum=0.9999)
-    model.compile(optimizer=optimizer, jit_compile=jit)
+    model.compile(optimizer=optimizer, jit_compile=False)
     images = np.random.default_rng(0).integers(0, 256, (batch_size,) + IMAGE_SHAPE, dtype=np.uint8)
+    durations, first_done = [], []
+
+    class StepTimer(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            durations.append(time.perf_counter() - self.start)
+            first_done.append(time.time())
+
     data = tf.data.Dataset.from_tensors(images).repeat()
-    timer = StepTimer()
-    start = time.perf_counter()
-    model.fit(data, steps_per_epoch=FLAGS.warmup + FLAGS.steps, epochs=1, verbose=0, callbacks=[timer])
-    first_step = timer.durations[0]
-    seconds = float(np.median(timer.durations[FLAGS.warmup :]))
-    params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
-    return {
-        "config": name,
-        "xla": bool(jit),
-        "n_layers": n_layers,
-        "n_embd": n_embd,
-        "batch_size": batch_size,
+    model.fit(data, steps_per_epoch=steps + 1, epochs=1, verbose=0, callbacks=[StepTimer()])
+    return durations, first_done[0], model.count_params()
+
+
+def _worker_trainer(n_layers, n_embd, batch_size, steps):
+    import tensorflow as tf
+
+    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    from tfds_mocks import mock_any  # random data through the real tfds code, no download
+
+    from trainers import configs, train
+
+    config = configs.Config(
+        dataset="cifar10", n_layers=n_layers, n_embd=n_embd, dropout=0.1, fourier_exponents=(7, 8),
+        batch_size=batch_size, train_steps=steps + 1, warmup_steps=100, jit_compile=False,
+        checkpoint_every=10**9, log_every=10**9, sample_every=10**9,
+    )
+    durations, first_done = [], []
+    with tempfile.TemporaryDirectory() as model_dir, mock_any("cifar10"):
+        trainer = train.Trainer(config, model_dir, tf.distribute.get_strategy(), verbose=False)
+        step_function = trainer._train_function
+
+        def timed(chunk):
+            start = time.perf_counter()
+            step_function(chunk)
+            trainer.model.optimizer.iterations.numpy()  # waits for the step
+            durations.append(time.perf_counter() - start)
+            first_done.append(time.time())
+
+        trainer._train_function = timed
+        trainer.train()
+        params = trainer.model.count_params()
+    return durations, first_done[0], params
+
+
+def run_worker(args):
+    n_layers, n_embd, batch_size = CONFIGS[args.config]
+    work = {"fit": _worker_fit, "trainer": _worker_trainer}[args.worker]
+    durations, first_done, params = work(n_layers, n_embd, batch_size, args.steps)
+    started = float(os.environ.get("BENCH_LAUNCHED", START))
+    print(json.dumps({
+        "first_step_seconds": durations[0],
+        "seconds_per_step": statistics.median(durations[1:]),
+        "step_seconds": durations[1:],
+        "time_to_first_step": first_done - started,
         "params": params,
-        "jax_params": jax_params,
-        "seconds_per_step": seconds,
-        "images_per_second": batch_size / seconds,
-        "first_step_seconds": first_step,
-        "total_seconds": time.perf_counter() - start,
-        "jax_seconds_per_step": jax_seconds,
-        "speedup_vs_jax": jax_seconds / seconds,
+    }))
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver.
+
+
+def jax_python(venv):
+    """The JAX virtual environment's Python, made on first use."""
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(python):
+        print(f"making the JAX environment {venv} ({' '.join(JAX_PACKAGES)})", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([python, "-m", "pip", "install", "--quiet", *JAX_PACKAGES], check=True)
+    return python
+
+
+def measure(command):
+    """Runs one worker; its JSON line (with the time to first step from this launch)."""
+    env = dict(os.environ, BENCH_LAUNCHED=repr(time.time()), TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode or not lines:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def machine():
+    model = "unknown"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") == "1",  # vdm_tf turns it on by default
+        "platform": platform.platform(),
     }
 
 
-def main(argv):
-    del argv
+def summary(runs):
+    keys = ("seconds_per_step", "first_step_seconds", "time_to_first_step")
+    return {key: statistics.median(run[key] for run in runs) for key in keys} | {"params": runs[0]["params"]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default="tiny,small,paper")
+    parser.add_argument("--paths", default="fit,trainer", help="vdm_tf paths to time: fit and/or trainer")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps after the first")
+    parser.add_argument("--rounds", type=int, default=1, help="bracketed rounds per configuration")
+    parser.add_argument("--official_repo", default=None, help="a checkout of google-research/vdm")
+    parser.add_argument("--jax_venv", default=os.path.join(HERE, ".jax-venv"))
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "train_throughput.json"))
+    parser.add_argument("--worker", choices=["fit", "trainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return run_worker(args)
+    names = args.configs.split(",")
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown --configs {', '.join(unknown)}; expected some of {', '.join(CONFIGS)}")
+    if args.official_repo and not os.path.exists(os.path.join(args.official_repo, "model_vdm.py")):
+        parser.error(f"--official_repo={args.official_repo} holds no model_vdm.py (a google-research/vdm checkout)")
+    paths = args.paths.split(",")
+    jax = jax_python(args.jax_venv) if args.official_repo else None
     results = []
-    header = (
-        f"{'config':<7}{'xla':>5}{'params':>12}{'jax params':>12}{'batch':>7}"
-        f"{'s/step':>9}{'img/s':>8}{'jax s/step':>12}{'vs jax':>8}{'1st step s':>12}"
-    )
-    print(header)
-    for name in FLAGS.configs:
-        for jit in FLAGS.jit:
-            r = time_config(name, jit == "1")
-            results.append(r)
-            print(
-                f"{r['config']:<7}{str(r['xla']):>5}{r['params']:>12,}{r['jax_params']:>12,}{r['batch_size']:>7}"
-                f"{r['seconds_per_step']:>9.3f}{r['images_per_second']:>8.1f}{r['jax_seconds_per_step']:>12.3f}"
-                f"{r['speedup_vs_jax']:>7.2f}x{r['first_step_seconds']:>12.1f}",
-                flush=True,
-            )
-    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(
-            {
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "tensorflow": tf.__version__},
-                "steps": FLAGS.steps,
-                "warmup": FLAGS.warmup,
-                "results": results,
-            },
-            f,
-            indent=2,
-        )
-    print(f"wrote {FLAGS.out}")
+    print(f"{'config':<7}{'path':<9}{'params':>12}{'s/step':>9}{'img/s':>8}{'vs jax':>8}{'1st step s':>12}"
+          f"{'to 1st step s':>15}")
+    for name in names:
+        n_layers, n_embd, batch_size = CONFIGS[name]
+        runs = {path: [] for path in ["jax"] * bool(jax) + paths}
+        for _ in range(args.rounds):
+            jax_command = [
+                jax, os.path.join(HERE, "official_jax_step.py"), f"--official_repo={args.official_repo}",
+                f"--n_layers={n_layers}", f"--n_embd={n_embd}", f"--batch_size={batch_size}", f"--steps={args.steps}",
+            ]
+            if jax:
+                runs["jax"].append(measure(jax_command))
+            for path in paths:
+                runs[path].append(measure([
+                    sys.executable, "-m", "bench.train_throughput", f"--worker={path}", f"--config={name}",
+                    f"--steps={args.steps}",
+                ]))
+            if jax:  # the bracket's other side
+                runs["jax"].append(measure(jax_command))
+        figures = {path: summary(measured) for path, measured in runs.items()}
+        for path, figure in figures.items():
+            ratio = figures["jax"]["seconds_per_step"] / figure["seconds_per_step"] if jax else float("nan")
+            row = dict(config=name, path=path, n_layers=n_layers, n_embd=n_embd, batch_size=batch_size,
+                       images_per_second=batch_size / figure["seconds_per_step"], speed_vs_jax=ratio,
+                       runs=runs[path], **figure)
+            results.append(row)
+            print(f"{name:<7}{path:<9}{row['params']:>12,}{row['seconds_per_step']:>9.3f}"
+                  f"{row['images_per_second']:>8.1f}{ratio:>7.2f}x{row['first_step_seconds']:>12.1f}"
+                  f"{row['time_to_first_step']:>15.1f}", flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"machine": machine(), "steps": args.steps, "rounds": args.rounds, "results": results}, f, indent=2)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())
