@@ -33,6 +33,8 @@ setup(
         "grpcio==1.85.3",
         # vdm_tf.compression: the ANS entropy coder of bits-back coding.
         "constriction==0.5.0",
+        # vdm_tf.convert: reads the official VDM checkpoints (flax's msgpack files) without JAX.
+        "msgpack==1.2.4",
     ],
-    extras_require={"test": ["pytest==9.2.0"]},
+    extras_require={"test": ["pytest==9.2.0", "ruff==0.17.6"]},
 )

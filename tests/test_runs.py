@@ -84,7 +84,7 @@ def test_load_refuses_what_is_not_a_model(tmp_path):
 
 def test_the_library_imports_nothing_from_trainers_or_export():
     code = (
-        "import sys, vdm_tf, vdm_tf.runs, vdm_tf.compression\n"
+        "import sys, vdm_tf, vdm_tf.runs, vdm_tf.compression, vdm_tf.convert\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('trainers', 'export'))\n"
         "assert not bad, bad\n"
     )

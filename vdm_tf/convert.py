@@ -1,0 +1,582 @@
+"""Official VDM checkpoints (google-research/vdm, JAX/Flax) as vdm_tf models.
+
+    python -m vdm_tf.convert --checkpoint=checkpoints-0 --preset=cifar10 --output=cifar10.keras
+    python -m vdm_tf.convert --checkpoint=ckpt-1.flax --official_config=model.json --output=m.keras \
+        --model_dir=runs/official      # also a trainer run directory (trainers.main --mode=eval ...)
+
+The official code (Kingma et al. 2021, https://github.com/google-research/vdm) saves its
+`TrainState` (`step`, `params`, `ema_params`, `opt_state`) with clu's `Checkpoint`, i.e.
+`flax.serialization.to_bytes(state)` in a file `<directory>/<name>-<number>.flax`. That is msgpack:
+dicts of dicts, each array an ext value of type 1 holding `(shape, dtype name, bytes)` (numpy
+scalars: type 3; arrays over 2 GB are split into a dict marked `__msgpack_chunked_array__`).
+`read_checkpoint` reads it with the `msgpack` package alone (no JAX, no Flax).
+
+The official `ScoreUNet` is the network of `vdm_tf.networks.ScoreUNet`, weight for weight
+(`official_layout` lists the correspondence), with one exception: the official `dense0` takes the
+time embedding *and* a `conditioning` scalar, so its kernel has one more input row. The official
+evaluation and sampling always pass `conditioning = 0` (the un-augmented test set; `sample_fn`'s
+zeros), and a zero input contributes nothing through that row, so the converter drops it: the
+converted network equals the official one at `conditioning = 0`, which is every computation the
+official code does with the released checkpoints. For `cifar10` (no augmentation) the row was
+never used at all. For `cifar10_aug` it is the flag "this training image was flipped or rotated"
+(`dataset._preprocess_cifar10_augment`): the converted model is the official model of the
+*un-augmented* images, the one that scores 2.522 bpd, and cannot model the augmented ones.
+
+Schedules (`gamma_type`) map exactly:
+- `learnable_scalar`, `gamma(t) = b + |w| t` -> `LearnedLinear` with `gamma_0 = b`, range `|w|`;
+- `learnable_nnet`, `gamma(t) = l1(t) + l3(2 (sigmoid(l2(2t - 1)) - 1/2)) / 1024` with absolute
+  kernels -> `LearnedMonotonic` with the same network weights and endpoints `gamma(0)`, `gamma(1)`
+  (VDM eq. 59 renormalises the network to its endpoints, so the unnormalised official network
+  and its bias `l1.bias` give the same gamma(t));
+- `fixed` -> `FixedLinear(gamma_min, gamma_max)`.
+
+The official sampler decodes `z_0` with an argmax (`sample_softmax=False`): use
+`model.sample(..., argmax=True)` for the same samples' distribution.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import NamedTuple
+
+import msgpack
+import numpy as np
+
+from vdm_tf import datasets, runs
+
+OFFICIAL_FIELDS = (
+    "vocab_size",
+    "sample_softmax",
+    "antithetic_time_sampling",
+    "with_fourier_features",
+    "with_attention",
+    "gamma_type",
+    "gamma_min",
+    "gamma_max",
+    "sm_n_timesteps",
+    "sm_n_embd",
+    "sm_n_layer",
+    "sm_pdrop",
+)
+GAMMA_TYPES = {"learnable_scalar": "learned_linear", "learnable_nnet": "learned_monotonic", "fixed": "fixed_linear"}
+
+_CIFAR10 = dict(
+    vocab_size=256,
+    sample_softmax=False,
+    antithetic_time_sampling=True,
+    with_fourier_features=True,
+    with_attention=False,
+    gamma_type="learnable_scalar",
+    gamma_min=-13.3,
+    gamma_max=5.0,
+    sm_n_timesteps=0,
+    sm_n_embd=128,
+    sm_n_layer=32,
+    sm_pdrop=0.1,
+)
+# The `model` part of the two released configurations (configs/cifar10.py and
+# configs/cifar10_aug.py of google-research/vdm at dc27b98, the commit that added the checkpoints).
+PRESETS = {
+    "cifar10": _CIFAR10,
+    "cifar10_aug": _CIFAR10 | dict(gamma_type="learnable_nnet", sm_n_embd=256, sm_pdrop=0.05),
+}
+# Where the released checkpoints are (clu checkpoint directories) and what the official code
+# evaluates them to (README of google-research/vdm).
+RELEASED = {
+    "cifar10": ("gs://gresearch/vdm/cifar10/checkpoint-final/checkpoints-0", 2.637),
+    "cifar10_aug": ("gs://gresearch/vdm/cifar10/aug-checkpoint-final/checkpoints-0", 2.522),
+}
+SCHEDULE_FEATURES = 1024  # NoiseSchedule_NNet.n_features
+FOURIER_EXPONENTS = (7, 8)  # Base2FourierFeatures(start=6, stop=8): 2^n * 2 pi = 2^(n+1) pi
+
+
+class ConversionError(ValueError):
+    """A checkpoint or configuration that cannot be converted; the message says why in one line."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading flax checkpoints.
+
+
+def checkpoint_file(path):
+    """The `.flax` file of a checkpoint given as the file, a clu prefix or a clu directory.
+
+    A clu directory (`checkpoints-0/` of the official runs) holds `ckpt-<n>.flax` files and a
+    TensorFlow `checkpoint` index naming the latest; without the index, the highest number wins.
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    if os.path.isfile(path + ".flax"):
+        return path + ".flax"
+    if not os.path.isdir(path):
+        raise ConversionError(f"{path}: no such file, clu checkpoint prefix ({path}.flax) or directory.")
+    index = os.path.join(path, "checkpoint")
+    if os.path.isfile(index):
+        with open(index, errors="replace") as f:
+            latest = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', f.read(), re.MULTILINE)
+        if latest and os.path.isfile(os.path.join(path, os.path.basename(latest.group(1)) + ".flax")):
+            return os.path.join(path, os.path.basename(latest.group(1)) + ".flax")
+    candidates = [name for name in os.listdir(path) if name.endswith(".flax")]
+    if not candidates:
+        raise ConversionError(f"{path}: a directory without a .flax checkpoint file.")
+
+    def number(name):
+        found = re.search(r"-(\d+)\.flax$", name)
+        return int(found.group(1)) if found else -1
+
+    return os.path.join(path, max(candidates, key=lambda name: (number(name), name)))
+
+
+def _ndarray(data):
+    """Flax's array encoding: msgpack of (shape, dtype name, C-order bytes)."""
+    shape, dtype_name, buffer = msgpack.unpackb(data, raw=True)
+    if dtype_name == b"bfloat16":
+        import ml_dtypes  # a TensorFlow dependency
+
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dtype = np.dtype(dtype_name.decode())
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def _ext_hook(code, data):
+    if code == 1:  # ndarray
+        return _ndarray(data)
+    if code == 3:  # numpy scalar, stored as a 0-d array
+        return _ndarray(data)[()]
+    if code == 2:  # Python complex
+        real, imag = msgpack.unpackb(data)
+        return complex(real, imag)
+    return msgpack.ExtType(code, data)
+
+
+def _unchunk(tree):
+    """Arrays that flax split into chunks (over 2 GB each) joined back into arrays."""
+    if not isinstance(tree, dict):
+        return tree
+    if "__msgpack_chunked_array__" in tree:
+        shape = tuple(tree["shape"][str(i)] for i in range(len(tree["shape"])))
+        chunks = [tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]
+        return np.concatenate(chunks).reshape(shape)
+    return {key: _unchunk(value) for key, value in tree.items()}
+
+
+def read_checkpoint(path, keys=("step", "params", "ema_params")):
+    """The top-level entries `keys` of a flax checkpoint's state dict (others are skipped unread).
+
+    Args:
+        path: a `.flax` file, a clu checkpoint prefix or a clu checkpoint directory.
+        keys: which entries of the saved `TrainState` to decode (`opt_state` is the largest).
+
+    Returns:
+        dict: those of `keys` that the checkpoint holds; parameter trees are nested dicts of
+        NumPy arrays.
+    """
+    filename = checkpoint_file(path)
+    if os.path.getsize(filename) == 0:
+        raise ConversionError(f"{filename}: an empty file, not a flax checkpoint.")
+    found, seen = {}, []
+    with open(filename, "rb") as f:
+        unpacker = msgpack.Unpacker(f, raw=False, ext_hook=_ext_hook, max_buffer_size=2**31 - 1)
+        try:
+            for _ in range(unpacker.read_map_header()):
+                key = unpacker.unpack()
+                if not isinstance(key, str):
+                    raise ValueError(f"a non-string key {key!r}")
+                seen.append(key)
+                if key in keys:
+                    found[key] = _unchunk(unpacker.unpack())
+                else:
+                    unpacker.skip()
+        except msgpack.OutOfData:
+            # A TrainState's state dict starts with `step` (or `params`); anything else is not one.
+            truncated = seen and seen[0] in ("step", "params")
+            problem = f"a truncated flax checkpoint (it ends inside {seen[-1]!r})" if truncated else None
+            raise ConversionError(f"{filename}: {problem or 'not a flax checkpoint (msgpack state dict)'}.") from None
+        except (ValueError, TypeError, msgpack.UnpackException) as error:
+            raise ConversionError(f"{filename}: not a flax checkpoint (msgpack state dict): {error}.") from None
+        if unpacker.tell() != os.path.getsize(filename):
+            raise ConversionError(f"{filename}: not a flax checkpoint (data after the msgpack state dict).")
+    if not seen:
+        raise ConversionError(f"{filename}: not a flax checkpoint (an empty state dict).")
+    return found
+
+
+def read_weights(path, weights="ema_params"):
+    """The parameter tree `weights` (`ema_params`, which the official evaluation uses, or `params`)."""
+    if weights not in ("ema_params", "params"):
+        raise ConversionError(f"weights must be ema_params or params; got {weights!r}.")
+    state = read_checkpoint(path, keys=(weights,))
+    if weights not in state:
+        raise ConversionError(f"{checkpoint_file(path)}: no {weights} in this checkpoint (not a VDM TrainState?).")
+    tree = state[weights]
+    if isinstance(tree, dict) and set(tree) == {"params"}:  # saved as flax variables
+        tree = tree["params"]
+    if not isinstance(tree, dict) or "score_model" not in tree:
+        raise ConversionError(f"{checkpoint_file(path)}: {weights} has no score_model: not a VDM checkpoint.")
+    return tree
+
+
+def flatten(tree, prefix=""):
+    """{"a/b/c": array} from a nested dict."""
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, path + "/"))
+        else:
+            flat[path] = np.asarray(value)
+    return flat
+
+
+# --------------------------------------------------------------------------------------------
+# The official configuration and the parameters it implies.
+
+
+def official_config(source):
+    """The official `VDMConfig` fields from a preset name, a dict or a JSON file.
+
+    A JSON file may hold the fields themselves or a whole official config with them under
+    `model`. Fields that only change how the official code *trains* (`antithetic_time_sampling`)
+    or samples (`sample_softmax`) are accepted and do not change the converted model.
+    """
+    if isinstance(source, str) and source in PRESETS:
+        fields = dict(PRESETS[source])
+    elif isinstance(source, dict):
+        fields = dict(source)
+    else:
+        try:
+            with open(source) as f:
+                fields = json.load(f)
+        except OSError as error:
+            raise ConversionError(f"official config: {error.strerror}: {source}.") from None
+        except json.JSONDecodeError as error:
+            raise ConversionError(f"{source}: not JSON ({error}).") from None
+        if isinstance(fields, dict) and isinstance(fields.get("model"), dict):
+            fields = fields["model"]
+        if not isinstance(fields, dict):
+            raise ConversionError(f"{source}: expected a JSON object of VDMConfig fields.")
+    fields.pop("sm_kernel_init", None)  # an initializer: irrelevant to trained weights
+    unknown = sorted(set(fields) - set(OFFICIAL_FIELDS))
+    optional = ("sample_softmax", "antithetic_time_sampling")
+    missing = [name for name in OFFICIAL_FIELDS if name not in fields and name not in optional]
+    if unknown or missing:
+        problem = f"unknown fields {', '.join(unknown)}" if unknown else f"missing fields {', '.join(missing)}"
+        raise ConversionError(f"official config: {problem}; the VDMConfig fields are {', '.join(OFFICIAL_FIELDS)}.")
+    if fields["gamma_type"] not in GAMMA_TYPES:
+        raise ConversionError(
+            f"official config: unknown gamma_type {fields['gamma_type']!r}; expected {', '.join(GAMMA_TYPES)}."
+        )
+    if fields["vocab_size"] != 256:
+        raise ConversionError(f"official config: vocab_size={fields['vocab_size']}; vdm_tf models 8-bit images (256).")
+    if not fields["gamma_max"] > fields["gamma_min"]:
+        raise ConversionError("official config: gamma_max must exceed gamma_min.")
+    return fields
+
+
+class Weight(NamedTuple):
+    """One official parameter: its path, its shape, and the vdm_tf ScoreUNet variable it becomes.
+
+    `target` is a path of attributes (and list indices) from the ScoreUNet to a variable, or None
+    for the schedule's parameters (see `_assign_schedule`); `row_slice` keeps part of the rows.
+    """
+
+    path: str
+    shape: tuple
+    target: tuple
+    row_slice: slice = slice(None)
+
+
+def official_layout(config, channels=3):
+    """Every parameter of the official VDM with `config`, and where it goes in vdm_tf.
+
+    The official `ScoreUNet` (model_vdm.py) names its modules `dense0`, `conv_in`,
+    `down.block_<i>`, `down.attn_<i>`, `mid.block_1`, `mid.attn_1`, `mid.block_2`, `up.block_<i>`,
+    `up.attn_<i>`, `GroupNorm_0` and `conv_out`; inside a ResNet block, `GroupNorm_0`, `conv1`,
+    `cond_proj`, `GroupNorm_1`, `conv2` and `nin_shortcut`; inside attention, `GroupNorm_0`, `q`,
+    `k`, `v`, `proj_out`. Kernels have the same layout in Flax and Keras ([in, out] and
+    [3, 3, in, out]).
+    """
+    width, layers = config["sm_n_embd"], config["sm_n_layer"]
+    inputs = channels * (1 + 2 * len(FOURIER_EXPONENTS)) if config["with_fourier_features"] else channels
+    layout = []
+
+    def dense(path, target, fan_in, fan_out, bias=True, row_slice=slice(None)):
+        layout.append(Weight(f"score_model/{path}/kernel", (fan_in, fan_out), target + ("kernel",), row_slice))
+        if bias:
+            layout.append(Weight(f"score_model/{path}/bias", (fan_out,), target + ("bias",)))
+
+    def conv(path, target, fan_in, fan_out):
+        layout.append(Weight(f"score_model/{path}/kernel", (3, 3, fan_in, fan_out), target + ("kernel",)))
+        layout.append(Weight(f"score_model/{path}/bias", (fan_out,), target + ("bias",)))
+
+    def norm(path, target, channels):
+        layout.append(Weight(f"score_model/{path}/scale", (channels,), target + ("scale",)))
+        layout.append(Weight(f"score_model/{path}/bias", (channels,), target + ("bias",)))
+
+    def resnet(path, target, fan_in):
+        norm(f"{path}/GroupNorm_0", target + ("norm1",), fan_in)
+        conv(f"{path}/conv1", target + ("conv1",), fan_in, width)
+        dense(f"{path}/cond_proj", target + ("cond_proj",), 4 * width, width, bias=False)
+        norm(f"{path}/GroupNorm_1", target + ("norm2",), width)
+        conv(f"{path}/conv2", target + ("conv2",), width, width)
+        if fan_in != width:
+            dense(f"{path}/nin_shortcut", target + ("shortcut",), fan_in, width)
+
+    def attention(path, target):
+        norm(f"{path}/GroupNorm_0", target + ("norm",), width)
+        for name in ("q", "k", "v", "proj_out"):
+            dense(f"{path}/{name}", target + (name,), width, width)
+
+    # dense0's last input row multiplies the conditioning scalar (0 in every official evaluation).
+    dense("dense0", ("cond_dense0",), width + 1, 4 * width, row_slice=slice(0, width))
+    dense("dense1", ("cond_dense1",), 4 * width, 4 * width)
+    conv("conv_in", ("conv_in",), inputs, width)
+    for i in range(layers):
+        resnet(f"down.block_{i}", ("down_blocks", i), width)
+        if config["with_attention"]:
+            attention(f"down.attn_{i}", ("down_attention", i))
+    resnet("mid.block_1", ("mid_block1",), width)
+    attention("mid.attn_1", ("mid_attention",))
+    resnet("mid.block_2", ("mid_block2",), width)
+    for i in range(layers + 1):
+        resnet(f"up.block_{i}", ("up_blocks", i), 2 * width)
+        if config["with_attention"]:
+            attention(f"up.attn_{i}", ("up_attention", i))
+    norm("GroupNorm_0", ("norm_out",), width)
+    conv("conv_out", ("conv_out",), width, channels)
+
+    schedule = {
+        "learnable_scalar": {"w": (1,), "b": (1,)},
+        "learnable_nnet": {
+            "l1/kernel": (1, 1),
+            "l1/bias": (1,),
+            "l2/kernel": (1, SCHEDULE_FEATURES),
+            "l2/bias": (SCHEDULE_FEATURES,),
+            "l3/kernel": (SCHEDULE_FEATURES, 1),
+        },
+        "fixed": {},
+    }[config["gamma_type"]]
+    layout += [Weight(f"gamma/{name}", shape, None) for name, shape in schedule.items()]
+    return layout
+
+
+def infer_architecture(params):
+    """The official config fields that a parameter tree determines, each with its evidence.
+
+    Returns {field: (value, "why")} for `sm_n_embd`, `sm_n_layer`, `with_attention`,
+    `with_fourier_features` and `gamma_type`, plus `channels` (the image channels).
+    """
+    flat = flatten(params)
+
+    def shape_of(path):
+        if path not in flat:
+            raise ConversionError(f"the checkpoint has no {path}: not an official VDM ScoreUNet.")
+        return tuple(flat[path].shape)
+
+    conv_in, conv_out = shape_of("score_model/conv_in/kernel"), shape_of("score_model/conv_out/kernel")
+    if len(conv_in) != 4 or len(conv_out) != 4:
+        raise ConversionError(f"score_model/conv_in/kernel has shape {conv_in}: not an official VDM ScoreUNet.")
+    width, channels = conv_in[-1], conv_out[-1]
+    blocks = {path.split("/")[1] for path in flat if re.match(r"score_model/down\.block_\d+/", path)}
+    attention = sorted({path.split("/")[1] for path in flat if re.match(r"score_model/(down|up)\.attn_\d+/", path)})
+    gamma = sorted({path.split("/")[1] for path in flat if path.startswith("gamma/")})
+    gamma_type = "fixed" if not gamma else "learnable_scalar" if "w" in gamma else "learnable_nnet"
+    with_fourier = conv_in[2] == channels * (1 + 2 * len(FOURIER_EXPONENTS))
+    return {
+        "sm_n_embd": (width, f"score_model/conv_in/kernel has shape {conv_in}"),
+        "sm_n_layer": (len(blocks), f"the checkpoint has {len(blocks)} down blocks (score_model/down.block_<i>)"),
+        "with_attention": (
+            bool(attention),
+            f"the checkpoint has attention blocks ({', '.join(attention[:2])}, ...)"
+            if attention
+            else "the checkpoint has no score_model/down.attn_<i> or up.attn_<i>",
+        ),
+        "with_fourier_features": (
+            with_fourier,
+            f"score_model/conv_in/kernel has shape {conv_in} for {channels}-channel images",
+        ),
+        "gamma_type": (gamma_type, f"the checkpoint's schedule parameters are {gamma or 'none'}"),
+        "channels": (channels, f"score_model/conv_out/kernel has shape {conv_out}"),
+    }
+
+
+def check_params(params, config, channels=3):
+    """Raises ConversionError, naming the layer and the shapes, unless `params` fit `config`."""
+    inferred = infer_architecture(params)
+    if inferred["channels"][0] != channels:
+        raise ConversionError(
+            f"the checkpoint models {inferred['channels'][0]}-channel images ({inferred['channels'][1]}); "
+            f"the data set has {channels}."
+        )
+    for field in ("sm_n_embd", "sm_n_layer", "with_attention", "with_fourier_features", "gamma_type"):
+        value, evidence = inferred[field]
+        if config[field] != value:
+            raise ConversionError(
+                f"the checkpoint does not match the config: {field}={config[field]!r} in the config, "
+                f"but {evidence}, i.e. {field}={value!r}."
+            )
+    flat = flatten(params)
+    layout = official_layout(config, channels)
+    for weight in layout:
+        if weight.path not in flat:
+            raise ConversionError(f"the checkpoint does not match the config: it has no {weight.path} {weight.shape}.")
+        if tuple(flat[weight.path].shape) != weight.shape:
+            raise ConversionError(
+                f"the checkpoint does not match the config: {weight.path} has shape {tuple(flat[weight.path].shape)}; "
+                f"the config needs {weight.shape}."
+            )
+    extra = sorted(set(flat) - {weight.path for weight in layout})
+    if extra:
+        raise ConversionError(
+            f"the checkpoint does not match the config: parameters {', '.join(extra[:3])}"
+            f"{' ...' if len(extra) > 3 else ''} are not in the official model of this config."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The vdm_tf model.
+
+
+def run_config(config, dataset="cifar10"):
+    """The `vdm_tf.runs.Config` whose model has the official model's architecture and schedule.
+
+    The optimiser fields keep their defaults, which are the official ones (AdamW, b1 0.9,
+    b2 0.99, weight decay 0.01, EMA 0.9999, learning rate 2e-4). The schedule network trains on
+    the VLB as in the official code (`minimize_variance=False`).
+    """
+    return runs.Config(
+        dataset=dataset,
+        n_layers=config["sm_n_layer"],
+        n_embd=config["sm_n_embd"],
+        dropout=config["sm_pdrop"],
+        fourier_features=config["with_fourier_features"],
+        fourier_exponents=FOURIER_EXPONENTS,
+        attention=config["with_attention"],
+        schedule=GAMMA_TYPES[config["gamma_type"]],
+        gamma_min=config["gamma_min"],
+        gamma_max=config["gamma_max"],
+        minimize_variance=False,
+        timesteps=config["sm_n_timesteps"],
+    )
+
+
+def _assign_schedule(schedule, gamma_params, gamma_type):
+    """Writes the official schedule's parameters into a vdm_tf schedule (see the module docstring).
+
+    The endpoints are the schedule's own variables `_gamma_0` and `_gamma_range`
+    (`gamma_1 = gamma_0 + |gamma_range|`, `vdm_tf.schedules.NoiseSchedule`).
+    """
+    g = {path: np.asarray(value, np.float32) for path, value in flatten(gamma_params).items()}
+    if gamma_type == "learnable_scalar":  # gamma(t) = b + |w| t
+        schedule._gamma_0.assign(g["b"][0])
+        schedule._gamma_range.assign(abs(g["w"][0]))
+    elif gamma_type == "learnable_nnet":
+        schedule.linear_weight.assign(g["l1/kernel"][0, 0])
+        schedule.hidden_weight.assign(g["l2/kernel"][0])
+        schedule.hidden_bias.assign(g["l2/bias"])
+        schedule.output_weight.assign(g["l3/kernel"][:, 0])
+        # The official gamma(t) = g(t) + l1.bias, with g the network vdm_tf normalises.
+        g_0, g_1 = schedule.unnormalised(np.array([0.0, 1.0], np.float32)).numpy()
+        schedule._gamma_0.assign(g_0 + g["l1/bias"][0])
+        schedule._gamma_range.assign(g_1 - g_0)
+
+
+def convert(params, config, dataset="cifar10"):
+    """A `vdm_tf.VDM` equal to the official VDM with parameters `params` and `config`.
+
+    Args:
+        params: the official parameter tree (`read_weights`): `score_model` and `gamma`.
+        config: the official config fields (`official_config`).
+        dataset: the vdm_tf data set whose images the model scores (its shape must fit).
+
+    Returns:
+        the model; its `runs.Config` is `run_config(config, dataset)`.
+    """
+    channels = datasets.info(dataset).image_shape[-1]
+    check_params(params, config, channels)  # before building anything
+    model = runs.build_model(run_config(config, dataset))
+    flat = flatten(params)
+    assigned = set()
+    for weight in official_layout(config, channels):
+        if weight.target is None:
+            continue
+        variable = model.denoiser
+        for part in weight.target:
+            variable = variable[part] if isinstance(part, int) else getattr(variable, part)
+        variable.assign(flat[weight.path][weight.row_slice].astype(np.float32))
+        assigned.add(id(variable))
+    unassigned = [v.path for v in model.denoiser.weights if id(v) not in assigned]
+    if unassigned:  # the layout and vdm_tf's ScoreUNet disagree: a bug, not a user error
+        raise RuntimeError(f"official_layout leaves vdm_tf weights unassigned: {unassigned}")
+    _assign_schedule(model.schedule, params.get("gamma", {}), config["gamma_type"])
+    return model
+
+
+def from_checkpoint(checkpoint, config, weights="ema_params", dataset="cifar10"):
+    """Reads and converts an official checkpoint.
+
+    Args:
+        checkpoint: a `.flax` file, a clu prefix or a clu checkpoint directory.
+        config: a preset name (`cifar10`, `cifar10_aug`), a dict of official config fields or
+            the path of a JSON file with them.
+        weights: `ema_params` (what the official evaluation uses) or `params`.
+        dataset: the vdm_tf data set the model is for (`cifar10`; `imagenet32` for those models).
+
+    Example:
+    >>> model = vdm_tf.convert.from_checkpoint("checkpoints-0", "cifar10")
+    >>> model.elbo(cifar10_test_images, num_time_samples=8)["bpd"]
+    """
+    return convert(read_weights(checkpoint, weights), official_config(config), dataset)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line.
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def main(argv=None):
+    """`python -m vdm_tf.convert ...`; returns the exit status."""
+    parser = _Parser(prog="python -m vdm_tf.convert", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a .flax file, a clu prefix or a clu checkpoint directory")
+    parser.add_argument("--output", required=True, help="the .keras file to write")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a released configuration")
+    source.add_argument("--official_config", help="JSON file with the official VDMConfig fields")
+    parser.add_argument("--weights", choices=("ema_params", "params"), default="ema_params")
+    parser.add_argument("--dataset", default="cifar10", help="the vdm_tf data set the model is for (image shape)")
+    parser.add_argument("--model_dir", help="also write a trainer run directory here")
+    args = parser.parse_args(argv)
+    try:
+        if not args.output.endswith(".keras"):
+            raise ConversionError(f"--output must name a .keras file; got {args.output!r}.")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            raise ConversionError(f"--output: no directory {os.path.dirname(os.path.abspath(args.output))}.")
+        if args.model_dir and os.path.exists(runs.config_path(args.model_dir)):
+            raise ConversionError(f"--model_dir: {args.model_dir} already holds a run (config.json).")
+        if args.dataset not in datasets.NAMES:
+            raise ConversionError(f"--dataset must be one of {', '.join(datasets.NAMES)}; got {args.dataset!r}.")
+        config = official_config(args.preset or args.official_config)
+        model = convert(read_weights(args.checkpoint, args.weights), config, args.dataset)
+        model.save(args.output)
+        if args.model_dir:
+            runs.save_run(args.model_dir, run_config(config, args.dataset), model)
+    except (ConversionError, OSError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
+    count = sum(int(np.prod(v.shape)) for v in model.weights)
+    print(f"{checkpoint_file(args.checkpoint)} ({args.weights}) -> {args.output}: {count:,} weights")
+    if args.model_dir:
+        print(f"run directory: {args.model_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
