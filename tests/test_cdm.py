@@ -141,12 +141,21 @@ def test_ancestral_sampler_with_the_cdm_denoiser_is_the_vdm_one(gaussian_cdm):
 
 
 def test_ode_sampler_runs_on_the_cdm(gaussian_cdm):
-    """The probability-flow ODE through the interpolated CDM score reproduces N(MEAN, STD^2)."""
-    x_hat, nfe = samplers.ode_sample_latents(gaussian_cdm, 400, seed=4, rtol=1e-3, atol=1e-3)
-    x_hat = x_hat.numpy()
+    """The probability-flow ODE through the interpolated CDM score, against the exact flow (a VDM
+    with the analytic denoiser) from the same z_1: the exact flow's 2000 samples have the moments
+    of N(MEAN, STD^2) to within 4.5 standard errors (the std's is 1.6%), and the CDM's are the same
+    samples drawn 2-4% towards the mean: the error of interpolating between 50 levels (1.5% with
+    100 levels, 0.6% with 200). Being paired, that ratio has almost no sampling noise."""
+    exact_flow = VDM(GaussianDenoiser(MEAN, STD), schedules.FixedLinear(GAMMA_MIN, GAMMA_MAX), IMAGE_SHAPE)
+    exact, _ = samplers.ode_sample_latents(exact_flow, 2000, seed=4, rtol=1e-3, atol=1e-3)
+    x_hat, nfe = samplers.ode_sample_latents(gaussian_cdm, 2000, seed=4, rtol=1e-3, atol=1e-3)
+    exact, x_hat = exact.numpy(), x_hat.numpy()
     assert int(nfe) > 10
-    assert np.all(np.abs(x_hat.mean(0) - MEAN) < 4.5 * STD / np.sqrt(len(x_hat)))
-    assert np.abs(x_hat.std(0) / STD - 1).max() < 0.15  # std estimates: 3.5% noise each
+    for samples in (exact, x_hat):
+        assert np.all(np.abs(samples.mean(0) - MEAN) < 4.5 * STD / np.sqrt(len(samples)))
+    assert np.all(np.abs(exact.std(0) / STD - 1) < 4.5 / np.sqrt(2 * len(exact)))
+    ratio = x_hat.std(0) / exact.std(0)
+    assert np.all((ratio > 0.95) & (ratio < 1.0)), ratio
 
 
 # ---------------------------------------------------------------------------------------------

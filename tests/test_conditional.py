@@ -3,29 +3,9 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from gaussian import GaussianDenoiser
+from gaussian import CorrelatedGaussianScoreModel, GaussianDenoiser
 
 from vdm_tf import VDM, conditional, images, samplers, schedules, sde
-
-
-class CorrelatedGaussianScoreModel:
-    """Pixels jointly Gaussian, f ~ N(mean, cov) over the flattened image: the exact score."""
-
-    def __init__(self, process, mean, cov, image_shape):
-        self.sde = process
-        self.mean = tf.constant(np.asarray(mean).reshape(-1), tf.float32)
-        self.cov = tf.constant(cov, tf.float32)
-        self.image_shape = image_shape
-
-    def score(self, z, t):
-        m, s = self.sde.marginal(tf.broadcast_to(tf.cast(t, tf.float32), tf.shape(z)[:1]))
-        dims = self.cov.shape[0]
-        flat = tf.reshape(z, [-1, dims])
-        covariance = (
-            tf.square(m)[:, None, None] * self.cov + tf.square(s)[:, None, None] * tf.eye(dims)[None]
-        )  # [N, D, D]
-        residual = flat - m[:, None] * self.mean
-        return tf.reshape(-tf.linalg.solve(covariance, residual[..., None])[..., 0], tf.shape(z))
 
 
 def test_inpainting_keeps_known_pixels_exactly():
@@ -39,7 +19,7 @@ def test_inpainting_keeps_known_pixels_exactly():
     assert (out[~mask] != x[~mask]).mean() > 0.9, "unknown pixels are generated, not copied"
 
 
-def correlated_inpainting(resample, num=1500):
+def correlated_inpainting(resample, num, num_steps):
     """Two pixels with correlation 0.8; pixel 0 known at +2 std; returns pixel 1's fills (f units)."""
     std, rho, known_value = 0.3, 0.8, 0.6
     cov = std**2 * np.array([[1.0, rho], [rho, 1.0]])
@@ -48,19 +28,22 @@ def correlated_inpainting(resample, num=1500):
     x[:, 0, 0, 0] = images.decode(tf.constant(known_value)).numpy()
     mask = np.zeros((num, 1, 2, 1), bool)
     mask[:, 0, 0, 0] = True
-    out = conditional.inpaint(model, x, mask, num_steps=1000, seed=resample, resample=resample)
+    out = conditional.inpaint(model, x, mask, num_steps=num_steps, seed=resample, resample=resample)
     known = images.encode(x[0, 0, 0, 0]).numpy()
     conditional_mean, conditional_std = rho * known, std * np.sqrt(1 - rho**2)
     return images.encode(out).numpy()[:, 0, 1, 0], conditional_mean, conditional_std
 
 
 def test_replacement_alone_is_biased_and_repaint_resampling_removes_the_bias():
-    """1000 steps: each resampled step also repeats the ancestral step's own discretisation
-    error, which shrinks the fill's std (by 27% at 100 steps, 14% at 400, 8% at 1000)."""
-    plain, conditional_mean, conditional_std = correlated_inpainting(resample=1)
-    # Song et al.'s replacement: the fill's mean falls well short of the conditional mean.
-    assert plain.mean() < 0.75 * conditional_mean, (plain.mean(), conditional_mean)
-    repainted, _, _ = correlated_inpainting(resample=20)
+    """Replacement's fill falls 36% short of the conditional mean (Song et al.). RePaint's resampling leaves
+    two biases (measured with 12000 samples): too few resamples U leave some of the mean's
+    (4% at U = 10, 2% at U = 20), and each resampled step repeats the ancestral step's own
+    discretisation error, which shrinks the std by O(U / num_steps) (U = 10: 3% at 1500 steps,
+    1.3% at 2000; U = 20: 9.5% at 1000). With U = 10, 2000 steps and 2000 samples the standard
+    errors of the mean and std are 0.8% and 1.6%: both biases stay 5 or more of them inside 10%."""
+    plain, conditional_mean, conditional_std = correlated_inpainting(resample=1, num=1500, num_steps=1000)
+    assert plain.mean() < 0.75 * conditional_mean, (plain.mean(), conditional_mean)  # 10 standard errors
+    repainted, _, _ = correlated_inpainting(resample=10, num=2000, num_steps=2000)
     assert abs(repainted.mean() - conditional_mean) < 0.1 * conditional_mean, (repainted.mean(), conditional_mean)
     assert abs(repainted.std() - conditional_std) < 0.1 * conditional_std, (repainted.std(), conditional_std)
 
@@ -70,12 +53,21 @@ def test_colorization_keeps_the_grey_level():
     mean = np.stack([np.full((4, 4), v) for v in (0.3, -0.1, -0.4)], -1)
     model = VDM(GaussianDenoiser(mean, np.full(shape, 0.1)), schedules.FixedLinear(-10.0, 8.0), shape)
     model.build()
-    grey = np.random.default_rng(2).integers(80, 170, (8, 4, 4, 1), dtype=np.uint8)  # no channel clips
-    colour = conditional.colorize(model, grey, num_steps=50, seed=0).numpy().astype(np.float64)
-    assert colour.shape == (8, 4, 4, 3)
+    grey = np.random.default_rng(2).integers(80, 170, (256, 4, 4, 1), dtype=np.uint8)  # no channel clips
+    colour = conditional.colorize(model, grey, num_steps=400, seed=0).numpy().astype(np.float64)
+    assert colour.shape == (256, 4, 4, 3)
     np.testing.assert_allclose(colour.mean(-1), grey[..., 0], atol=1.0)  # rounding of three channels
-    # The colours follow the model: red above blue, as in its mean.
-    assert (colour[..., 0] - colour[..., 2]).mean() > 40
+    # Channels independent with equal variances s^2: given their mean, each channel's offset
+    # from it is N(mu_c - mean(mu), s^2 (1 - 1/3)), 128 pixel values per unit of f; so red - blue
+    # is N(128 * 0.7, 2 s^2 128^2), 89.6 +- 0.28 over the 4096 pixels.
+    offsets = (colour - grey).reshape(-1, 3)
+    offset_std = 0.1 * np.sqrt(2 / 3) * 128
+    expected = 128 * (mean[0, 0] - mean[0, 0].mean())
+    np.testing.assert_array_less(np.abs(offsets.mean(0) - expected), 4 * offset_std / np.sqrt(len(offsets)))
+    red_minus_blue = offsets[:, 0] - offsets[:, 2]
+    assert abs(red_minus_blue.mean() - 89.6) < 4 * np.sqrt(2) * 0.1 * 128 / np.sqrt(len(offsets)), red_minus_blue.mean()
+    # 400 ancestral steps are about 1.5% too narrow; each std estimate has 1.1% noise.
+    np.testing.assert_array_less(np.abs(offsets.std(0) / offset_std - 1), 0.06)
     with pytest.raises(ValueError, match="colorize needs an RGB model"):
         conditional.colorize(VDM(GaussianDenoiser(mean[..., :1], 0.2), schedules.FixedLinear(), (4, 4, 1)), grey)
 

@@ -142,5 +142,6 @@ def ode_bpd(model, x, seed=0, dequantization="uniform", **options):
             math.log(2.0 * math.pi) + tf.math.log_sigmoid(gamma_0)
         )
         out = ode_log_likelihood(model, z_0, probe_seed, **options)
-        nats = -out["log_likelihood"] + images.reconstruction_nll(x, z_0, gamma_0) + log_q
+        reconstruction = images.reconstruction_nll(x, z_0, gamma_0, getattr(model, "pixel_values", None))
+        nats = -out["log_likelihood"] + reconstruction + log_q
     return {"bpd": nats / (dims * math.log(2.0)), "nfe": out["nfe"]}
