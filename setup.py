@@ -15,6 +15,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vdm_tf", "vdm_tf.*", "trainers", "trainers.*", "export", "export.*"]),
     include_package_data=True,
+    # The bundled models of `python -m vdm_tf.compression` (photos.keras: the photos preset).
+    package_data={"vdm_tf": ["models/*.keras"]},
     install_requires=[
         "tensorflow==2.21.0",
         "keras==3.15.1",
@@ -25,6 +27,8 @@ setup(
         "absl-py==2.5.1",
         "numpy==2.4.6",
         "scikit-learn==1.9.1",
+        # vdm_tf.datasets' photos: the photographs bundled with scikit-image (the default RGB model's data).
+        "scikit-image==0.26.0",
         "pillow==13.0.0",
         "matplotlib==3.11.2",
         "tensorboard==2.21.0",

@@ -17,6 +17,17 @@ decodes them (checked bit-exact). It reports, in bits per dimension over those i
 
 It also compresses the whole split as one grid picture with PNG and WebP (no per-file headers).
 Prints a table and writes bench/results/compression.json.
+
+    python -m bench.compression --photos                         # the bundled RGB model
+
+`--photos` benchmarks the bundled RGB model (vdm_tf/models/photos.keras, or `--model_dir`) on the
+held-out photographs of the `photos` data set (chelsea 300x451, coffee 400x600) at full size, each
+as a one-image message (`vdm_tf.compression` as the command line runs it: seed + fallback) and as
+bits-back alone (no fallback: what the model itself achieves), against PNG (Pillow, optimize),
+WebP-lossless (Pillow) and JPEG-XL lossless (`imagecodecs`, a benchmark-only dependency:
+`pip install imagecodecs==2026.3.6`; skipped if missing), and the model's -ELBO at the same T on
+the same pixels (`tiles_elbo_bpd`); then messages of 1, 2, 5 and 10 test patches (32x32) against
+their PNG files. Writes bench/results/compression_photos.json.
 """
 
 import argparse
@@ -42,7 +53,7 @@ def bpd(num_bytes, num_dims):
 
 
 def measure(model, x, num_steps, args):
-    codec = compression.BitsBackCodec(model, num_steps, args.batch_size, args.latent_bins, args.window)
+    codec = compression.BitsBackCodec(model, num_steps, args.batch_size, args.latent_bins, args.window, fallback=False)
     warm_up = compression.BitsBackCodec(model, 1, args.batch_size)
     warm_up.decode(warm_up.encode(x[: args.batch_size]))  # traces the network at this batch size
     start = time.perf_counter()
@@ -81,8 +92,12 @@ def main():
     parser.add_argument("--latent_bins", type=int, default=4)
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--elbo_samples", type=int, default=16)
-    parser.add_argument("--out", default="bench/results/compression.json")
+    parser.add_argument("--out", default=None, help="default: bench/results/compression.json (_photos.json)")
+    parser.add_argument("--photos", action="store_true", help="the RGB photographs benchmark (module docstring)")
     args = parser.parse_args()
+    if args.photos:
+        return photos(args)
+    args.out = args.out or "bench/results/compression.json"
     steps = [int(value) for value in args.steps.split(",")]
     counts = [int(value) for value in args.images.split(",")]
     if len(counts) != len(steps):
@@ -134,6 +149,117 @@ def main():
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}")
+
+
+def jpegxl_bytes(image):
+    """JPEG-XL lossless (imagecodecs, effort 9) of one image, or None without imagecodecs' JPEG-XL."""
+    try:
+        import imagecodecs
+    except ImportError:
+        return None
+    if not imagecodecs.JPEGXL.available:
+        return None
+    data = imagecodecs.jpegxl_encode(image[..., 0] if image.shape[-1] == 1 else image, lossless=True, effort=9)
+    assert np.array_equal(imagecodecs.jpegxl_decode(data).reshape(image.shape), image)
+    return len(data)
+
+
+def photos(args):
+    """The held-out photographs at full size, and messages of a few 32x32 test patches."""
+    model_path = args.model_dir if args.model_dir != "runs/demo" else compression.default_model_path(3)
+    model = compression.load_model(model_path)
+    num_steps = int(args.steps) if args.steps.isdigit() else 50
+    codec = compression.BitsBackCodec(model, num_steps, args.batch_size, args.latent_bins, args.window)
+    bits_back = compression.BitsBackCodec(
+        model, num_steps, args.batch_size, args.latent_bins, args.window, fallback=False
+    )
+    rows = []
+    print(f"{'photo':>10}{'size':>9}{'file':>8}{'bits-back':>10}{'net':>7}{'-ELBO':>7}{'PNG':>7}{'WebP':>7}{'JXL':>7}"
+          f"{'enc px/s':>9}{'dec px/s':>9}")  # fmt: skip
+    for name, image in datasets.photos_images("test").items():
+        dims = image.size
+        start = time.perf_counter()
+        forced = bits_back.encode(image[None], names=[f"{name}.png"])
+        encode_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        decoded = bits_back.decode(forced)
+        decode_seconds = time.perf_counter() - start
+        header = compression.read_header(forced)
+        # What the command line writes: the smaller of bits-back and the PNG/WebP fallback.
+        conventional = codec._conventional_file([image], [compression.lossless_bytes(image)[0]], [f"{name}.png"])
+        data = min(forced, conventional, key=len)
+        elbo = compression.tiles_elbo_bpd(model, [image], num_steps, num_time_samples=args.elbo_samples)
+        jxl = jpegxl_bytes(image)
+        row = {
+            "photo": name,
+            "size": list(image.shape),
+            "lossless": bool(
+                np.array_equal(decoded, image[None]) and np.array_equal(codec.decode(conventional), image[None])
+            ),
+            "file_bpd": bpd(len(data), dims),
+            "file_mode": "bits-back" if compression.read_header(data).mode == compression.BITS_BACK else "PNG/WebP",
+            "bits_back_file_bpd": bpd(len(forced), dims),
+            "bits_back_seed_bpd": 8 * header.seed_bytes / dims,
+            "bits_back_initial_bpd": header.initial_bits / dims,
+            "net_bpd": header.net_bits / dims,
+            "net_tiles_bpd": header.net_bits / (dims - header.seed_rows * image.shape[1] * image.shape[2]),
+            "elbo_bpd": elbo["bpd"],
+            "elbo_stderr": elbo["stderr"],
+            "png_bpd": bpd(compression.image_file_bytes(image, **PNG), dims),
+            "webp_bpd": bpd(compression.image_file_bytes(image, **WEBP), dims),
+            "jpegxl_bpd": None if jxl is None else bpd(jxl, dims),
+            "encode_pixels_per_second": image.shape[0] * image.shape[1] / encode_seconds,
+            "decode_pixels_per_second": image.shape[0] * image.shape[1] / decode_seconds,
+        }
+        rows.append(row)
+        jxl_text = f"{row['jpegxl_bpd']:7.3f}" if jxl else f"{'-':>7}"
+        print(
+            f"{name:>10}{'x'.join(map(str, image.shape[:2])):>9}{row['file_bpd']:8.3f}{row['bits_back_file_bpd']:10.3f}"
+            f"{row['net_bpd']:7.3f}{row['elbo_bpd']:7.3f}{row['png_bpd']:7.3f}{row['webp_bpd']:7.3f}{jxl_text}"
+            f"{row['encode_pixels_per_second']:9.0f}{row['decode_pixels_per_second']:9.0f}"
+            + ("" if row["lossless"] else "  NOT LOSSLESS")
+        )
+    patches = datasets.photos_arrays("test")
+    messages = []
+    for count in (1, 2, 5, 10):
+        x = patches[np.linspace(0, len(patches) - 1, count).astype(int)]
+        data, forced = codec.encode(x), bits_back.encode(x)
+        header = compression.read_header(forced)
+        png = sum(compression.image_file_bytes(image, **PNG) for image in x)
+        messages.append({
+            "images": count,
+            "file_bytes": len(data),
+            "file_mode": "bits-back" if compression.read_header(data).mode == compression.BITS_BACK else "PNG/WebP",
+            "bits_back_file_bytes": len(forced),
+            "bits_back_net_bytes": header.net_bits / 8,
+            "bits_back_seed_bytes": header.seed_bytes,
+            "bits_back_initial_bytes": header.initial_bits / 8,
+            "png_files_bytes": png,
+        })  # fmt: skip
+        print(
+            f"{count:>3} patches 32x32: file {len(data)} B ({messages[-1]['file_mode']}), bits-back alone "
+            f"{len(forced)} B (seed {header.seed_bytes}, initial {header.initial_bits // 8}, net "
+            f"{header.net_bits // 8}), PNG files {png} B"
+        )
+    result = {
+        "model": f"{model_path} (photos preset, 32x32x3)",
+        "command": "python -m bench.compression --photos" + (f" --steps={num_steps}" if args.steps.isdigit() else ""),
+        "num_steps": num_steps,
+        "batch_size": args.batch_size,
+        "latent_bins": args.latent_bins,
+        "window": args.window,
+        "elbo_time_samples": args.elbo_samples,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
+        "intra_op_threads": compression.intra_op_threads(),
+        "tensorflow": tf.__version__,
+        "photos": rows,
+        "messages_of_test_patches": messages,
+    }
+    out = args.out or "bench/results/compression_photos.json"
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ IMAGE_SHAPE = (8, 8, 1)
 GAMMA_0, GAMMA_1 = -10.0, 8.0
 
 
-def random_denoiser_model(seed):
-    """A tiny untrained ScoreUNet VDM whose weights (zero-initialised ones too) are random, so its
-    outputs depend on every input bit and differ from another seed's."""
+def random_denoiser_model(seed, channels=1):
+    """A tiny untrained ScoreUNet VDM of 8x8 images with `channels` channels whose weights
+    (zero-initialised ones too) are random, so its outputs depend on every input bit and differ
+    from another seed's."""
     model = VDM(
         networks.ScoreUNet(n_layers=1, n_embd=16, fourier_exponents=(3,), dropout=0.0),
         schedules.LearnedLinear(GAMMA_0, GAMMA_1),
-        IMAGE_SHAPE,
+        (*IMAGE_SHAPE[:2], channels),
     )
     rng = np.random.default_rng(seed)
     for weight in model.denoiser.weights:

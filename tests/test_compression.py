@@ -31,8 +31,8 @@ def images():
 
 @pytest.fixture(scope="module")
 def encoded(model, images):
-    """15 images named image_0.png .. image_14.png in batches of 6 (the last one padded), T = 4."""
-    return BitsBackCodec(model, num_steps=4, batch_size=6).encode(images, names=NAMES)
+    """15 images named image_0.png .. image_14.png, bits-back (no fallback) in batches of up to 6, T = 4."""
+    return BitsBackCodec(model, num_steps=4, batch_size=6, fallback=False).encode(images, names=NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,11 @@ def test_round_trip_is_bit_exact_for_random_edge_and_digit_images(model, images,
     np.testing.assert_array_equal(decoded, images)
     header = read_header(encoded)
     assert (header.count, header.num_steps, header.batch_size, header.image_shape) == (15, 4, 6, (8, 8, 1))
-    assert header.names == NAMES
+    assert header.names == NAMES and header.mode == compression.BITS_BACK
+    # The first image is the seed (PNG or WebP bytes at the bottom of the stack), recovered last.
+    assert header.seed_rows == 8 and header.seed_bytes > 0
     # The whole encoder is deterministic (network outputs included): same images, same bytes.
-    assert BitsBackCodec(model, num_steps=4, batch_size=6).encode(images, names=NAMES) == encoded
+    assert BitsBackCodec(model, num_steps=4, batch_size=6, fallback=False).encode(images, names=NAMES) == encoded
     # One image alone (a batch of one) and an untrained model that misses: still lossless.
     single = BitsBackCodec(model, num_steps=2).encode(images[:1])
     np.testing.assert_array_equal(BitsBackCodec(model).decode(single), images[:1])
@@ -65,15 +67,17 @@ def test_net_codelength_is_the_discrete_time_negative_elbo():
     model, data = gaussian_model_and_data()
     num_steps, batch_size = 50, 256
     x = data.sample(512, seed=1)
-    codec = BitsBackCodec(model, num_steps=num_steps, batch_size=batch_size)
+    codec = BitsBackCodec(model, num_steps=num_steps, batch_size=batch_size, seed=False, fallback=False)
+    codec._ramp = False  # full batches from the first: the initial bits below are those of one full batch
     encoded = codec.encode(x)
     header = read_header(encoded)
     gammas = model.schedule(tf.range(num_steps + 1, dtype=tf.float32) / num_steps).numpy().astype(np.float64)
     expected = data.vlb_bpd(GAMMA_0, GAMMA_1, gammas)
     net = header.net_bits / x.size
     assert abs(net - expected) < 0.01 * expected, (net, expected)
-    # The file: net codelength + initial bits + header (fixed size without names) + CRC.
-    assert 8 * len(encoded) == header.net_bits + header.initial_bits + 8 * (compression._HEADER.size + 4)
+    # The file: net codelength + initial bits + header (fixed size without names) + size table + CRC.
+    overhead = compression._HEADER.size + header.sizes_bytes + 4
+    assert 8 * len(encoded) == header.net_bits + header.initial_bits + 8 * overhead
     # The initial bits are those of the first batch's first pops, z_0 ~ q(z_0 | x) and z_1 ~ q(z_1 | z_0),
     # each about log2(std / delta * sqrt(2 pi e)) bits per dimension (std / delta = latent_bins for z_1,
     # latent_bins / sqrt(c_1) for z_0 on its finer grid): paid once, not once per batch (two batches here).
@@ -106,10 +110,13 @@ def test_corrupted_truncated_and_wrong_model_inputs_fail_clearly(model, images, 
     # the stack decoding meets impossible symbols, at its bottom it does not end on the initial stack.
     with pytest.raises(CompressionError, match="impossible symbol"):
         codec.decode(_recrc(bytes(flipped)))
-    bottom = bytearray(encoded)
-    bottom[compression._HEADER.size + read_header(encoded).names_bytes] ^= 0x01
-    with pytest.raises(CompressionError, match="did not end on the initial stack"):
-        codec.decode(_recrc(bytes(bottom)))
+    # At the bottom: the seed's PNG/WebP bytes (their own checks fail), or without seed the initial words.
+    no_seed = BitsBackCodec(model, num_steps=2, batch_size=4, seed=False, fallback=False).encode(images[:5])
+    for data, message in [(encoded, "conventionally coded image does not decode"), (no_seed, "did not end on")]:
+        bottom = bytearray(data)
+        bottom[compression._HEADER.size + read_header(data).sizes_bytes + read_header(data).names_bytes] ^= 0x01
+        with pytest.raises(CompressionError, match=message):
+            codec.decode(_recrc(bytes(bottom)))
     with pytest.raises(ModelMismatchError, match="different model"):
         BitsBackCodec(random_denoiser_model(seed=1)).decode(encoded)
     version = bytearray(encoded)
@@ -126,15 +133,28 @@ def test_corrupted_truncated_and_wrong_model_inputs_fail_clearly(model, images, 
 # File names.
 
 
-def _with_names_block(data, version, block):
-    """`data` with another format version and names block (the CRC-32 recomputed)."""
+def _as_version(data, version, block):
+    """A version-3 file without seed coded in fixed batches as a file of format `version` (1 or 2)
+    with the names block `block` (the CRC-32 recomputed)."""
     fields = list(compression._HEADER.unpack_from(data))
-    payload = data[compression._HEADER.size + read_header(data).names_bytes : -4]
-    fields[1], fields[13] = version, len(block)
-    return _recrc(compression._HEADER.pack(*fields) + block + payload + bytes(4))
+    header = read_header(data)
+    assert header.seed_rows == 0 and header.mode == compression.BITS_BACK
+    start = compression._HEADER.size + header.sizes_bytes + header.names_bytes
+    payload = data[start:-4]
+    old = fields[:13] + [len(block), len(payload) // 4] + fields[-2:]
+    old[1] = version
+    return _recrc(compression._HEADER_V2.pack(*old) + block + payload + bytes(4))
 
 
-def test_names_are_front_coded_and_deflated_and_version_1_files_still_decode(model, images, encoded):
+@pytest.fixture(scope="module")
+def fixed_batches(model, images):
+    """The 15 images coded as format versions 1 and 2 did: no seed, batches of 6 from the first."""
+    codec = BitsBackCodec(model, num_steps=4, batch_size=6, seed=False, fallback=False)
+    codec._ramp = False
+    return codec.encode(images, names=NAMES)
+
+
+def test_names_are_front_coded_and_deflated_and_version_1_and_2_files_still_decode(model, images, fixed_batches):
     digits = [f"digit{i:04d}.png" for i in range(297)]  # the CLI's names for the digits test split
     packed = compression._pack_names(digits)
     assert compression._unpack_names(packed) == tuple(digits)
@@ -145,12 +165,14 @@ def test_names_are_front_coded_and_deflated_and_version_1_files_still_decode(mod
     assert compression._unpack_names(compression._pack_names(odd)) == tuple(odd)
     with pytest.raises(CompressionError, match="Corrupted file names"):
         compression._unpack_names(packed[:-5])
-    # A file of format version 1 (names stored raw) still decodes, names included.
-    old = _with_names_block(encoded, 1, "\n".join(NAMES).encode())
-    assert read_header(old).names == NAMES
+    # Files of format versions 1 (names stored raw) and 2 (names packed) still decode, names included.
+    version_1 = _as_version(fixed_batches, 1, "\n".join(NAMES).encode())
+    version_2 = _as_version(fixed_batches, 2, compression._pack_names(NAMES))
+    for old in (version_1, version_2):
+        assert read_header(old).names == NAMES and read_header(old).sizes == ((8, 8),) * 15
+        np.testing.assert_array_equal(BitsBackCodec(model).decode(old), images)
     with pytest.raises(CompressionError, match="14 file names for 15 images"):
-        read_header(_with_names_block(encoded, 2, compression._pack_names(NAMES[:14])))
-    np.testing.assert_array_equal(BitsBackCodec(model).decode(old), images)
+        read_header(_as_version(fixed_batches, 2, compression._pack_names(NAMES[:14])))
 
 
 def test_decoded_file_names_are_png_with_unique_stems():
@@ -169,38 +191,94 @@ def test_decoded_file_names_are_png_with_unique_stems():
 # The command line.
 
 
+def _odd_images(channels):
+    """Images of odd sizes (1x1, 7x13, 33x65, 100x64) and contents (noise, all 0, all 255, a ramp)."""
+    rng = np.random.default_rng(channels)
+    ramp = np.arange(33 * 65 * channels).reshape(33, 65, channels) % 256
+    return {
+        "one.png": rng.integers(0, 256, (1, 1, channels)),
+        "zeros.png": np.zeros((7, 13, channels)),
+        "ones.png": np.full((7, 13, channels), 255),
+        "ramp.png": ramp,
+        "noise.png": rng.integers(0, 256, (100, 64, channels)),
+    }
+
+
+def _save(path, image, kind="PNG"):
+    image = image.astype(np.uint8)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, format=kind)
+
+
 def test_command_line_decodes_in_another_process_to_png_with_the_encoded_pixels(model_file, images, tmp_path, capsys):
-    """Encode with the command line here (JPEG inputs, odd extensions, two files with one stem),
-    decode with it in a fresh Python process: PNG files holding exactly the pixels read at encode."""
+    """Encode with the command line here (odd sizes and contents, JPEG inputs, odd extensions, two
+    files with one stem), bits-back forced, and decode with it in a fresh Python process: PNG files
+    holding exactly the pixels read at encode."""
     inputs = {"digit4.jpg": "JPEG", "a.png": "PNG", "a.jpg": "JPEG", "noext": "PNG", "digit0.dat": "PNG"}
     inputs["image_5.png"] = "PNG"
     paths, pixels = [], []
-    for (name, kind), image in zip(inputs.items(), images[3:9]):
+    odd = [((name, "PNG"), image) for name, image in list(_odd_images(1).items())[:2]]
+    for (name, kind), image in [*zip(inputs.items(), images[3:9]), *odd]:
         paths.append(str(tmp_path / name))
-        Image.fromarray(image[..., 0]).save(paths[-1], format=kind)
+        _save(paths[-1], image, kind)
         with Image.open(paths[-1]) as picture:
             pixels.append(np.asarray(picture))
     assert not np.array_equal(pixels[0], images[3, ..., 0])  # JPEG is lossy: what is read is what counts
     out = str(tmp_path / "images.vdmz")
-    args = ["encode", f"--model={model_file}", *paths, "-o", out, "--steps=3", "--batch_size=4", "--elbo_samples=0"]
+    args = ["encode", f"--model={model_file}", *paths, "-o", out, "--steps=2", "--elbo_samples=0", "--no-fallback"]
     assert compression.main(args) == 0
     summary = capsys.readouterr().out
-    assert "6 images 8x8x1, T=3" in summary and "net" in summary and "PNG" in summary, summary
-    names_bytes = read_header((tmp_path / "images.vdmz").read_bytes()).names_bytes
-    names_bpd = 8 * names_bytes / (6 * 64)
-    assert f"\n  names       {names_bpd:8.3f} bpd ({names_bytes} bytes for 6 names)\n" in summary, summary
+    assert "8 images 1x1x1, 7x13x1, 8x8x1 (tiles 8x8x1), T=2" in summary and "net" in summary, summary
+    header = read_header((tmp_path / "images.vdmz").read_bytes())
+    assert header.mode == compression.BITS_BACK and header.sizes[6:] == ((1, 1), (7, 13))
+    names_bpd = 8 * header.names_bytes / header.num_dims
+    assert f"\n  names       {names_bpd:8.3f} bpd ({header.names_bytes} bytes for 8 names)\n" in summary, summary
     assert "2 inputs are JPEG files, not PNG: decode writes PNG files holding the decoded pixels" in summary, summary
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     decoded = tmp_path / "decoded"
     command = [sys.executable, "-m", "vdm_tf.compression", "decode", f"--model={model_file}", out, "-o", str(decoded)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    written = ["digit4.png", "a.png", "a-1.png", "noext.png", "digit0.png", "image_5.png"]
+    written = ["digit4.png", "a.png", "a-1.png", "noext.png", "digit0.png", "image_5.png", "one.png", "zeros.png"]
     assert sorted(os.listdir(decoded)) == sorted(written)  # no staging directory left behind
     for name, expected in zip(written, pixels):
         with Image.open(decoded / name) as picture:
             assert picture.format == "PNG" and picture.mode == "L"
             np.testing.assert_array_equal(np.asarray(picture), expected)
+
+
+@pytest.fixture(scope="module")
+def rgb_model_file(model, model_file, tmp_path_factory):
+    """{channels: (model, .keras file)}: the grey model and an RGB one."""
+    rgb = random_denoiser_model(seed=2, channels=3)
+    path = str(tmp_path_factory.mktemp("rgb_model") / "rgb.keras")
+    rgb.save(path)
+    return {1: (model, model_file), 3: (rgb, path)}
+
+
+@pytest.mark.parametrize("channels, fallback", [(1, False), (3, False), (3, True)])
+def test_command_line_round_trips_images_of_any_size(channels, fallback, rgb_model_file, tmp_path, monkeypatch, capsys):
+    """Grey and RGB images of odd sizes in one message: bits-back (tiles 8x8, border crops at their
+    own size, batched across images by shape) or, with the fallback, the smaller conventional code."""
+    model, path = rgb_model_file[channels]
+    monkeypatch.setattr(compression, "load_model", lambda path: model)
+    paths = []
+    for name, image in _odd_images(channels).items():
+        paths.append(str(tmp_path / name))
+        _save(paths[-1], image)
+    out = str(tmp_path / "rgb.vdmz")
+    flag = "--fallback" if fallback else "--no-fallback"
+    assert (
+        compression.main(["encode", f"--model={path}", *paths, "-o", out, "--steps=2", "--elbo_samples=0", flag]) == 0
+    )
+    header = read_header(open(out, "rb").read())
+    # The untrained model loses to PNG on these images: the fallback stores PNG/WebP files.
+    assert header.mode == (compression.CONVENTIONAL if fallback else compression.BITS_BACK)
+    assert compression.main(["decode", f"--model={path}", out, "-o", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    for name, image in _odd_images(channels).items():
+        with Image.open(tmp_path / "out" / name) as picture:
+            assert picture.mode == ("RGB" if channels == 3 else "L")
+            np.testing.assert_array_equal(np.asarray(picture).reshape(image.shape), image.astype(np.uint8))
 
 
 def test_one_image_round_trip_prints_no_standard_error(model, model_file, images, tmp_path, capsys, monkeypatch):
@@ -274,7 +352,7 @@ def bad_inputs(tmp_path_factory, encoded):
     write("palette", "palette.png", Image.new("P", (8, 8)))
     write("grey_alpha", "grey_alpha.png", Image.new("LA", (8, 8)))
     write("rgb", "rgb.png", Image.new("RGB", (8, 8)))
-    write("wrong_size", "wrong_size.png", Image.new("L", (8, 16)))
+    write("rgba", "rgba.png", Image.new("RGBA", (8, 16)))
     write("newline", "new\nline.png", Image.new("L", (8, 8)))
     write("text", "text.png", b"not an image\n")
     write("empty", "empty.png", b"")
@@ -302,11 +380,14 @@ ERRORS = {  # name: (argv, what the message says)
     "missing input": (ENCODE[:2] + ["{missing}"] + ENCODE[3:], "No such file"),
     "non-image file": (ENCODE[:2] + ["{text}"] + ENCODE[3:], "not an image file"),
     "empty file": (ENCODE[:2] + ["{empty}"] + ENCODE[3:], "an empty file"),
-    "truncated image": (ENCODE[:2] + ["{truncated}"] + ENCODE[3:], "expected an L image of 8x8x1"),
+    "truncated image": (ENCODE[:2] + ["{truncated}"] + ENCODE[3:], "expected an L image (the model's channels)"),
     "palette PNG": (ENCODE[:2] + ["{palette}"] + ENCODE[3:], "got mode P;"),
     "grey+alpha PNG": (ENCODE[:2] + ["{grey_alpha}"] + ENCODE[3:], "got mode LA;"),
     "RGB for a grey model": (ENCODE[:2] + ["{rgb}"] + ENCODE[3:], "got mode RGB;"),
-    "wrong size": (ENCODE[:2] + ["{good}", "{wrong_size}"] + ENCODE[3:], "got 16x8x1; expected an L"),
+    "RGBA PNG": (ENCODE[:2] + ["{rgba}"] + ENCODE[3:], "got mode RGBA; expected an L image"),
+    "grey and RGB, no --model": (["encode", "{good}", "{rgb}"] + ENCODE[3:], "mix grey (L) and RGB images"),
+    "grey, no --model": (["encode", "{good}"] + ENCODE[3:], "encode: grey images: no bundled model; pass --model"),
+    "RGBA, no --model": (["encode", "{rgba}"] + ENCODE[3:], "got mode RGBA; expected an L or RGB image"),
     "directory as input": (ENCODE[:2] + ["{dir}"] + ENCODE[3:], "Is a directory"),
     "newline in a name": (ENCODE[:2] + ["{newline}"] + ENCODE[3:], "without newlines; got 'new\\nline.png'"),
     "encode output is a directory": (ENCODE[:4] + ["{dir}"], "is a directory; expected the name"),
@@ -315,7 +396,7 @@ ERRORS = {  # name: (argv, what the message says)
     "encode, --model without config": (["encode", "--model={dir}"] + ENCODE[2:], "--model must be a .keras"),
     "encode, run directory of RGB images": (
         ["encode", "--model={cifar_run}"] + ENCODE[2:],
-        "got mode L; expected an RGB image of 32x32x3",
+        "got mode L; expected an RGB image (the model's channels)",
     ),
     "encode, broken .keras": (["encode", "--model={broken_keras}"] + ENCODE[2:], "not a .keras file of a vdm_tf"),
     "decode output is a file": (DECODE[:4] + ["{good}"], "is a file; expected a directory"),
@@ -326,8 +407,12 @@ ERRORS = {  # name: (argv, what the message says)
     "not a .vdmz": (DECODE[:2] + ["{good}"] + DECODE[3:], "Not a vdm_tf compressed file"),
     "truncated .vdmz": (DECODE[:2] + ["{truncated_vdmz}"] + DECODE[3:], "Truncated file"),
     "corrupted .vdmz": (DECODE[:2] + ["{corrupted_vdmz}"] + DECODE[3:], "CRC-32"),
-    ".vdmz of another shape": (DECODE[:2] + ["{other_shape_vdmz}"] + DECODE[3:], "holds 16x8x1 images"),
+    ".vdmz of another shape": (
+        DECODE[:2] + ["{other_shape_vdmz}"] + DECODE[3:],
+        "was coded with a model of 16x8x1 images",
+    ),
     "decode, missing --model": (["decode", "--model={missing_keras}"] + DECODE[2:], "--model must be a .keras"),
+    "decode grey, no --model": (["decode"] + DECODE[2:], "holds grey images: no bundled model; pass --model"),
 }
 
 
@@ -360,3 +445,46 @@ def test_command_line_reports_a_model_that_does_not_load_in_one_line(bad_inputs,
     out, error = capsys.readouterr()
     assert "Traceback" not in error and len(error.strip().splitlines()) == 1, error
     assert f"--model={broken}: could not load the model" in error, error
+
+
+# --------------------------------------------------------------------------------------------
+# Few images: the seed and the conventional fallback.
+
+
+def test_one_image_message_is_no_larger_than_its_png_file_plus_the_container(model):
+    """With the fallback a message is never larger than the images' own PNG files (Pillow,
+    optimize) plus the container's header, size table, names and CRC-32."""
+    rng = np.random.default_rng(5)
+    for image in [
+        rng.integers(0, 256, (33, 65, 1)).astype(np.uint8),
+        edge_and_digit_images()[9],
+        np.zeros((1, 1, 1), np.uint8),
+    ]:
+        data = BitsBackCodec(model, num_steps=2).encode(image[None], names=["photo.png"])
+        header = read_header(data)
+        container = compression._HEADER.size + header.sizes_bytes + header.names_bytes + 4
+        assert len(data) <= compression.image_file_bytes(image, optimize=True) + container, (len(data), container)
+        np.testing.assert_array_equal(BitsBackCodec(model).decode(data)[0], image)
+
+
+def test_the_seed_pays_the_initial_bits_and_comes_back_exactly():
+    """On Gaussian data (analytic denoiser) the first image's top rows, coded as PNG/WebP at the
+    bottom of the stack, are the bits the first pops read: fewer pseudo-random words are spent
+    (initial bits) and the file is smaller than without seed; the seed comes back bit-exact."""
+    model, data = gaussian_model_and_data()
+    x = data.sample(40, seed=3)
+    files = {
+        seed: BitsBackCodec(model, num_steps=10, batch_size=8, seed=seed, fallback=False).encode(x)
+        for seed in (False, True)
+    }
+    with_seed, without = read_header(files[True]), read_header(files[False])
+    assert with_seed.seed_rows == 8 and with_seed.seed_bytes > 0 and without.seed_bytes == 0
+    assert with_seed.initial_bits < without.initial_bits - 4 * with_seed.seed_bytes, (
+        with_seed.initial_bits,
+        without.initial_bits,
+    )
+    assert len(files[True]) < len(files[False])
+    # The file: net codelength + initial bits + the seed's words + header, size table and CRC-32.
+    overhead = 8 * (compression._HEADER.size + with_seed.sizes_bytes + 4)
+    assert 8 * len(files[True]) == with_seed.net_bits + with_seed.initial_bits + 32 * with_seed.seed_words + overhead
+    np.testing.assert_array_equal(BitsBackCodec(model).decode(files[True]), x)

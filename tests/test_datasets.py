@@ -118,7 +118,7 @@ def test_digits_input_context_shards_and_uses_per_replica_batch_size():
 
 
 def test_info():
-    assert datasets.NAMES == ("digits", "mnist", "cifar10", "imagenet32", "imagenet64")
+    assert datasets.NAMES == ("digits", "photos", "mnist", "cifar10", "imagenet32", "imagenet64")
     assert datasets.info("digits").image_shape == (8, 8, 1)
     assert datasets.info("digits").num_test_examples == 297
     assert datasets.info("mnist").image_shape == (28, 28, 1)
@@ -126,6 +126,27 @@ def test_info():
     assert datasets.info("imagenet32").tfds_name == "downsampled_imagenet/32x32"
     assert datasets.info("imagenet64").image_shape == (64, 64, 3)
     assert datasets.info("imagenet64").test_split == "validation"
+
+
+def test_photos_are_patches_of_the_bundled_photographs_split_by_photograph():
+    """photos: 32x32 RGB patches of scikit-image's PNG photographs; train and test share no photograph."""
+    import skimage.data
+
+    train, test = datasets.photos_arrays("train"), datasets.photos_arrays("test")
+    info = datasets.info("photos")
+    assert train.shape == (info.num_train_examples, 32, 32, 3) and test.shape == (info.num_test_examples, 32, 32, 3)
+    assert train.dtype == test.dtype == np.uint8
+    assert not set(datasets.PHOTOS_TRAIN) & set(datasets.PHOTOS_TEST)
+    chelsea = skimage.data.chelsea()  # scikit-image's own loader gives the same pixels
+    np.testing.assert_array_equal(datasets.photos_images("test")["chelsea"], chelsea)
+    np.testing.assert_array_equal(test[1], chelsea[:32, 32:64])  # rows first, stride 32
+    np.testing.assert_array_equal(train[1], skimage.data.astronaut()[:32, 16:48])  # stride 16
+    batch = next(iter(datasets.load("photos", "test", 400, shuffle=False, repeat=False, drop_remainder=False)))
+    np.testing.assert_array_equal(batch.numpy(), test)
+    with pytest.raises(ValueError, match="no labels"):
+        datasets.load("photos", "train", 8, with_labels=True)
+    with pytest.raises(ValueError, match="splits 'train' and 'test'"):
+        datasets.photos_images("validation")
 
 
 def test_info_names_are_real_tfds_builders_and_configs():
@@ -141,7 +162,7 @@ def test_info_names_are_real_tfds_builders_and_configs():
 
 @pytest.mark.parametrize("call", [lambda: datasets.info("svhn"), lambda: datasets.load("svhn", "train", 8)])
 def test_unknown_name_lists_known_names(call):
-    with pytest.raises(ValueError, match="digits, mnist, cifar10, imagenet32, imagenet64"):
+    with pytest.raises(ValueError, match="digits, photos, mnist, cifar10, imagenet32, imagenet64"):
         call()
 
 

@@ -1,13 +1,16 @@
 """Lossless compression of images with a trained VDM: bits-back ANS over the discrete-time chain.
 
     codec = vdm_tf.compression.BitsBackCodec(model, num_steps=250)
-    data = codec.encode(x_uint8)                 # bytes
+    data = codec.encode(x_uint8)                 # bytes; x: [N, H, W, C] or a list of [H_i, W_i, C]
     x_uint8 = codec.decode(data)                 # bit-exact
-    python -m vdm_tf.compression encode --model=model.keras a.png b.png -o out.vdmz
-    python -m vdm_tf.compression decode --model=model.keras out.vdmz -o DIR     # DIR/a.png, DIR/b.png
+    python -m vdm_tf.compression encode photo.png -o photo.vdmz      # RGB: the bundled photos model
+    python -m vdm_tf.compression decode photo.vdmz -o DIR            # DIR/photo.png
+    python -m vdm_tf.compression encode --model=model.keras a.png b.png -o out.vdmz   # grey: --model
 
-The command line checks every input (files, modes, sizes, the output paths, the model's path
-and image shape) before it loads the model. `decode` always writes PNG files, `<stem>.png` for
+Images of any size H x W >= 1 x 1 with the model's channel count (L or RGB; palette and alpha
+are refused) are coded; without --model RGB images use the bundled `vdm_tf/models/photos.keras`
+(no grey model is bundled). The command line checks every input (files, modes, the output paths,
+the model's path and channels) before it loads the model. `decode` always writes PNG files, `<stem>.png` for
 each stored name (`decoded_file_names`), holding exactly the encoded pixels: for an input in a
 lossy format (JPEG) that is the pixels Pillow decoded from it, not the original file's bytes.
 
@@ -54,19 +57,45 @@ average, is XORed with a pseudo-random mask keyed by (batch, level) (`_whiten`, 
 that the decoder applies again at the mirror point); the popped latents are then distributed as
 q, and the codelength matches the -ELBO to about 0.2% (tests/test_compression.py).
 
+## Any size: tiles
+
+The model's image shape is the tile size. Each image is cut, rows first, into tiles at
+multiples of it; at the right and bottom borders the crops are smaller and run through the
+network at their own size (the ScoreUNet is fully convolutional: no padding pixel is coded,
+and a border crop costs what its pixels cost under a model that sees less context). Crops of
+one shape, from every image of the message, are coded in batches together (`_tile_plan`), one
+traced network per (batch size, crop shape). The container stores each image's H x W.
+
+## Few images: the seed and the fallback
+
+The first pops of a message read bits that nothing has pushed yet (the initial bits below,
+5-10 bits per dimension of the first batch). Two things keep a short message cheap:
+
+- the seed: the top rows of the first image (whole tile rows, until their PNG holds about half
+  a full batch's initial bits, or the whole image if it is shorter) are coded as PNG or
+  WebP-lossless (the smaller), and those bytes are the bottom of the ANS stack: the first pops
+  read them, and the decoder, which pops everything back, finds them there at the end. Bits the
+  message carries anyway pay for the first pops. Batches ramp up 1, 2, 4, ... tiles, so the
+  first pops dig little below them.
+- the fallback: the encoder also writes every image as PNG or WebP-lossless and keeps the
+  smaller file; a message is never larger than the images' PNG files plus the container's header,
+  size table and names (a one-image message smaller than a tile row is always the fallback).
+
 ## What a file holds besides the -ELBO
 
 - the discretisation of the latents (below): no error measurable above the Monte-Carlo noise
   (about 0.1%) from latent_bins = 2 up on Gaussian data;
 - the initial bits: the first pops of a message (z_0 and z_1 of the first batch, about
-  `n_1 D (h(q(z_0 | x)) + h(q(z_1 | z_0)) - h(x | z_0))` bits, with n_1 = min(batch_size, N) and h
+  `n_1 D (h(q(z_0 | x)) + h(q(z_1 | z_0)) - h(x | z_0))` bits, with n_1 the tiles of a batch and h
   the entropies on the grid; 5 to 10 bits per dimension of the first batch) come from a stack
   that holds nothing yet. The stack starts with fixed pseudo-random words and the file keeps
   only the words the message changed, so this is paid once per message: batches are chained on
-  one stack and later batches pop the bits earlier ones pushed. Smaller batches cost less here.
+  one stack and later batches pop the bits earlier ones pushed, and the seed's bytes lie below
+  them (above). Smaller batches cost less here.
   `read_header(data).initial_bits` reports it, `.net_bits` the growth of the stack;
-- the header (122 bytes), the file names (front-coded and deflated, `_pack_names`: 92 bytes for
-  the 297 names digit0000.png .. digit0296.png, 0.04 bpd of those 8x8 images) and a CRC-32.
+- the header (134 bytes), the size table (deflated), the file names (front-coded and deflated,
+  `_pack_names`: 92 bytes for the 297 names digit0000.png .. digit0296.png, 0.04 bpd of those
+  8x8 images) and a CRC-32.
 
 ## The latent grid
 
@@ -130,16 +159,24 @@ from vdm_tf import evaluation, images, samplers
 from vdm_tf.vdm import VDM
 
 MAGIC = b"VDMZ"
-FORMAT_VERSION = 2  # version 2: the names block is front-coded and deflated (`_pack_names`); 1: raw
-# magic, version, H, W, C, count, num_steps, batch_size, latent_bins, window, intra-op threads,
-# initial words, shared words, names bytes, payload words, SHA-256 of the weights and of the probe.
-_HEADER = struct.Struct("<4sH13I32s32s")
+# Version 3: images of any size (tiles of the model's shape, a size table), a conventionally coded
+# seed region whose bytes are the stack's initial bits, or the conventional code alone. Version 2:
+# one image shape, names front-coded and deflated (`_pack_names`); version 1: names raw. 1 and 2 decode.
+FORMAT_VERSION = 3
+# magic, version, tile H, W, C, count, num_steps, batch_size, latent_bins, window, intra-op threads,
+# random initial words, shared words, names bytes, payload bytes, sizes bytes, seed rows, mode,
+# SHA-256 of the weights and of the probe.
+_HEADER = struct.Struct("<4sH16I32s32s")
+# Versions 1 and 2: ... threads, initial words, shared words, names bytes, payload words, SHA-256s.
+_HEADER_V2 = struct.Struct("<4sH13I32s32s")
 _CRC = struct.Struct("<I")
 _INITIAL_SEED = 0x5644_4D5A  # the pseudo-random words the stack starts with (PCG64 raw stream)
 _PRECISION_BITS = 24  # constriction's ANS precision: one symbol costs at most 24 bits
 _MAX_ALPHABET = 1 << 20
 _RAW_HALF = constriction.stream.model.Uniform(1 << 16)  # an escaped offset: two 16-bit halves
 _PIXELS = constriction.stream.model.Categorical(perfect=False)
+BITS_BACK, CONVENTIONAL = 0, 1  # the modes of a version-3 file (`Header.mode`)
+_CONVENTIONAL_FORMATS = ("PNG", "WEBP")  # the lossless codes of seeds and conventional files (Pillow)
 
 
 class CompressionError(ValueError):
@@ -154,9 +191,13 @@ class ModelMismatchError(CompressionError):
 class Header:
     """What a compressed file says about itself (`read_header`).
 
-    `initial_bits` is the one-off cost of the first pops (initial stack words the message
-    changed), `net_bits` the growth of the stack (the bits-back codelength, about the
-    discrete-time -ELBO of the images); the file holds both plus the header.
+    `image_shape` is the model's (the tile shape), `sizes` each image's (H, W). In mode
+    `BITS_BACK` the payload is the ANS stack above the shared initial words (uint32 words); the
+    top `seed_rows` pixel rows of the first image (`seed_bytes` bytes of PNG or WebP-lossless)
+    are the bottom of the stack. `initial_bits` is the one-off cost of the first pops beyond the
+    seed (pseudo-random initial words the message changed), `net_bits` the growth of the stack
+    over the seed (the bits-back codelength of the tiles, about their discrete-time -ELBO). In
+    mode `CONVENTIONAL` the payload is one PNG or WebP-lossless file per image, `lengths` bytes each.
     """
 
     image_shape: tuple
@@ -172,19 +213,36 @@ class Header:
     probe_sha256: bytes
     names: tuple
     names_bytes: int  # the size of the stored names block
-    payload: np.ndarray  # uint32 words: the ANS stack above the shared initial words
+    payload: np.ndarray  # uint32 words (BITS_BACK) or uint8 bytes (CONVENTIONAL)
+    sizes: tuple = ()  # (H, W) per image
+    lengths: tuple = ()  # conventional bytes per image: all of it (CONVENTIONAL), the seed (BITS_BACK)
+    seed_rows: int = 0
+    mode: int = BITS_BACK
+    version: int = FORMAT_VERSION
+    sizes_bytes: int = 0
 
     @property
     def num_dims(self):
-        return self.count * math.prod(self.image_shape)
+        return sum(height * width for height, width in self.sizes) * self.image_shape[-1]
+
+    @property
+    def seed_bytes(self):
+        return self.lengths[0] if self.mode == BITS_BACK and self.lengths else 0
+
+    @property
+    def seed_words(self):
+        """The stack words the seed takes: its bytes, zero-padded to whole words, and a word 1 on top."""
+        return -(-self.seed_bytes // 4) + 1 if self.seed_bytes else 0
 
     @property
     def initial_bits(self):
-        return 32 * (self.initial_words - self.shared_words)
+        return 32 * (self.initial_words - self.shared_words) if self.mode == BITS_BACK else 0
 
     @property
     def net_bits(self):
-        return 32 * (self.shared_words + len(self.payload) - self.initial_words)
+        if self.mode != BITS_BACK:
+            return 0
+        return 32 * (self.shared_words + len(self.payload) - self.initial_words - self.seed_words)
 
 
 def read_header(data):
@@ -196,36 +254,80 @@ def read_header(data):
     data = bytes(data)
     if len(data) < 4 or data[:4] != MAGIC:
         raise CompressionError(f"Not a vdm_tf compressed file: it does not start with {MAGIC!r}.")
-    if len(data) < _HEADER.size + _CRC.size:
-        raise CompressionError(f"Truncated file: {len(data)} bytes, shorter than the {_HEADER.size}-byte header.")
-    fields = _HEADER.unpack_from(data)
-    _, version, height, width, channels, count, num_steps, batch_size, bins, window, threads = fields[:11]
-    initial, shared, names_bytes, payload_words, weights_sha, probe_sha = fields[11:]
-    if version not in (1, FORMAT_VERSION):
-        raise CompressionError(f"Format version {version}; this vdm_tf reads versions 1 and {FORMAT_VERSION}.")
-    expected = _HEADER.size + names_bytes + 4 * payload_words + _CRC.size
+    if len(data) < 6:
+        raise CompressionError(f"Truncated file: {len(data)} bytes, shorter than the header.")
+    (version,) = struct.unpack_from("<H", data, 4)
+    if version not in (1, 2, FORMAT_VERSION):
+        raise CompressionError(f"Format version {version}; this vdm_tf reads versions 1, 2 and {FORMAT_VERSION}.")
+    layout = _HEADER if version == FORMAT_VERSION else _HEADER_V2
+    if len(data) < layout.size + _CRC.size:
+        raise CompressionError(f"Truncated file: {len(data)} bytes, shorter than the {layout.size}-byte header.")
+    fields = layout.unpack_from(data)
+    height, width, channels, count, num_steps, batch_size, bins, window, threads = fields[2:11]
+    initial, shared, names_bytes, payload_bytes = fields[11:15]
+    sizes_bytes, seed_rows, mode = fields[15:18] if version == FORMAT_VERSION else (0, 0, BITS_BACK)
+    if version < FORMAT_VERSION:
+        payload_bytes *= 4  # versions 1 and 2 count payload words
+    weights_sha, probe_sha = fields[-2:]
+    expected = layout.size + sizes_bytes + names_bytes + payload_bytes + _CRC.size
     if len(data) != expected:
         state = "Truncated" if len(data) < expected else "Corrupted"
         raise CompressionError(f"{state} file: {len(data)} bytes, the header announces {expected}.")
     (crc,) = _CRC.unpack_from(data, expected - _CRC.size)
     if zlib.crc32(data[: expected - _CRC.size]) != crc:
         raise CompressionError("Corrupted file: the CRC-32 checksum does not match its contents.")
-    if not (1 <= batch_size <= count and min(num_steps, bins, window, threads, height, width, channels) >= 1):
+    if not (1 <= batch_size and min(count, num_steps, bins, window, threads, height, width, channels) >= 1):
         raise CompressionError(f"Corrupted header: impossible fields {fields[2:11]}.")
-    if not shared <= initial or shared + payload_words < 1:
-        raise CompressionError(f"Corrupted header: {shared} shared of {initial} initial words, {payload_words} more.")
-    block = data[_HEADER.size : _HEADER.size + names_bytes]
+    if mode not in (BITS_BACK, CONVENTIONAL) or (version < FORMAT_VERSION and batch_size > count):
+        raise CompressionError(f"Corrupted header: impossible fields {fields[2:18]}.")
+    if mode == BITS_BACK and (not shared <= initial or shared * 4 + payload_bytes < 4 or payload_bytes % 4):
+        raise CompressionError(
+            f"Corrupted header: {shared} shared of {initial} initial words, {payload_bytes} more bytes."
+        )
+    position = layout.size
+    if version == FORMAT_VERSION:
+        table = _unpack_sizes(data[position : position + sizes_bytes], count)
+        sizes, lengths = tuple(table[:, :2].tolist()), tuple(table[:, 2].tolist())
+        sizes = tuple(tuple(size) for size in sizes)
+        if min(min(size) for size in sizes) < 1 or (mode == CONVENTIONAL and sum(lengths) != payload_bytes):
+            raise CompressionError("Corrupted file: the size table does not match the payload.")
+        if mode == BITS_BACK and (seed_rows > sizes[0][0] or (seed_rows == 0) != (lengths[0] == 0)):
+            raise CompressionError("Corrupted file: the seed rows do not match the size table.")
+    else:
+        sizes, lengths = ((height, width),) * count, ()
+    position += sizes_bytes
+    block = data[position : position + names_bytes]
     if version == 1:
         names = tuple(block.decode("utf-8", "surrogateescape").split("\n")) if names_bytes else ()
     else:
         names = _unpack_names(block)
     if len(names) not in (0, count):
         raise CompressionError(f"Corrupted file: {len(names)} file names for {count} images.")
-    payload = np.frombuffer(data, "<u4", payload_words, _HEADER.size + names_bytes).astype(np.uint32)
+    position += names_bytes
+    dtype = "<u4" if mode == BITS_BACK else "u1"
+    payload = np.frombuffer(data, dtype, payload_bytes // np.dtype(dtype).itemsize, position)
     return Header(
         (height, width, channels), count, num_steps, batch_size, bins, window, threads, initial, shared,
-        weights_sha, probe_sha, names, names_bytes, payload,
+        weights_sha, probe_sha, names, names_bytes, payload.astype(dtype[-2:]).copy(), sizes, lengths, seed_rows,
+        mode, version, sizes_bytes,
     )  # fmt: skip
+
+
+def _pack_sizes(sizes, lengths):
+    """The size table of format version 3: (H, W, conventional bytes) per image, uint32, deflated."""
+    table = np.column_stack([np.asarray(sizes, np.int64).reshape(-1, 2), lengths]).astype("<u4")
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return deflate.compress(table.tobytes()) + deflate.flush()
+
+
+def _unpack_sizes(block, count):
+    try:
+        raw = zlib.decompress(block, -15)
+    except zlib.error as error:
+        raise CompressionError(f"Corrupted size table: {error}.") from None
+    if len(raw) != 12 * count:
+        raise CompressionError(f"Corrupted size table: {len(raw)} bytes for {count} images.")
+    return np.frombuffer(raw, "<u4").reshape(count, 3).astype(np.int64)
 
 
 def _check_names(names, count):
@@ -286,6 +388,85 @@ def _initial_words(num_words):
     words = np.random.PCG64(_INITIAL_SEED).random_raw((num_words + 1) // 2).view("<u4")[:num_words].astype(np.uint32)
     words[-1] |= 1
     return words
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    """Tiles coded together: crops of one shape (h, w), run through the network `padded` at a time."""
+
+    shape: tuple
+    tiles: tuple  # (image, top, left) of each crop
+    padded: int  # the traced batch size: len(tiles) rounded up to a power of two (the batch size at most)
+
+
+def _tile_plan(sizes, tile, seed_rows, batch_size, ramp=True):
+    """The batches of a message: every image cut into tiles of the model's shape, in coding order.
+
+    Image i of size H x W is cut, rows first, into crops at (top, left) = multiples of the tile
+    size: full tiles, and at the right and bottom borders smaller crops that the (fully
+    convolutional) network runs at their own size, so no padding pixel is coded. The first image
+    starts below its `seed_rows` conventionally coded rows. Crops of one shape, from all images,
+    are batched together in order of first appearance. With `ramp`, batch k holds at most 2^k
+    crops (1, 2, 4, ... up to `batch_size`): the first pops of a message, which have no bits
+    below them but the seed's, dig less deep. Without it (format versions 1 and 2) every batch
+    holds `batch_size` and runs padded to it.
+    """
+    groups = {}
+    for image, (height, width) in enumerate(sizes):
+        for top in range(seed_rows if image == 0 else 0, height, tile[0]):
+            for left in range(0, width, tile[1]):
+                shape = (min(tile[0], height - top), min(tile[1], width - left))
+                groups.setdefault(shape, []).append((image, top, left))
+    plan = []
+    for shape, tiles in groups.items():
+        start = 0
+        while start < len(tiles):
+            size = min(batch_size, 1 << min(len(plan), 30)) if ramp else batch_size
+            chunk = tuple(tiles[start : start + size])
+            padded = min(batch_size, 1 << (len(chunk) - 1).bit_length()) if ramp else batch_size
+            plan.append(_Batch(shape, chunk, padded))
+            start += size
+    return plan
+
+
+def _image_mode(channels):
+    return "L" if channels == 1 else "RGB"
+
+
+def lossless_bytes(image, formats=_CONVENTIONAL_FORMATS):
+    """The smallest conventional lossless file of a uint8 image [H, W, C]: (bytes, format name).
+
+    PNG (Pillow, optimize=True) or WebP-lossless (Pillow, method 6), whichever is smaller and
+    decodes back to exactly these pixels (`decode_lossless`).
+    """
+    from PIL import Image
+
+    picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image, _image_mode(image.shape[-1]))
+    best = None
+    for kind in formats:
+        buffer = io.BytesIO()
+        webp = {"lossless": True, "quality": 100, "method": 6, "exact": True}
+        picture.save(buffer, format=kind, **({"optimize": True} if kind == "PNG" else webp))
+        data = buffer.getvalue()
+        if (best is None or len(data) < len(best[0])) and np.array_equal(decode_lossless(data, image.shape), image):
+            best = data, kind
+    return best
+
+
+def decode_lossless(data, shape):
+    """The uint8 image [H, W, C] of a PNG or WebP file from `lossless_bytes`; CompressionError if it is not."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as picture:
+            picture.load()
+            array = np.asarray(picture.convert(_image_mode(shape[-1])))
+    except Exception as error:  # Pillow reports broken files with many exception types
+        raise CompressionError(f"Corrupted data: a conventionally coded image does not decode ({error}).") from None
+    array = array.reshape(array.shape[0], array.shape[1], -1)
+    if array.shape != tuple(shape):
+        raise CompressionError(f"Corrupted data: a conventionally coded image of {array.shape}, expected {shape}.")
+    return array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,34 +573,42 @@ def _pop_escaped(coder, mean, std, delta, radius):
 
 
 class BitsBackCodec:
-    """Lossless bits-back ANS coder of uint8 images with a VDM (see the module docstring).
+    """Lossless bits-back ANS coder of uint8 images of any size with a VDM (see the module docstring).
 
     Args:
         model: a `vdm_tf.VDM` (any timesteps: the codec uses its denoiser and schedule on its own
-            grid of `num_steps` steps).
-        num_steps: T, the number of diffusion steps (denoiser calls per image, each way);
+            grid of `num_steps` steps). Its image shape is the tile size; images of any size with
+            its channel count are coded, cut into tiles (`_tile_plan`).
+        num_steps: T, the number of diffusion steps (denoiser calls per batch, each way);
             default: the model's `timesteps`, or 250 for a continuous-time model.
-        batch_size: images coded together (one denoiser call per step for all of them). The
-            one-off initial bits grow with it (5-10 bits per dimension of the first batch); on a
-            CPU the time per image hardly drops beyond 16 for small images.
+        batch_size: tiles coded together (one denoiser call per step for all of them); batches
+            ramp up 1, 2, 4, ... to it. On a CPU the time per tile hardly drops beyond 16 for
+            small tiles.
         latent_bins: grid points per standard deviation of the narrowest Gaussian over a latent
             (2 is already as good as finer grids on Gaussian data; each doubling adds about 2 bits
-            per dimension of the first batch to the initial bits).
+            per dimension to the first pops, the initial bits).
         window: half-width of the coding windows, in standard deviations.
+        seed: code the top rows of the first image conventionally (PNG or WebP-lossless) as the
+            stack's initial bits (module docstring, "Few images"); False starts on pseudo-random
+            words only (the initial bits are then paid in full: the closed-form tests use it).
+        fallback: store the conventional code of every image instead when it is smaller (False:
+            always bits-back, as the tests of the bits-back code need).
 
-    `decode` reads T, the batch size and the grid from the file, so any codec with the right
-    model decodes it.
+    `decode` reads T, the batch size, the sizes and the grid from the file, so any codec with the
+    right model decodes it.
 
     Example:
     >>> codec = BitsBackCodec(model, num_steps=100)
-    >>> data = codec.encode(x)                       # uint8 [N, H, W, C] -> bytes
+    >>> data = codec.encode(x)                       # uint8 [N, H, W, C] or a list of [H_i, W_i, C] -> bytes
     >>> assert (codec.decode(data) == x).all()
     >>> read_header(data).net_bits / x.size          # about the -ELBO in bits per dimension
 
     Reference: Townsend et al. 2019 (BB-ANS); Kingma et al. 2019 (Bit-Swap); Kingma et al. 2021 (VDM).
     """
 
-    def __init__(self, model, num_steps=None, batch_size=16, latent_bins=4, window=8):
+    _ramp = True  # False: batches as in format versions 1 and 2 (the tests make such files)
+
+    def __init__(self, model, num_steps=None, batch_size=16, latent_bins=4, window=8, seed=True, fallback=True):
         if not isinstance(model, VDM):
             raise TypeError(f"model must be a vdm_tf.VDM; got {type(model).__name__}.")
         self.model = model
@@ -427,10 +616,12 @@ class BitsBackCodec:
         self.batch_size = int(batch_size)
         self.latent_bins = int(latent_bins)
         self.window = int(window)
+        self.seed, self.fallback = bool(seed), bool(fallback)
         for name in ("num_steps", "batch_size", "latent_bins", "window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)}.")
         self.image_shape = tuple(model.image_shape)
+        self.channels = self.image_shape[-1]
         self.num_dims = math.prod(self.image_shape)
 
     # ----------------------------------------------------------------------------------------
@@ -440,9 +631,9 @@ class BitsBackCodec:
         t = tf.range(num_steps + 1, dtype=tf.float32) / num_steps
         return _Grid.build(self.model.schedule(t).numpy(), latent_bins, window)
 
-    def _network(self, batch_size):
-        """(eps_hat(z, gamma), pixel probabilities(z_0, gamma_0)), traced once per batch size."""
-        model, shape = self.model, (batch_size,) + self.image_shape
+    def _network(self, batch_size, shape):
+        """(eps_hat(z, gamma), pixel probabilities(z_0, gamma_0)) on [batch_size, h, w, C], traced once each."""
+        model, shape = self.model, (batch_size, *shape, self.channels)
         signature = [tf.TensorSpec(shape, tf.float32), tf.TensorSpec([], tf.float32)]
 
         def build():
@@ -451,89 +642,100 @@ class BitsBackCodec:
                 input_signature=signature,
             )
             probabilities = tf.function(
-                lambda z_0, gamma_0: tf.nn.softmax(images.decoder_logits(z_0, gamma_0)), input_signature=signature
+                lambda z_0, gamma_0: tf.nn.softmax(images.decoder_logits(z_0, gamma_0, model.pixel_values)),
+                input_signature=signature,
             )
-            return eps_hat, probabilities
+            return eps_hat, probabilities, shape
 
-        return samplers.compiled(model, ("bits_back", batch_size), build)
+        key = ("bits_back", batch_size) if shape[1:] == self.image_shape else ("bits_back", shape)
+        return samplers.compiled(model, key, build)
 
     def weights_sha256(self):
         """SHA-256 of the model: class names, image shape and every weight's shape and bytes."""
         digest = hashlib.sha256(repr((type(self.model.denoiser).__name__, type(self.model.schedule).__name__)).encode())
         digest.update(repr(self.image_shape).encode())
+        if self.model.pixel_values is not None:  # the decoder's alphabet (older files: none, same digest)
+            digest.update(repr(self.model.pixel_values).encode())
         for weight in self.model.weights:
             value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
             digest.update(repr((value.shape, value.dtype.str)).encode() + value.tobytes())
         return digest.digest()
 
-    def _probe_sha256(self, grid, batch_size):
-        """SHA-256 of the grid and of the network's outputs on a fixed batch: equal only where
-        this machine computes the same bits as the encoder's."""
-        eps_hat, probabilities = self._network(batch_size)
-        raw = np.random.PCG64(_INITIAL_SEED + 1).random_raw(batch_size * self.num_dims)
-        z = ((raw >> 11) * 2.0**-53 * 4.0 - 2.0).astype(np.float32).reshape((batch_size,) + self.image_shape)
+    def _probe_sha256(self, grid, networks):
+        """SHA-256 of the grid and of the network's outputs on fixed inputs, for every traced shape
+        of a message: equal only where this machine computes the same bits as the encoder's."""
         digest = grid.sha256()
-        for level in (1, len(grid.gamma) - 1):
-            digest.update(eps_hat(z, np.float32(grid.gamma[level])).numpy().tobytes())
-        digest.update(probabilities(z, np.float32(grid.gamma[0])).numpy().tobytes())
+        for eps_hat, probabilities, shape in networks:
+            raw = np.random.PCG64(_INITIAL_SEED + 1).random_raw(math.prod(shape))
+            z = ((raw >> 11) * 2.0**-53 * 4.0 - 2.0).astype(np.float32).reshape(shape)
+            for level in (1, len(grid.gamma) - 1):
+                digest.update(eps_hat(z, np.float32(grid.gamma[level])).numpy().tobytes())
+            digest.update(probabilities(z, np.float32(grid.gamma[0])).numpy().tobytes())
         return digest.digest()
+
+    def _networks(self, plan):
+        """The traced network of each batch of `plan`, and the distinct ones in order (for the probe)."""
+        networks = [self._network(batch.padded, batch.shape) for batch in plan]
+        distinct = list({id(network): network for network in networks}.values())
+        return networks, distinct
 
     # ----------------------------------------------------------------------------------------
     # One batch each way.
 
-    def _padded(self, z, batch_size):
-        """Flat latents of n <= batch_size images as the float32 network input, zeros below."""
-        padded = np.zeros(batch_size * self.num_dims, np.float32)
+    @staticmethod
+    def _padded(z, network):
+        """Flat latents of n tiles as the float32 network input [padded, h, w, C], zeros below."""
+        shape = network[2]
+        padded = np.zeros(math.prod(shape), np.float32)
         padded[: len(z)] = z
-        return padded.reshape((batch_size,) + self.image_shape)
+        return padded.reshape(shape)
 
-    def _prior_mean(self, z, level, grid, network, batch_size):
+    def _prior_mean(self, z, level, grid, network):
         """Mean of p(z_{level-1} | z_level) (VDM eq. 32-34), flat float64 [n D]."""
-        eps_hat = network[0](self._padded(z, batch_size), np.float32(grid.gamma[level])).numpy()
+        eps_hat = network[0](self._padded(z, network), np.float32(grid.gamma[level])).numpy()
         eps_hat = eps_hat.reshape(-1)[: len(z)].astype(np.float64)
         ratio = grid.alpha[level - 1] / grid.alpha[level]
         return ratio * (z - grid.sigma[level] * grid.c[level] * eps_hat)
 
-    def _pixel_probabilities(self, z_0, grid, network, batch_size):
-        probabilities = network[1](self._padded(z_0, batch_size), np.float32(grid.gamma[0])).numpy()
+    def _pixel_probabilities(self, z_0, grid, network):
+        probabilities = network[1](self._padded(z_0, network), np.float32(grid.gamma[0])).numpy()
         return probabilities.reshape(-1, images.NUM_VALUES)[: len(z_0)]
 
-    def _encode_batch(self, coder, x, batch, grid, network, batch_size, progress):
-        """Pushes batch number `batch`, x (uint8 [n, H, W, C]), onto the stack."""
+    def _encode_batch(self, coder, x, batch, grid, network, progress):
+        """Pushes batch number `batch`, tiles x (uint8 [n, h, w, C]), onto the stack."""
         g = grid
         f = images.encode(x).numpy().astype(np.float64).reshape(-1)
         _whiten(coder, len(f) * g.q_bits[0], (batch, 0))
         k = _pop(coder, g.alpha[0] * f, g.q_std[0], g.delta[0], g.q_radius[0])
         z = k * g.delta[0]
-        probabilities = self._pixel_probabilities(z, g, network, batch_size)
+        probabilities = self._pixel_probabilities(z, g, network)
         coder.encode_reverse(x.reshape(-1).astype(np.int32), _PIXELS, probabilities)
         for i in range(1, len(g.gamma)):
             _whiten(coder, len(k) * g.q_bits[i], (batch, i))
             k_next = _pop(coder, g.alpha[i] / g.alpha[i - 1] * z, g.q_std[i], g.delta[i], g.q_radius[i])
             z_next = k_next * g.delta[i]
-            mean = self._prior_mean(z_next, i, g, network, batch_size)
+            mean = self._prior_mean(z_next, i, g, network)
             _push_escaped(coder, k, mean, g.p_std[i - 1], g.delta[i - 1], g.p_radius[i - 1])
             k, z = k_next, z_next
             progress.add(1)
         _push_escaped(coder, k, np.zeros_like(z), 1.0, g.delta[-1], g.p_radius[-1])
         progress.add(1)
 
-    def _decode_batch(self, coder, n, batch, grid, network, batch_size, progress):
-        """Pops batch number `batch`, n images, off the stack: the exact reverse of `_encode_batch`."""
+    def _decode_batch(self, coder, shape, batch, grid, network, progress):
+        """Pops batch number `batch`, tiles of `shape` [n, h, w, C], off the stack: the reverse of `_encode_batch`."""
         g = grid
-        k = _pop_escaped(coder, np.zeros(n * self.num_dims), 1.0, g.delta[-1], g.p_radius[-1])
+        k = _pop_escaped(coder, np.zeros(math.prod(shape)), 1.0, g.delta[-1], g.p_radius[-1])
         z = k * g.delta[-1]
         progress.add(1)
         for i in range(len(g.gamma) - 1, 0, -1):
-            mean = self._prior_mean(z, i, g, network, batch_size)
+            mean = self._prior_mean(z, i, g, network)
             k_prev = _pop_escaped(coder, mean, g.p_std[i - 1], g.delta[i - 1], g.p_radius[i - 1])
             z_prev = k_prev * g.delta[i - 1]
             _push(coder, k, g.alpha[i] / g.alpha[i - 1] * z_prev, g.q_std[i], g.delta[i], g.q_radius[i])
             _whiten(coder, len(k) * g.q_bits[i], (batch, i))
             k, z = k_prev, z_prev
             progress.add(1)
-        x = coder.decode(_PIXELS, self._pixel_probabilities(z, g, network, batch_size)).astype(np.uint8)
-        x = x.reshape((n,) + self.image_shape)
+        x = coder.decode(_PIXELS, self._pixel_probabilities(z, g, network)).astype(np.uint8).reshape(shape)
         f = images.encode(x).numpy().astype(np.float64).reshape(-1)
         _push(coder, k, g.alpha[0] * f, g.q_std[0], g.delta[0], g.q_radius[0])
         _whiten(coder, len(k) * g.q_bits[0], (batch, 0))
@@ -542,45 +744,111 @@ class BitsBackCodec:
     # ----------------------------------------------------------------------------------------
     # Public API.
 
+    def _check_images(self, x):
+        """uint8 images as a list of [H, W, C] arrays with the model's channel count."""
+        if isinstance(x, (list, tuple)):
+            arrays = [np.asarray(image) for image in x]
+        else:
+            x = x.numpy() if tf.is_tensor(x) else np.asarray(x)
+            if x.ndim != 4:
+                raise ValueError(f"images must be [N, H, W, C] or a list of [H, W, C] arrays; got shape {x.shape}.")
+            arrays = list(x)
+        if not arrays:
+            raise ValueError("images must hold at least one image; got an empty batch.")
+        checked = []
+        for image in arrays:
+            expected = f"images must be uint8 [H, W, {self.channels}] (H, W >= 1) with values in 0..255"
+            if not np.issubdtype(image.dtype, np.integer):
+                raise TypeError(f"{expected}; got dtype {image.dtype}.")
+            if image.ndim != 3 or image.shape[-1] != self.channels or min(image.shape) < 1:
+                raise ValueError(f"{expected}; got shape {list(image.shape)}.")
+            if image.min() < 0 or image.max() > images.NUM_VALUES - 1:
+                raise ValueError(f"{expected}; got values in {image.min()}..{image.max()}.")
+            checked.append(np.ascontiguousarray(image, np.uint8))
+        return checked
+
+    def _seed_rows(self, image, grid):
+        """How many top rows of the first image to code conventionally as the stack's initial bits.
+
+        Whole tile rows until their PNG holds the bits the first pops of a full batch need,
+        about D (h(q(z_0 | x)) + h(q(z_1 | z_0))) bits per tile, half a batch's worth (the ramp
+        and the bits the first batches push cover the rest); the whole image if it is shorter.
+        """
+        target = 0.5 * self.batch_size * self.num_dims * (grid.q_bits[0] + grid.q_bits[1])
+        rows = self.image_shape[0]
+        while rows < image.shape[0] and 8 * lossless_bytes(image[:rows], ("PNG",))[0].__len__() < target:
+            rows += self.image_shape[0]
+        return min(rows, image.shape[0])
+
     def encode(self, x, names=None, verbose=False):
-        """Compresses uint8 images [N, H, W, C] losslessly; returns the bytes of the container.
+        """Compresses uint8 images losslessly; returns the bytes of the container.
 
         Args:
-            x: uint8 images of the model's shape (tensor or array), N >= 1.
+            x: uint8 images [N, H, W, C] (tensor or array) or a list of N arrays [H_i, W_i, C] of
+                any sizes, C the model's channel count, N >= 1.
             names: optional N file names without newlines, stored in the container (front-coded
                 and deflated; the command line stores the input files' names).
             verbose: show a progress bar.
+
+        The file is the smaller of the bits-back code (a conventionally coded seed, then the
+        tiles) and the conventional code of every image (PNG or WebP-lossless each): never more
+        than the images' own PNG files plus the container's header, size table and names.
         """
-        x = images.check_images(x, self.image_shape).numpy()
-        if not len(x):
-            raise ValueError("images must hold at least one image; got an empty batch.")
+        xs = self._check_images(x)
         names = tuple(names or ())
-        _check_names(names, len(x))
-        batch_size = min(self.batch_size, len(x))
+        _check_names(names, len(xs))
+        sizes = [image.shape[:2] for image in xs]
         grid = self._grid(self.num_steps, self.latent_bins, self.window)
-        network = self._network(batch_size)
-        # Enough initial words for two layers of worst-case pops of a full batch, and more.
-        initial = _initial_words(math.ceil(3 * _PRECISION_BITS * batch_size * self.num_dims / 32) + 4)
-        coder = constriction.stream.stack.AnsCoder(initial)
-        starts = range(0, len(x), batch_size)
-        progress = keras.utils.Progbar(len(starts) * (self.num_steps + 1), verbose=int(verbose), unit_name="step")
-        for batch, start in enumerate(starts):
-            self._encode_batch(coder, x[start : start + batch_size], batch, grid, network, batch_size, progress)
-        words = coder.get_compressed()
-        common = min(len(words), len(initial))
-        differs = np.flatnonzero(words[:common] != initial[:common])
-        shared = int(differs[0]) if len(differs) else common
-        names_bytes = _pack_names(names)
+        conventional = [lossless_bytes(image)[0] for image in xs]
+        seed_rows = self._seed_rows(xs[0], grid) if self.seed else 0
+        plan = _tile_plan(sizes, self.image_shape, seed_rows, self.batch_size, ramp=self._ramp)
+        candidates = [self._conventional_file(xs, conventional, names)] if self.fallback or not plan else []
+        if plan:
+            candidates.append(self._bits_back_file(xs, names, grid, plan, seed_rows, verbose))
+        return min(candidates, key=len)
+
+    def _pack(self, mode, count, sizes, lengths, names, payload, *, num_steps=1, batch_size=1, initial=0, shared=0,
+              seed_rows=0, probe=bytes(32)):  # fmt: skip
+        sizes_block, names_block = _pack_sizes(sizes, lengths), _pack_names(names)
         header = _HEADER.pack(
-            MAGIC, FORMAT_VERSION, *self.image_shape, len(x), self.num_steps, batch_size, self.latent_bins,
-            self.window, intra_op_threads(), len(initial), shared, len(names_bytes), len(words) - shared,
-            self.weights_sha256(), self._probe_sha256(grid, batch_size),
+            MAGIC, FORMAT_VERSION, *self.image_shape, count, num_steps, batch_size, self.latent_bins, self.window,
+            intra_op_threads(), initial, shared, len(names_block), len(payload), len(sizes_block), seed_rows, mode,
+            self.weights_sha256(), probe,
         )  # fmt: skip
-        body = header + names_bytes + words[shared:].astype("<u4").tobytes()
+        body = header + sizes_block + names_block + payload
         return body + _CRC.pack(zlib.crc32(body))
 
+    def _conventional_file(self, xs, conventional, names):
+        sizes, lengths = [image.shape[:2] for image in xs], [len(data) for data in conventional]
+        return self._pack(CONVENTIONAL, len(xs), sizes, lengths, names, b"".join(conventional))
+
+    def _bits_back_file(self, xs, names, grid, plan, seed_rows, verbose):
+        seed = lossless_bytes(xs[0][:seed_rows])[0] if seed_rows else b""
+        networks, distinct = self._networks(plan)
+        # Enough initial words for two layers of worst-case pops of a full batch, and more.
+        random_words = _initial_words(math.ceil(3 * _PRECISION_BITS * self.batch_size * self.num_dims / 32) + 4)
+        coder = constriction.stream.stack.AnsCoder(np.concatenate([random_words, _seed_stack_words(seed)]))
+        progress = keras.utils.Progbar(len(plan) * (self.num_steps + 1), verbose=int(verbose), unit_name="step")
+        for number, (batch, network) in enumerate(zip(plan, networks)):
+            height, width = batch.shape
+            tiles = np.stack([xs[i][top : top + height, left : left + width] for i, top, left in batch.tiles])
+            self._encode_batch(coder, tiles, number, grid, network, progress)
+        words = coder.get_compressed()
+        common = min(len(words), len(random_words))
+        differs = np.flatnonzero(words[:common] != random_words[:common])
+        shared = int(differs[0]) if len(differs) else common
+        lengths = [len(seed)] + [0] * (len(xs) - 1)
+        return self._pack(
+            BITS_BACK, len(xs), [image.shape[:2] for image in xs], lengths, names,
+            words[shared:].astype("<u4").tobytes(), num_steps=self.num_steps, batch_size=self.batch_size,
+            initial=len(random_words), shared=shared, seed_rows=seed_rows, probe=self._probe_sha256(grid, distinct),
+        )  # fmt: skip
+
     def decode(self, data, verbose=False):
-        """Decompresses `encode`'s output; returns uint8 images [N, H, W, C].
+        """Decompresses `encode`'s output.
+
+        Returns:
+            uint8 images [N, H, W, C] when they all have one size, else a list of N arrays [H_i, W_i, C].
 
         Raises:
             CompressionError: not a vdm_tf file, truncated or corrupted data.
@@ -590,12 +858,24 @@ class BitsBackCodec:
         header = read_header(data)
         if header.image_shape != self.image_shape:
             raise ModelMismatchError(
-                f"The data holds {header.image_shape} images; this model codes {self.image_shape} images."
+                f"The data was coded with a model of {header.image_shape} images; this model codes {self.image_shape}."
             )
         if header.weights_sha256 != self.weights_sha256():
             raise ModelMismatchError("The data was encoded with a different model (the weights' SHA-256 differs).")
+        shapes = [(height, width, self.channels) for height, width in header.sizes]
+        if header.mode == CONVENTIONAL:
+            ends = np.cumsum((0,) + header.lengths)
+            xs = [decode_lossless(header.payload[a:b].tobytes(), shape) for a, b, shape in zip(ends, ends[1:], shapes)]
+        else:
+            xs = self._decode_bits_back(header, shapes, verbose)
+        return np.stack(xs) if len(set(shapes)) == 1 else xs
+
+    def _decode_bits_back(self, header, shapes, verbose):
+        legacy = header.version < 3
+        plan = _tile_plan(header.sizes, self.image_shape, header.seed_rows, header.batch_size, ramp=not legacy)
         grid = self._grid(header.num_steps, header.latent_bins, header.window)
-        if header.probe_sha256 != self._probe_sha256(grid, header.batch_size):
+        networks, distinct = self._networks(plan)
+        if header.probe_sha256 != self._probe_sha256(grid, distinct):
             raise ModelMismatchError(
                 f"This process computes the model's grid or outputs differently from the encoder's (same weights, "
                 f"different bits): decoding would fail. The encoder ran {header.threads} intra-op threads, this "
@@ -603,24 +883,40 @@ class BitsBackCodec:
                 f"TensorFlow starts; the command line does). TensorFlow version, CPU kind and oneDNN "
                 f"(TF_ENABLE_ONEDNN_OPTS, on when vdm_tf is imported before TensorFlow) must match too."
             )
-        network = self._network(header.batch_size)
-        initial = _initial_words(header.initial_words)
-        words = np.concatenate([initial[: header.shared_words], header.payload])
+        random_words = _initial_words(header.initial_words)
+        words = np.concatenate([random_words[: header.shared_words], header.payload])
         if words[-1] == 0:
             raise CompressionError("Corrupted data: an ANS stack never ends in a zero word.")
         coder = constriction.stream.stack.AnsCoder(words)
-        starts = range(0, header.count, header.batch_size)
-        progress = keras.utils.Progbar(len(starts) * (header.num_steps + 1), verbose=int(verbose), unit_name="step")
-        batches = []
+        progress = keras.utils.Progbar(len(plan) * (header.num_steps + 1), verbose=int(verbose), unit_name="step")
+        xs = [np.zeros(shape, np.uint8) for shape in shapes]
         try:
-            for batch, start in reversed(list(enumerate(starts))):
-                n = min(header.batch_size, header.count - start)
-                batches.append(self._decode_batch(coder, n, batch, grid, network, header.batch_size, progress))
+            for number in reversed(range(len(plan))):
+                batch = plan[number]
+                shape = (len(batch.tiles), *batch.shape, self.channels)
+                tiles = self._decode_batch(coder, shape, number, grid, networks[number], progress)
+                for tile, (i, top, left) in zip(tiles, batch.tiles):
+                    xs[i][top : top + batch.shape[0], left : left + batch.shape[1]] = tile
         except KeyError as error:  # constriction: a symbol outside a model's alphabet
             raise CompressionError(f"Corrupted data: decoding reached an impossible symbol ({error}).") from None
-        if not np.array_equal(coder.get_compressed(), initial):
+        rest = coder.get_compressed()
+        seed_words = rest[len(random_words) :]
+        if len(seed_words) != header.seed_words or not np.array_equal(rest[: len(random_words)], random_words):
             raise CompressionError("Corrupted data: decoding did not end on the initial stack.")
-        return np.concatenate(batches[::-1])
+        if header.seed_rows:
+            if seed_words[-1] != 1:
+                raise CompressionError("Corrupted data: decoding did not end on the initial stack.")
+            seed = seed_words[:-1].astype("<u4").tobytes()[: header.seed_bytes]
+            xs[0][: header.seed_rows] = decode_lossless(seed, (header.seed_rows, *shapes[0][1:]))
+        return xs
+
+
+def _seed_stack_words(seed):
+    """The bottom of the stack above the pseudo-random words: the seed's bytes as words, then a word 1."""
+    if not seed:
+        return np.zeros(0, np.uint32)
+    padded = seed + bytes(-len(seed) % 4)
+    return np.concatenate([np.frombuffer(padded, "<u4"), [1]]).astype(np.uint32)
 
 
 def discrete_elbo_bpd(model, x, num_steps, num_time_samples=8, seed=0, batch_size=64):
@@ -634,6 +930,31 @@ def discrete_elbo_bpd(model, x, num_steps, num_time_samples=8, seed=0, batch_siz
         discrete = VDM(model.denoiser, model.schedule, model.image_shape, timesteps=num_steps)
     batches = [x[start : start + batch_size] for start in range(0, len(x), batch_size)]
     return evaluation.dataset_bpd(discrete, batches, num_time_samples=num_time_samples, seed=seed)
+
+
+def tiles_elbo_bpd(model, x, num_steps, num_time_samples=8, seed=0, batch_size=64):
+    """The discrete-time -ELBO (T = num_steps) of images of any size, cut into the codec's tiles.
+
+    Every crop shape runs through a VDM of that image shape sharing the model's denoiser and
+    schedule (`discrete_elbo_bpd`). Returns {"bpd": bits per dimension over all pixels, "stderr":
+    its standard error over the tiles' time samples, "count": the number of tiles}.
+    """
+    shape, groups = tuple(model.image_shape), {}
+    for image in x:
+        for batch in _tile_plan([image.shape[:2]], shape, 0, 1, ramp=False):
+            (_, top, left) = batch.tiles[0]
+            crop = image[top : top + batch.shape[0], left : left + batch.shape[1]]
+            groups.setdefault(batch.shape, []).append(crop)
+    total_bits, variance, dims, count = 0.0, 0.0, 0, 0
+    for crop_shape, crops in groups.items():
+        crop_model = model
+        if crop_shape != shape[:2]:
+            crop_model = VDM(model.denoiser, model.schedule, (*crop_shape, shape[-1]), timesteps=model.timesteps)
+        result = discrete_elbo_bpd(crop_model, np.stack(crops), num_steps, num_time_samples, seed, batch_size)
+        bits = np.asarray(result["per_image"], np.float64) * crops[0].size
+        total_bits, dims, count = total_bits + bits.sum(), dims + bits.size * crops[0].size, count + bits.size
+        variance += bits.size * bits.var(ddof=1) if bits.size > 1 else 0.0
+    return {"bpd": total_bits / dims, "stderr": math.sqrt(variance) / dims, "count": count}
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,23 +1003,33 @@ def _model_image_shape(path):
     )
 
 
-def read_image(path, image_shape):
-    """An image file as uint8 [H, W, C] and its format (Pillow's name: PNG, JPEG, ...).
+def default_model_path(channels):
+    """The bundled model the command line uses for images of `channels` channels (package data).
 
-    Mode L for C = 1, RGB for C = 3, nothing converted: palette, grey+alpha or 16-bit images are
-    refused. Raises ValueError with a one-line message naming what was expected.
+    RGB: `vdm_tf/models/photos.keras`, the `photos` preset (README, "Lossless compression").
+    No grey model is bundled: grey images need --model.
+    """
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "photos.keras") if channels == 3 else None
+
+
+def read_image(path, channels=None):
+    """An image file as uint8 [H, W, C] (any size) and its format (Pillow's name: PNG, JPEG, ...).
+
+    Mode L (C = 1) or RGB (C = 3), nothing converted: palette, alpha or 16-bit images are
+    refused; with `channels` given, only that mode. Raises ValueError with a one-line message
+    naming what was expected.
     """
     from PIL import Image, UnidentifiedImageError
 
-    mode = _MODES.get(image_shape[-1])
-    if mode is None:
-        raise ValueError(f"The command line reads L or RGB images; the model codes {image_shape[-1]} channels.")
-    expected = f"expected an {mode} image of {_shape_text(image_shape)}, the model's shape"
+    if channels is not None and channels not in _MODES:
+        raise ValueError(f"The command line reads L or RGB images; the model codes {channels} channels.")
+    modes = [_MODES[channels]] if channels else list(_MODES.values())
+    expected = f"expected an {' or '.join(modes)} image" + (" (the model's channels)" if channels else "")
     try:
         with Image.open(path) as picture:
             picture.load()
             found = picture.mode, picture.format
-            array = np.asarray(picture).reshape(picture.height, picture.width, -1) if found[0] == mode else None
+            array = np.asarray(picture).reshape(picture.height, picture.width, -1) if found[0] in modes else None
     except UnidentifiedImageError:
         reason = "an empty file" if os.path.getsize(path) == 0 else "not an image file Pillow can read"
         raise ValueError(f"{path}: {reason}; {expected}.") from None
@@ -706,10 +1037,10 @@ def read_image(path, image_shape):
         raise ValueError(f"{path}: {error.strerror or error}; {expected}.") from None
     except Exception as error:  # Pillow reports broken files with many exception types
         raise ValueError(f"{path}: a broken image file ({type(error).__name__}: {error}); {expected}.") from None
-    if found[0] != mode:
-        raise ValueError(f"{path}: got mode {found[0]}; {expected} (nothing is converted).")
-    if array.shape != tuple(image_shape):
-        raise ValueError(f"{path}: got {_shape_text(array.shape)}; {expected}.")
+    if found[0] not in modes:
+        raise ValueError(
+            f"{path}: got mode {found[0]}; {expected} (nothing is converted: palette and alpha are refused)."
+        )
     return array, found[1]
 
 
@@ -814,44 +1145,64 @@ def _use_threads(threads):
             print(f"warning: could not switch TensorFlow to {threads} intra-op threads", file=sys.stderr)
 
 
+def _model_for(model, channels, what):
+    """The --model path, or the bundled default for `channels` channels; its image shape (read, not loaded)."""
+    if model is None:
+        model = default_model_path(channels)
+        if model is None or not os.path.isfile(model):
+            raise ValueError(
+                f"{what} {'grey' if channels == 1 else f'{channels}-channel'} images: no bundled model; pass --model."
+            )
+    image_shape = _model_image_shape(model)
+    return model, image_shape
+
+
 def _encode_command(args):
     # Every check that can fail comes first: no model is loaded, TensorFlow's runtime not started.
-    image_shape = _model_image_shape(args.model)
+    channels = _model_image_shape(args.model)[-1] if args.model else None
     names = [os.path.basename(path) for path in args.images]
     _check_names(names, len(names))
-    x, formats = zip(*(read_image(path, image_shape) for path in args.images))
+    x, formats = zip(*(read_image(path, channels) for path in args.images))
+    found = {image.shape[-1] for image in x}
+    if len(found) > 1:
+        raise ValueError("The inputs mix grey (L) and RGB images; one message holds one kind (encode them separately).")
+    args.model, image_shape = _model_for(args.model, found.pop(), "encode:")
     if os.path.isdir(args.output):
         raise ValueError(f"-o {args.output} is a directory; expected the name of the file to write (out.vdmz).")
     _check_can_create(os.path.dirname(args.output) or ".", f"-o {args.output}")
-    x = np.stack(x)
     _use_threads(args.threads)
     model = _load_checked_model(args.model)
-    codec = BitsBackCodec(model, args.steps, args.batch_size, args.latent_bins, args.window)
+    codec = BitsBackCodec(model, args.steps, args.batch_size, args.latent_bins, args.window, fallback=args.fallback)
     start = time.perf_counter()
-    data = codec.encode(x, names=names, verbose=True)
+    data = codec.encode(list(x), names=names, verbose=True)
     seconds = time.perf_counter() - start
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "wb") as f:
         f.write(data)
     header = read_header(data)
-    dims = header.num_dims
+    dims, pixels = header.num_dims, header.num_dims // image_shape[-1]
+    sizes = sorted({_shape_text(image.shape) for image in x})
     print(
-        f"{len(x)} images {_shape_text(image_shape)}, T={codec.num_steps}: {len(data)} bytes in "
-        f"{seconds:.1f} s ({len(x) / seconds:.2f} images/s) -> {args.output}"
+        f"{len(x)} images {', '.join(sizes[:3])}{' ...' if len(sizes) > 3 else ''} (tiles {_shape_text(image_shape)}), "
+        f"T={codec.num_steps}: {len(data)} bytes in {seconds:.1f} s ({pixels / seconds:.0f} pixels/s) -> {args.output}"
     )
-    print(f"  file        {8 * len(data) / dims:8.3f} bpd (initial bits {header.initial_bits / dims:.3f} bpd)")
-    print(f"  net         {header.net_bits / dims:8.3f} bpd (bits-back codelength)")
+    print(f"  file        {8 * len(data) / dims:8.3f} bpd", end="")
+    if header.mode == CONVENTIONAL:
+        print(" (every image PNG/WebP-lossless: smaller than bits-back here)")
+    else:
+        print(f" (seed {8 * header.seed_bytes / dims:.3f} bpd, initial bits {header.initial_bits / dims:.3f} bpd)")
+        print(f"  net         {header.net_bits / dims:8.3f} bpd (bits-back codelength of the tiles)")
     print(f"  names       {8 * header.names_bytes / dims:8.3f} bpd ({header.names_bytes} bytes for {len(names)} names)")
     if args.elbo_samples:
-        elbo = discrete_elbo_bpd(model, x, codec.num_steps, num_time_samples=args.elbo_samples)
-        spread = f" +- {elbo['stderr']:.3f}" if len(x) > 1 else ""  # no standard error from one image
-        print(f"  -ELBO(T)    {elbo['bpd']:8.3f} bpd{spread} ({args.elbo_samples} time samples/image)")
+        elbo = tiles_elbo_bpd(model, x, codec.num_steps, num_time_samples=args.elbo_samples)
+        spread = f" +- {elbo['stderr']:.3f}" if elbo["count"] > 1 else ""  # no standard error from one tile
+        print(f"  -ELBO(T)    {elbo['bpd']:8.3f} bpd{spread} ({args.elbo_samples} time samples/tile)")
     png = sum(image_file_bytes(image, optimize=True) for image in x)
     print(f"  PNG         {8 * png / dims:8.3f} bpd (Pillow, one file per image, optimize=True)")
-    other = sorted({str(found) for found in formats} - {"PNG"})
+    other = sorted({str(kind) for kind in formats} - {"PNG"})
     if other:
         print(
-            f"note: {sum(found != 'PNG' for found in formats)} inputs are {'/'.join(other)} files, not PNG: decode "
+            f"note: {sum(kind != 'PNG' for kind in formats)} inputs are {'/'.join(other)} files, not PNG: decode "
             f"writes PNG files holding the decoded pixels, not the original file bytes."
         )
 
@@ -864,11 +1215,11 @@ def _decode_command(args):
     except OSError as error:
         raise ValueError(f"{args.input}: {error.strerror or error}; expected a file written by encode.") from None
     header = read_header(data)
-    image_shape = _model_image_shape(args.model)
+    args.model, image_shape = _model_for(args.model, header.image_shape[-1], f"decode: {args.input} holds")
     if header.image_shape != image_shape:
         raise ModelMismatchError(
-            f"{args.input} holds {_shape_text(header.image_shape)} images; --model={args.model} codes "
-            f"{_shape_text(image_shape)} images."
+            f"{args.input} was coded with a model of {_shape_text(header.image_shape)} images; --model={args.model} "
+            f"codes {_shape_text(image_shape)} images."
         )
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise ValueError(f"-o {args.output} is a file; expected a directory for the PNG files.")
@@ -883,7 +1234,10 @@ def _decode_command(args):
     x = BitsBackCodec(model).decode(data, verbose=True)
     seconds = time.perf_counter() - start
     write_pngs(x, names, args.output)
-    print(f"{len(x)} images in {seconds:.1f} s ({len(x) / seconds:.2f} images/s) -> {args.output} (PNG)")
+    print(
+        f"{len(x)} images in {seconds:.1f} s ({header.num_dims // image_shape[-1] / seconds:.0f} pixels/s) -> "
+        f"{args.output} (PNG)"
+    )
 
 
 def _integer_at_least(minimum):
@@ -906,9 +1260,9 @@ def main(argv=None):
     encode = commands.add_parser(
         "encode",
         help="compress image files (PNG, or any format Pillow reads) into one file",
-        usage=f"{parser.prog} encode IMAGE [IMAGE ...] -o FILE.vdmz --model=MODEL [options]",
+        usage=f"{parser.prog} encode IMAGE [IMAGE ...] -o FILE.vdmz [--model=MODEL] [options]",
     )
-    encode.add_argument("images", nargs="+", help="image files of the model's shape (L or RGB)")
+    encode.add_argument("images", nargs="+", help="image files of any size (L or RGB; PNG or any format Pillow reads)")
     encode.add_argument("-o", "--output", required=True, help="the compressed file")
     positive, non_negative = _integer_at_least(1), _integer_at_least(0)
     encode.add_argument("--steps", type=positive, default=None, help="T (default: the model's timesteps, or 250)")
@@ -916,17 +1270,28 @@ def main(argv=None):
     encode.add_argument("--latent_bins", type=positive, default=4)
     encode.add_argument("--window", type=positive, default=8)
     encode.add_argument("--elbo_samples", type=non_negative, default=8, help="time samples per image, -ELBO (0: skip)")
+    encode.add_argument(
+        "--fallback",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="store PNG/WebP-lossless files instead when smaller (--no-fallback: always bits-back)",
+    )
     encode.add_argument("--threads", type=non_negative, default=0, help="TensorFlow intra-op threads (0: its default)")
     decode = commands.add_parser(
         "decode",
         help="decompress a .vdmz file into a directory of PNG files",
-        usage=f"{parser.prog} decode FILE.vdmz -o DIRECTORY --model=MODEL",
+        usage=f"{parser.prog} decode FILE.vdmz -o DIRECTORY [--model=MODEL]",
     )
     decode.add_argument("input", help="the compressed file")
     decode.add_argument("-o", "--output", required=True, help="directory for the PNG files (<stem>.png per image)")
     for command in (encode, decode):
-        command.add_argument("--model", required=True, help="a .keras file (model.save) or a trainer run directory")
+        command.add_argument(
+            "--model",
+            default=None,
+            help="a .keras file (model.save) or a trainer run directory (default: bundled RGB model)",
+        )
     args = parser.parse_args(argv)
+    tf.get_logger().setLevel("ERROR")  # one traced function per tile shape: not a retracing problem
     try:
         (_encode_command if args.command == "encode" else _decode_command)(args)
     except (ValueError, OSError) as error:  # CompressionError is a ValueError

@@ -7,6 +7,12 @@ Known data sets (see `info(name)` for each one's shape and split names):
   The 1797 images are split ONCE, by a fixed-seed permutation
   (`np.random.default_rng(0).permutation(1797)`): its first 1500 indices are the
   `train` split, the remaining 297 the `test` split. The split is the same on every machine.
+- `photos`: 32x32 RGB patches of the photographs bundled with scikit-image (`skimage.data`, a
+  pinned dependency, so it works offline), read from its PNG files with Pillow. The split is by
+  photograph, so no test pixel is ever trained on: `train` = astronaut, immunohistochemistry,
+  motorcycle_left, motorcycle_right (`PHOTOS_TRAIN`), patches at stride 16 (overlapping, 4622);
+  `test` = chelsea, coffee (`PHOTOS_TEST`), the non-overlapping patches at stride 32 (342).
+  `photos_images(split)` gives the full-size photographs (the compression benchmark's images).
 - `mnist` (28x28x1), `cifar10` (32x32x3): the TensorFlow Datasets builders of those names,
   splits `train` / `test`.
 - `imagenet32`, `imagenet64`: the TensorFlow Datasets builders `downsampled_imagenet/32x32`
@@ -24,6 +30,7 @@ together hold every example exactly once) and batches with the per-replica batch
 
 import dataclasses
 import functools
+import os
 
 import numpy as np
 import sklearn.datasets
@@ -33,6 +40,13 @@ import tensorflow_datasets as tfds
 DIGITS_SPLIT_SEED = 0
 DIGITS_NUM_TRAIN = 1500
 DIGITS_NUM_TEST = 297
+# The photos data set: scikit-image's bundled photographs (the names of its PNG files), split by photograph.
+PHOTOS_TRAIN = ("astronaut", "ihc", "motorcycle_left", "motorcycle_right")
+PHOTOS_TEST = ("chelsea", "coffee")
+PHOTOS_PATCH = 32
+PHOTOS_STRIDES = {"train": 16, "test": 32}
+PHOTOS_NUM_TRAIN = 4622
+PHOTOS_NUM_TEST = 342
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +62,8 @@ class DatasetInfo:
         num_train_examples: number of images in `train_split`.
         num_test_examples: number of images in `test_split`.
         num_classes: number of label classes, or None when the data set has no labels.
+        pixel_values: the values its pixels take, when they are fewer than 256 (the digits:
+            17), for a decoder that puts its mass on them (`Config.decoder_alphabet`); None: all.
     """
 
     name: str
@@ -58,12 +74,19 @@ class DatasetInfo:
     num_train_examples: int
     num_test_examples: int
     num_classes: int | None
+    pixel_values: tuple[int, ...] | None = None
 
 
 _DATASETS = {
     info.name: info
     for info in [
-        DatasetInfo("digits", None, (8, 8, 1), "train", "test", DIGITS_NUM_TRAIN, DIGITS_NUM_TEST, 10),
+        DatasetInfo(
+            "digits", None, (8, 8, 1), "train", "test", DIGITS_NUM_TRAIN, DIGITS_NUM_TEST, 10,
+            pixel_values=tuple(round(k * 255 / 16) for k in range(17)),  # the 0..16 of scikit-learn, scaled
+        ),
+        DatasetInfo(
+            "photos", None, (PHOTOS_PATCH, PHOTOS_PATCH, 3), "train", "test", PHOTOS_NUM_TRAIN, PHOTOS_NUM_TEST, None
+        ),
         DatasetInfo("mnist", "mnist", (28, 28, 1), "train", "test", 60_000, 10_000, 10),
         DatasetInfo("cifar10", "cifar10", (32, 32, 3), "train", "test", 50_000, 10_000, 10),
         DatasetInfo(
@@ -82,7 +105,7 @@ def info(name):
     """Returns the `DatasetInfo` of a known data set.
 
     Args:
-        name: one of `NAMES`: "digits", "mnist", "cifar10", "imagenet32", "imagenet64".
+        name: one of `NAMES`: "digits", "photos", "mnist", "cifar10", "imagenet32", "imagenet64".
 
     Returns:
         The data set's `DatasetInfo`.
@@ -154,6 +177,45 @@ def digits_arrays(split, *, with_labels=False):
     return images[indices]
 
 
+def photos_images(split):
+    """The full-size photographs of a photos split: {name: uint8 array [H, W, 3]}.
+
+    Args:
+        split: "train" (`PHOTOS_TRAIN`) or "test" (`PHOTOS_TEST`).
+
+    Example:
+        >>> {name: image.shape for name, image in photos_images("test").items()}
+        {'chelsea': (300, 451, 3), 'coffee': (400, 600, 3)}
+    """
+    if split not in PHOTOS_STRIDES:
+        raise ValueError(f"The photos data set has the splits 'train' and 'test'; got {split!r}.")
+    import skimage.data
+    from PIL import Image
+
+    photos = {}
+    for name in PHOTOS_TRAIN if split == "train" else PHOTOS_TEST:
+        with Image.open(os.path.join(skimage.data.data_dir, f"{name}.png")) as picture:
+            photos[name] = np.asarray(picture.convert("RGB"))
+    return photos
+
+
+@functools.lru_cache(maxsize=2)
+def photos_arrays(split):
+    """The 32x32 patches of a photos split: uint8 [N, 32, 32, 3], photograph by photograph, rows first.
+
+    Patches start every `PHOTOS_STRIDES[split]` pixels (16 for train: overlapping; 32 for test)
+    and lie inside the photograph; N = 4622 for "train", 342 for "test".
+    """
+    stride, patches = PHOTOS_STRIDES.get(split), []
+    for image in photos_images(split).values():
+        for top in range(0, image.shape[0] - PHOTOS_PATCH + 1, stride):
+            for left in range(0, image.shape[1] - PHOTOS_PATCH + 1, stride):
+                patches.append(image[top : top + PHOTOS_PATCH, left : left + PHOTOS_PATCH])
+    patches = np.stack(patches)
+    patches.flags.writeable = False  # the cached array is shared between calls
+    return patches
+
+
 def load(
     name,
     split,
@@ -172,7 +234,7 @@ def load(
 
     Args:
         name: one of `NAMES` (see `info`).
-        split: split name: "train"/"test" for digits, mnist and cifar10, "train"/"validation" for
+        split: split name: "train"/"test" for digits, photos, mnist and cifar10, "train"/"validation" for
             imagenet32/64 (`info(name).test_split` is the evaluation split). TensorFlow Datasets
             slicing such as "train[:90%]" works for all but digits.
         batch_size: global batch size; with `input_context`, each pipeline batches
@@ -181,7 +243,7 @@ def load(
         repeat: repeat forever; otherwise one pass over the split.
         seed: int seed for the shuffling, so the same seed gives the same batches; None for an
             unseeded shuffle, which also lets tf.data produce elements out of order.
-        data_dir: TensorFlow Datasets data directory (None: its default); unused for digits.
+        data_dir: TensorFlow Datasets data directory (None: its default); unused for digits and photos.
         drop_remainder: drop a last, smaller batch; evaluation wants False.
         shuffle_buffer: number of examples the shuffle draws from.
         with_labels: yield (images, int64 labels) pairs instead of images; imagenet32/64 have no
@@ -216,16 +278,17 @@ def load(
         raise ValueError(f"The {name} data set has no labels; call load with with_labels=False.")
     if input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
-    if dataset_info.tfds_name is None:
-        examples = _digits_examples(split, with_labels, input_context)
+    if name == "photos":
+        examples = _array_examples((photos_arrays(split),), False, input_context)
+    elif dataset_info.tfds_name is None:
+        examples = _array_examples(digits_arrays(split, with_labels=True), with_labels, input_context)
     else:
         examples = _tfds_examples(dataset_info, split, with_labels, shuffle, seed, data_dir, input_context)
     return _batched(examples, batch_size, shuffle, repeat, seed, drop_remainder, shuffle_buffer)
 
 
-def _digits_examples(split, with_labels, input_context):
-    """The digits split (this input pipeline's part of it) as a dataset of examples."""
-    arrays = digits_arrays(split, with_labels=True)
+def _array_examples(arrays, with_labels, input_context):
+    """A split held in arrays (images, and labels if any; this input pipeline's part) as a dataset of examples."""
     if input_context is not None:
         # Contiguous, near-equal parts, like tfds.even_splits.
         arrays = tuple(
