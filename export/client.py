@@ -12,21 +12,38 @@ Python:
     client.likelihood(images_uint8, seed=0)     # {"bpd": [N], "diffusion_bpd": [N], ...}
     client.sample(16, num_steps=256, seed=0)    # uint8 [16, H, W, C]
 
+Every request carries every input of its signature: the export has no optional inputs
+(`export.saved_model`), so a request works on any TF-Serving build. The sampler picks the
+signature (`sample`, `sample_pc`, `sample_ode`).
+
+An export takes at most `MAX_IMAGES_PER_REQUEST` images and `MAX_SAMPLES_PER_REQUEST` samples
+per request (its defaults; `Client(max_batch_size=..., max_num_samples=...)` for an export with
+other limits). The client splits a larger batch into requests of at most that size and joins
+the answers; request k of a split call uses the seed `request_seed(seed, k)` (the caller's seed
+for the first one), so each request draws its own noise.
+
 Requests that fail because the server cannot be reached (UNAVAILABLE) or is slow
 (DEADLINE_EXCEEDED) are retried with exponential back-off; after the last try a `ServingError`
 says what happened and how to start a server. A request the server rejects (INVALID_ARGUMENT,
 NOT_FOUND) is not retried: `ServingError` carries the server's message.
+
+The command line checks its files (present, non-empty, grey or RGB images of one size, a mask of
+their size) before it connects and before TensorFlow starts: TensorFlow and the serving protos
+are imported on first use, inside the functions that need them.
 """
 
+import os
 import sys
 import time
 
 import grpc
 import numpy as np
-import tensorflow as tf
 from absl import app, flags
-from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
+# The export's default limits per request (`export.saved_model.ServingModule` uses these).
+MAX_IMAGES_PER_REQUEST = 1024
+MAX_SAMPLES_PER_REQUEST = 256
+SAMPLE_SIGNATURES = {"ancestral": "sample", "pc": "sample_pc", "ode": "sample_ode"}
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 START_SERVER_HINT = (
     "Is TF-Serving running there? For example: docker run -p 8500:8500 -p 8501:8501 "
@@ -35,11 +52,51 @@ START_SERVER_HINT = (
 
 
 class ServingError(RuntimeError):
-    """A request failed; `code` is the gRPC status code."""
+    """A request failed; `code` is the gRPC status code, `details` the server's whole message."""
 
-    def __init__(self, message, code=None):
+    def __init__(self, message, code=None, details=""):
         super().__init__(message)
         self.code = code
+        self.details = details
+
+
+def summary(details):
+    """The line of a server's error message that says what is wrong.
+
+    A check inside the graph fails with TensorFlow's `assertion failed: [what was expected; got]
+    [value]` among lines that name graph nodes; any other message gives its first line.
+    """
+    lines = [line.strip() for line in details.splitlines() if line.strip()]
+    failed = [line for line in lines if line.startswith("assertion failed:")]
+    return (failed or lines or [""])[0]
+
+
+def request_seed(seed, index):
+    """The seed of request `index` of a split call: `seed + index * 2**32`, wrapped to int64.
+
+    Request 0 keeps the caller's seed, so a call within the limits sends exactly its seed; the
+    others draw noise of their own (they coincide with another call's seed only if the two seeds
+    differ by a multiple of 2**32).
+    """
+    return np.int64((int(seed) + (int(index) << 32) + 2**63) % 2**64 - 2**63)
+
+
+def request_slices(total, limit):
+    """[start, stop) ranges of at most `limit` items that cover 0..total.
+
+    A `total` below 1 gives the one range (0, total): the server rejects it with its own message.
+    """
+    if total < 1:
+        return [(0, total)]
+    return [(start, min(start + limit, total)) for start in range(0, total, limit)]
+
+
+def join_answers(answers):
+    """One answer from those of a split call: per-item outputs concatenated, scalars (`nfe`) summed."""
+    return {
+        key: np.concatenate([a[key] for a in answers]) if answers[0][key].ndim else sum(a[key] for a in answers)
+        for key in answers[0]
+    }
 
 
 class Client:
@@ -52,15 +109,31 @@ class Client:
         timeout: seconds per attempt.
         retries: further attempts after the first, for UNAVAILABLE / DEADLINE_EXCEEDED.
         backoff: seconds before the first retry; doubled for each further one.
+        max_batch_size: the most images the export takes per request; larger batches are split.
+        max_num_samples: the most samples the export draws per request; more are split.
     """
 
-    def __init__(self, server, model, version=None, timeout=60.0, retries=3, backoff=0.5):
+    def __init__(
+        self,
+        server,
+        model,
+        version=None,
+        timeout=60.0,
+        retries=3,
+        backoff=0.5,
+        max_batch_size=MAX_IMAGES_PER_REQUEST,
+        max_num_samples=MAX_SAMPLES_PER_REQUEST,
+    ):
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
         self.server = server
         self.model = model
         self.version = version
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.max_batch_size = int(max_batch_size)
+        self.max_num_samples = int(max_num_samples)
         max_message = 512 * 1024 * 1024  # large batches of images exceed gRPC's 4 MB default
         self.channel = grpc.insecure_channel(
             server,
@@ -90,21 +163,25 @@ class Client:
             try:
                 return method(request, timeout=self.timeout)
             except grpc.RpcError as error:
-                code = error.code()
+                code, details = error.code(), error.details() or ""
                 if code not in RETRIED:
-                    message = f"{self.server} rejected the request ({code.name}): {error.details()}"
-                    raise ServingError(message, code) from None
+                    message = f"{self.server} rejected the request ({code.name}): {summary(details)}"
+                    raise ServingError(message, code, details) from None
                 if attempt == self.retries:
                     raise ServingError(
                         f"No answer from {self.server} after {attempt + 1} attempts of {self.timeout:g} s "
-                        f"({code.name}: {error.details()}). {START_SERVER_HINT}",
+                        f"({code.name}: {summary(details)}). {START_SERVER_HINT}",
                         code,
+                        details,
                     ) from None
                 time.sleep(delay)
                 delay *= 2
 
     def predict(self, signature, **inputs):
-        """Calls one signature with numpy inputs; returns its outputs as numpy arrays."""
+        """One request to one signature with numpy inputs; returns its outputs as numpy arrays."""
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
         request = predict_pb2.PredictRequest()
         self._model_spec(request, signature)
         for key, value in inputs.items():
@@ -112,40 +189,53 @@ class Client:
         response = self._call(self.stub.Predict, request)
         return {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
 
+    def _predict_images(self, signature, seed, images, **inputs):
+        """`signature` on `images` (and per-image `inputs`, e.g. `mask`) in requests of at most
+        `max_batch_size` images; scalar `num_steps` / `resample` are passed on as given."""
+        images = _uint8_images(images)
+        answers = []
+        for k, (start, stop) in enumerate(request_slices(len(images), self.max_batch_size)):
+            sliced = {key: value[start:stop] if np.ndim(value) else value for key, value in inputs.items()}
+            answers.append(self.predict(signature, images=images[start:stop], seed=request_seed(seed, k), **sliced))
+        return join_answers(answers)
+
     def likelihood(self, images, seed=0):
         """Per-image negative ELBO in bits per dimension and its terms.
 
         Args:
-            images: uint8 [N, H, W, C].
+            images: uint8 [N, H, W, C] (split into requests of at most `max_batch_size`).
             seed: the same seed gives the same numbers.
 
         Returns:
             dict of float32 [N]: `bpd`, `diffusion_bpd`, `prior_bpd`, `reconstruction_bpd`.
         """
-        return self.predict("likelihood", images=_uint8_images(images), seed=np.int64(seed))
+        return self._predict_images("likelihood", seed, images)
 
     def exact_likelihood(self, images, seed=0):
-        """-log p(x) in bpd through the probability-flow ODE: {"bpd": [N], "nfe": scalar}."""
-        return self.predict("exact_likelihood", images=_uint8_images(images), seed=np.int64(seed))
+        """-log p(x) in bpd through the probability-flow ODE: {"bpd": [N], "nfe": ODE evaluations}."""
+        return self._predict_images("exact_likelihood", seed, images)
 
     def one_step_likelihood(self, images, seed=0):
         """A CDM's one-step -log p(x) in bpd (a density, not a bound): {"bpd": [N]}."""
-        return self.predict("one_step_likelihood", images=_uint8_images(images), seed=np.int64(seed))
+        return self._predict_images("one_step_likelihood", seed, images)
 
     def sample(self, num_samples, num_steps=256, seed=0, sampler="ancestral"):
         """`num_samples` new images (uint8 [num_samples, H, W, C]).
 
-        `sampler`: `"ancestral"` (`num_steps` steps), `"pc"` (predictor-corrector) or `"ode"`
-        (adaptive probability-flow ODE; `num_steps` is ignored).
+        `sampler`: `"ancestral"` (signature `sample`, `num_steps` steps), `"pc"`
+        (predictor-corrector, `sample_pc`) or `"ode"` (adaptive probability-flow ODE,
+        `sample_ode`; `num_steps` is not sent). More than `max_num_samples` are split.
         """
-        outputs = self.predict(
-            "sample",
-            num_samples=np.int32(num_samples),
-            num_steps=np.int32(num_steps),
-            seed=np.int64(seed),
-            sampler=sampler,
-        )
-        return outputs["images"]
+        if sampler not in SAMPLE_SIGNATURES:
+            raise ValueError(f"sampler: expected one of {', '.join(SAMPLE_SIGNATURES)}; got {sampler!r}.")
+        steps = {} if sampler == "ode" else {"num_steps": np.int32(num_steps)}
+        answers = [
+            self.predict(
+                SAMPLE_SIGNATURES[sampler], num_samples=np.int32(stop - start), seed=request_seed(seed, k), **steps
+            )
+            for k, (start, stop) in enumerate(request_slices(int(num_samples), self.max_num_samples))
+        ]
+        return join_answers(answers)["images"]
 
     def inpaint(self, images, mask, seed=0, num_steps=250, resample=1):
         """Fills the pixels where `mask` is 0; known pixels (mask non-zero) come back unchanged.
@@ -158,18 +248,13 @@ class Client:
         """
         images = _uint8_images(images)
         mask = np.broadcast_to(np.asarray(mask) != 0, images.shape).astype(np.uint8)
-        outputs = self.predict(
-            "inpaint",
-            images=images,
-            mask=mask,
-            seed=np.int64(seed),
-            num_steps=np.int32(num_steps),
-            resample=np.int32(resample),
-        )
-        return outputs["images"]
+        inputs = {"mask": mask, "num_steps": np.int32(num_steps), "resample": np.int32(resample)}
+        return self._predict_images("inpaint", seed, images, **inputs)["images"]
 
     def metadata(self):
         """The served model's version and SignatureDefs: (version, {name: SignatureDef})."""
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         self._model_spec(request)
         response = self._call(self.stub.GetModelMetadata, request)
@@ -190,6 +275,16 @@ def _uint8_images(images):
 # library adds no flags to the importer's).
 
 FLAGS = flags.FLAGS
+COMMANDS = ("likelihood", "exact_likelihood", "one_step_likelihood", "sample", "inpaint", "metadata")
+IMAGE_COMMANDS = ("likelihood", "exact_likelihood", "one_step_likelihood", "inpaint")
+USAGE = (
+    "usage: python -m export.client [flags] likelihood IMAGE.png ... | exact_likelihood IMAGE.png ... "
+    "| one_step_likelihood IMAGE.png ... | sample | inpaint --mask=MASK.png IMAGE.png ... | metadata"
+)
+
+
+class InputError(ValueError):
+    """A command line the client refuses before it connects."""
 
 
 def define_flags():
@@ -199,34 +294,83 @@ def define_flags():
     flags.DEFINE_float("timeout", 60.0, "Seconds per attempt.")
     flags.DEFINE_integer("retries", 3, "Retries when the server is unreachable or times out.")
     flags.DEFINE_integer("seed", 0, "Seed of the request.")
-    flags.DEFINE_integer("num", 16, "sample: number of images.")
-    flags.DEFINE_integer("steps", 256, "sample: number of ancestral steps.")
+    flags.DEFINE_integer("num", 16, "sample: number of images.", lower_bound=1)
+    flags.DEFINE_integer("steps", 256, "sample (ancestral, pc) and inpaint: number of steps.", lower_bound=1)
     flags.DEFINE_string("out", "samples.png", "sample / inpaint: output PNG grid (and an .npz beside it).")
-    flags.DEFINE_enum("sampler", "ancestral", ["ancestral", "pc", "ode"], "sample: the sampler.")
+    flags.DEFINE_enum("sampler", "ancestral", list(SAMPLE_SIGNATURES), "sample: the sampler.")
     flags.DEFINE_string("mask", None, "inpaint: PNG of the images' size, non-zero where a pixel is known.")
-    flags.DEFINE_integer("resample", 1, "inpaint: RePaint's tries per step.")
+    flags.DEFINE_integer("resample", 1, "inpaint: RePaint's tries per step.", lower_bound=1)
 
 
-COMMANDS = ("likelihood", "exact_likelihood", "one_step_likelihood", "sample", "inpaint", "metadata")
-USAGE = (
-    "usage: python -m export.client [flags] likelihood IMAGE.png ... | exact_likelihood IMAGE.png ... "
-    "| one_step_likelihood IMAGE.png ... | sample | inpaint --mask=MASK.png IMAGE.png ... | metadata"
-)
+def read_image(path, modes=("L", "RGB")):
+    """One image file as uint8 [H, W, C] (C = 1 for grey), refused unless its mode is in `modes`.
+
+    Nothing is converted: a palette (P), grey + alpha (LA) or RGBA image is refused with its
+    mode named, as `python -m vdm_tf.compression` does.
+    """
+    from PIL import Image
+
+    expected = "expected a grey (mode L) or RGB image file"
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: {'is a directory' if os.path.isdir(path) else 'no such file'}; {expected}.")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: the file is empty; {expected}.")
+    try:
+        with Image.open(path) as image:
+            if image.mode not in modes:
+                raise InputError(f"{path}: {expected}; got mode {image.mode}.")
+            array = np.asarray(image).astype(np.uint8)
+    except OSError as error:  # not an image (UnidentifiedImageError), truncated, unreadable
+        raise InputError(f"{path}: not a readable image ({type(error).__name__}); {expected}.") from None
+    return array.reshape(array.shape[0], array.shape[1], -1)
 
 
 def read_images(paths):
-    """uint8 [N, H, W, C] from image files of one size (grey images get C = 1)."""
-    from PIL import Image
-
-    arrays = []
-    for path in paths:
-        with Image.open(path) as image:
-            array = np.asarray(image if image.mode in ("L", "RGB") else image.convert("RGB"))
-        arrays.append(array[..., None] if array.ndim == 2 else array)
-    shapes = {a.shape for a in arrays}
+    """uint8 [N, H, W, C] from image files of one size (see `read_image`)."""
+    arrays = [read_image(path) for path in paths]
+    shapes = sorted({a.shape for a in arrays})
     if len(shapes) > 1:
-        raise app.UsageError(f"All images must have one size; got {sorted(shapes)}.")
+        raise InputError(f"expected images of one size; got shapes {shapes}.")
     return np.stack(arrays)
+
+
+def read_mask(path, images):
+    """The inpainting mask [H, W, 1 or C] of `images`: a grey, RGB or 1-bit image of their size."""
+    mask = read_image(path, modes=("1", "L", "RGB"))
+    height, width, channels = images.shape[1:]
+    if mask.shape[:2] != (height, width) or mask.shape[2] not in (1, channels):
+        layers = "1 channel" if channels == 1 else f"1 or {channels} channels"
+        raise InputError(
+            f"{path}: expected a mask of the images' size {height}x{width} with {layers}; "
+            f"got {mask.shape[0]}x{mask.shape[1]} with {mask.shape[2]}."
+        )
+    return mask
+
+
+def check_output_path(path):
+    directory = os.path.dirname(path) or "."
+    if not path.lower().endswith(".png") or os.path.isdir(path):
+        raise InputError(f"--out: expected a .png file path; got {path!r}.")
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise InputError(f"--out: the directory {directory!r} does not exist or is not writable.")
+
+
+def parse_command(args):
+    """(command, paths, images, mask) from the positional arguments, every file read and checked."""
+    if not args or args[0] not in COMMANDS:
+        raise InputError(f"expected a command; got {' '.join(args) or 'none'}. {USAGE}")
+    command, paths = args[0], args[1:]
+    if command in IMAGE_COMMANDS and not paths:
+        raise InputError(f"{command} needs at least one image file.")
+    if command not in IMAGE_COMMANDS and paths:
+        raise InputError(f"{command} takes no files; got {' '.join(paths)}.")
+    if command == "inpaint" and not FLAGS.mask:
+        raise InputError("inpaint needs --mask=MASK.png (non-zero where a pixel is known).")
+    if command in ("sample", "inpaint"):
+        check_output_path(FLAGS.out)
+    images = read_images(paths) if paths else None
+    mask = read_mask(FLAGS.mask, images) if command == "inpaint" else None
+    return command, paths, images, mask
 
 
 def write_images(batch, path):
@@ -239,48 +383,47 @@ def write_images(batch, path):
     print(f"wrote {path} and {npz}: {batch.shape[0]} images of {batch.shape[1:]}")
 
 
+def run_command(client, command, paths, images, mask):
+    """Runs one checked command against the server and prints (or writes) its answer."""
+    width = max((len(p) for p in paths), default=0)
+    if command == "likelihood":
+        result = client.likelihood(images, seed=FLAGS.seed)
+        print(f"{'image':<{width}}  {'bpd':>7}  {'diffusion':>9}  {'prior':>7}  {'recon':>7}")
+        for i, path in enumerate(paths):
+            print(
+                f"{path:<{width}}  {result['bpd'][i]:7.3f}  {result['diffusion_bpd'][i]:9.3f}  "
+                f"{result['prior_bpd'][i]:7.4f}  {result['reconstruction_bpd'][i]:7.3f}"
+            )
+        print(f"{'mean':<{width}}  {result['bpd'].mean():7.3f}")
+    elif command in ("exact_likelihood", "one_step_likelihood"):
+        result = getattr(client, command)(images, seed=FLAGS.seed)
+        for path, bpd in zip(paths, result["bpd"]):
+            print(f"{path:<{width}}  {bpd:7.3f}")
+        evaluations = f"  ({int(result['nfe'])} ODE evaluations)" if "nfe" in result else ""
+        print(f"{'mean':<{width}}  {result['bpd'].mean():7.3f}{evaluations}")
+    elif command == "sample":
+        write_images(client.sample(FLAGS.num, num_steps=FLAGS.steps, seed=FLAGS.seed, sampler=FLAGS.sampler), FLAGS.out)
+    elif command == "inpaint":
+        write_images(client.inpaint(images, mask, FLAGS.seed, FLAGS.steps, FLAGS.resample), FLAGS.out)
+    else:
+        version, signatures = client.metadata()
+        print(f"model {FLAGS.model}, version {version}")
+        for name, signature in sorted(signatures.items()):
+            inputs = ", ".join(_describe(k, v) for k, v in sorted(signature.inputs.items()))
+            outputs = ", ".join(_describe(k, v) for k, v in sorted(signature.outputs.items()))
+            print(f"  {name}({inputs}) -> {outputs}")
+
+
 def main(argv):
-    if len(argv) < 2 or argv[1] not in COMMANDS:
-        raise app.UsageError(USAGE)
-    if argv[1] in ("likelihood", "exact_likelihood", "one_step_likelihood", "inpaint") and len(argv) < 3:
-        raise app.UsageError(f"{argv[1]} needs at least one image file.")
-    command, paths = argv[1], argv[2:]
+    """Exit code 0; 2 for a command line refused before connecting; 1 for a failed request."""
+    try:
+        checked = parse_command(argv[1:])
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     with Client(FLAGS.server, FLAGS.model, FLAGS.version, FLAGS.timeout, FLAGS.retries) as client:
         try:
-            if command == "likelihood":
-                result = client.likelihood(read_images(paths), seed=FLAGS.seed)
-                width = max(len(p) for p in paths)
-                print(f"{'image':<{width}}  {'bpd':>7}  {'diffusion':>9}  {'prior':>7}  {'recon':>7}")
-                for i, path in enumerate(paths):
-                    print(
-                        f"{path:<{width}}  {result['bpd'][i]:7.3f}  {result['diffusion_bpd'][i]:9.3f}  "
-                        f"{result['prior_bpd'][i]:7.4f}  {result['reconstruction_bpd'][i]:7.3f}"
-                    )
-                print(f"{'mean':<{width}}  {result['bpd'].mean():7.3f}")
-            elif command in ("exact_likelihood", "one_step_likelihood"):
-                result = getattr(client, command)(read_images(paths), seed=FLAGS.seed)
-                width = max(len(p) for p in paths)
-                for path, bpd in zip(paths, result["bpd"]):
-                    print(f"{path:<{width}}  {bpd:7.3f}")
-                evaluations = f"  ({int(result['nfe'])} ODE evaluations)" if "nfe" in result else ""
-                print(f"{'mean':<{width}}  {result['bpd'].mean():7.3f}{evaluations}")
-            elif command == "sample":
-                samples = client.sample(FLAGS.num, num_steps=FLAGS.steps, seed=FLAGS.seed, sampler=FLAGS.sampler)
-                write_images(samples, FLAGS.out)
-            elif command == "inpaint":
-                if not FLAGS.mask:
-                    raise app.UsageError("inpaint needs --mask=MASK.png (non-zero where a pixel is known).")
-                images = read_images(paths)
-                mask = read_images([FLAGS.mask])[0]
-                filled = client.inpaint(images, mask, FLAGS.seed, FLAGS.steps, FLAGS.resample)
-                write_images(filled, FLAGS.out)
-            else:
-                version, signatures = client.metadata()
-                print(f"model {FLAGS.model}, version {version}")
-                for name, signature in sorted(signatures.items()):
-                    inputs = ", ".join(_describe(k, v) for k, v in sorted(signature.inputs.items()))
-                    outputs = ", ".join(_describe(k, v) for k, v in sorted(signature.outputs.items()))
-                    print(f"  {name}({inputs}) -> {outputs}")
+            run_command(client, *checked)
         except ServingError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
@@ -288,6 +431,8 @@ def main(argv):
 
 
 def _describe(name, tensor_info):
+    import tensorflow as tf
+
     dtype = tf.dtypes.as_dtype(tensor_info.dtype).name
     if tensor_info.tensor_shape.unknown_rank:
         return f"{name}: {dtype}"

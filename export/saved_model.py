@@ -6,29 +6,38 @@ The layout is TF-Serving's: `EXPORT_DIR/NAME/VERSION/` with a `saved_model.pb` (
 the variables and `assets.extra/tf_serving_warmup_requests`. Point the server's
 `--model_base_path` at `EXPORT_DIR/NAME`; it serves the highest version and picks up new ones.
 
-Signatures (all batch-first, see DESIGN.md "SavedModel contract"):
+Signatures (all batch-first, see DESIGN.md "SavedModel contract"). Every input is required: no
+signature relies on SignatureDef `defaults`, which some TF-Serving builds do not fill, so a
+request works when the server passes exactly the inputs the client sent. A variant that needs
+another input is another signature.
 
 - `likelihood` (also `serving_default`): `images` uint8 [N, H, W, C], `seed` int64 scalar
-  (optional, default 0) -> `bpd`, `diffusion_bpd`, `prior_bpd`, `reconstruction_bpd`, float32 [N].
-  The mean of `time_samples` antithetic estimates per image, the numbers of
+  -> `bpd`, `diffusion_bpd`, `prior_bpd`, `reconstruction_bpd`, float32 [N]. The mean of
+  `time_samples` antithetic estimates per image, the numbers of
   `model.elbo(images, seed, num_time_samples=time_samples)`.
-- `sample`: `num_samples`, `num_steps` int32 scalars, `seed` int64 scalar (optional, default 0),
-  `sampler` string scalar (optional: `ancestral` (default, `model.sample`); with `score_sde`
-  also `pc` or `ode`, the samplers of `vdm_tf.samplers`; the adaptive `ode` ignores
-  `num_steps`) -> `images` uint8 [num_samples, H, W, C].
+- `sample`: `num_samples`, `num_steps` int32 scalars, `seed` int64 scalar -> `images` uint8
+  [num_samples, H, W, C]: the ancestral sampler, `model.sample`.
 
-With `score_sde=True` (`--export_score_sde`) also:
+With `score_sde=True` (`--export_score_sde`) also, on the samplers and likelihood of
+`vdm_tf.samplers` and `vdm_tf.likelihood`:
 
-- `exact_likelihood`: `images` uint8 [N, H, W, C], `seed` (optional) -> `bpd` float32 [N] and
-  `nfe` int32 scalar: `vdm_tf.likelihood.ode_bpd` (probability-flow ODE, Hutchinson trace;
-  the dequantization and the solver tolerance are export-time settings).
-- `inpaint`: `images` uint8 [N, H, W, C], `mask` uint8 of the same shape (non-zero: known),
-  `seed`, `num_steps` (optional, default 250) and `resample` (optional, default 1) int32
-  scalars -> `images` uint8: `vdm_tf.conditional.inpaint`, known pixels unchanged.
+- `sample_pc`: `num_samples`, `num_steps`, `seed` -> `images`: the predictor-corrector sampler.
+- `sample_ode`: `num_samples`, `seed` -> `images`: the adaptive probability-flow ODE sampler
+  (no step count: the solver picks its steps for the export's `ode_tolerance`).
+- `exact_likelihood`: `images`, `seed` -> `bpd` float32 [N] and `nfe` int32 scalar:
+  `vdm_tf.likelihood.ode_bpd` (probability-flow ODE, Hutchinson trace; the dequantization and
+  the solver tolerance are export-time settings).
+- `inpaint`: `images`, `mask` uint8 of the same shape (non-zero: known), `seed` int64,
+  `num_steps` and `resample` int32 scalars -> `images` uint8: `vdm_tf.conditional.inpaint`,
+  known pixels unchanged.
 
 For a `vdm_tf.cdm.CDM`, `likelihood` returns only `bpd` (the one-step density averaged over
 `time_samples` dequantisations), and `one_step_likelihood` (`images`, `seed` -> `bpd` float32
 [N]) is its single-draw `one_step_bpd`: densities at the dequantised pixels, not bounds.
+
+Limits per request (defaults, `ServingModule` arguments): 1..1024 images, 1..256 samples,
+1..4096 steps, 1..50 RePaint resamplings; `export.client` splits larger batches into several
+requests.
 
 Every input is validated inside the graph, so TF-Serving answers a bad request with
 INVALID_ARGUMENT and a message naming the expected form, and keeps serving. The input specs are
@@ -47,12 +56,12 @@ from vdm_tf import cdm, conditional, likelihood, samplers, seeding
 
 LIKELIHOOD_OUTPUTS = ("bpd", "diffusion_bpd", "prior_bpd", "reconstruction_bpd")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
-# The seed a request may omit: recorded as the SignatureDef's default for `seed`.
-DEFAULT_SEED = tf.constant(0, tf.int64)
-SCORE_SDE_SAMPLERS = ("pc", "ode")
-DEFAULT_SAMPLER = tf.constant("ancestral")
-DEFAULT_INPAINT_STEPS = tf.constant(250, tf.int32)
-DEFAULT_RESAMPLE = tf.constant(1, tf.int32)
+IMAGES = tf.TensorSpec(None, tf.uint8, name="images")
+MASK = tf.TensorSpec(None, tf.uint8, name="mask")
+SEED = tf.TensorSpec(None, tf.int64, name="seed")
+NUM_SAMPLES = tf.TensorSpec(None, tf.int32, name="num_samples")
+NUM_STEPS = tf.TensorSpec(None, tf.int32, name="num_steps")
+RESAMPLE = tf.TensorSpec(None, tf.int32, name="resample")
 
 
 def _shape_of_rank_4(tensor):
@@ -66,16 +75,18 @@ class ServingModule(tf.Module):
     Args:
         model: a trained `vdm_tf.VDM` (EMA weights already in place).
         time_samples: antithetic time samples per image in `likelihood`.
-        max_batch_size: largest N accepted by `likelihood`.
-        max_num_samples: largest `num_samples` accepted by `sample`.
-        max_num_steps: largest `num_steps` accepted by `sample` and `inpaint`.
+        max_batch_size: largest N of `images` accepted by every signature that takes images;
+            None: `export.client.MAX_IMAGES_PER_REQUEST` (1024), the limit the client assumes.
+        max_num_samples: largest `num_samples` accepted by the `sample*` signatures; None:
+            `export.client.MAX_SAMPLES_PER_REQUEST` (256).
+        max_num_steps: largest `num_steps` accepted by `sample`, `sample_pc` and `inpaint`.
         max_resample: largest `resample` accepted by `inpaint`.
         dequantization: `"variational"` or `"uniform"`, for `exact_likelihood`; None picks
             `"variational"` when the model's SDE starts at its decoder's z_0 (a VDM) and
             `"uniform"` otherwise (a `ScoreSDEModel`).
-        ode_tolerance: rtol = atol of the ODE solver in `exact_likelihood` and `sample`.
-        score_sde: also export the Score-SDE tools: `exact_likelihood`, `inpaint` and the `pc`
-            and `ode` samplers of `sample`. Off by default: their graphs (the adaptive ODE
+        ode_tolerance: rtol = atol of the ODE solver in `exact_likelihood` and `sample_ode`.
+        score_sde: also export the Score-SDE tools: `sample_pc`, `sample_ode`,
+            `exact_likelihood` and `inpaint`. Off by default: their graphs (the adaptive ODE
             solver above all) take a minute or two to trace and save even for a small model.
     """
 
@@ -83,14 +94,18 @@ class ServingModule(tf.Module):
         self,
         model,
         time_samples=8,
-        max_batch_size=1024,
-        max_num_samples=256,
+        max_batch_size=None,
+        max_num_samples=None,
         max_num_steps=4096,
         max_resample=50,
         dequantization=None,
         ode_tolerance=1e-5,
         score_sde=False,
     ):
+        # Imported here, not at the top: `python -m export.client` imports this package first,
+        # and runpy warns when the module it runs is already imported.
+        from export.client import MAX_IMAGES_PER_REQUEST, MAX_SAMPLES_PER_REQUEST
+
         super().__init__(name="vdm_serving")
         self._keep_untracked(model)
         # The SavedModel stores the model's raw tf.Variables, the ones the graphs read (as
@@ -100,8 +115,8 @@ class ServingModule(tf.Module):
         self.served_variables = [variable.value for variable in model.variables]
         self.image_shape = tuple(int(d) for d in model.image_shape)
         self.time_samples = int(time_samples)
-        self.max_batch_size = int(max_batch_size)
-        self.max_num_samples = int(max_num_samples)
+        self.max_batch_size = int(MAX_IMAGES_PER_REQUEST if max_batch_size is None else max_batch_size)
+        self.max_num_samples = int(MAX_SAMPLES_PER_REQUEST if max_num_samples is None else max_num_samples)
         self.max_num_steps = int(max_num_steps)
         self.max_resample = int(max_resample)
         if dequantization is None:
@@ -110,26 +125,22 @@ class ServingModule(tf.Module):
         self.dequantization = dequantization
         self.ode_tolerance = float(ode_tolerance)
         self.score_sde = bool(score_sde)
-        self.sample_methods = ("ancestral",) + (SCORE_SDE_SAMPLERS if self.score_sde else ())
         # The optional signatures become tf.functions only when exported: saving traces every
         # tf.function of the module, and the ODE solver's graph alone takes a minute to trace.
         self.optional_signatures = {}
-        images_and_seed = [tf.TensorSpec(None, tf.uint8, name="images"), tf.TensorSpec(None, tf.int64, name="seed")]
         if self.score_sde:
-            self.exact_likelihood = tf.function(self._exact_likelihood, input_signature=images_and_seed)
-            self.inpaint = tf.function(
-                self._inpaint,
-                input_signature=images_and_seed[:1]
-                + [
-                    tf.TensorSpec(None, tf.uint8, name="mask"),
-                    tf.TensorSpec(None, tf.int64, name="seed"),
-                    tf.TensorSpec(None, tf.int32, name="num_steps"),
-                    tf.TensorSpec(None, tf.int32, name="resample"),
-                ],
+            self.sample_pc = tf.function(self._sample_pc, input_signature=[NUM_SAMPLES, NUM_STEPS, SEED])
+            self.sample_ode = tf.function(self._sample_ode, input_signature=[NUM_SAMPLES, SEED])
+            self.exact_likelihood = tf.function(self._exact_likelihood, input_signature=[IMAGES, SEED])
+            self.inpaint = tf.function(self._inpaint, input_signature=[IMAGES, MASK, SEED, NUM_STEPS, RESAMPLE])
+            self.optional_signatures.update(
+                sample_pc=self.sample_pc,
+                sample_ode=self.sample_ode,
+                exact_likelihood=self.exact_likelihood,
+                inpaint=self.inpaint,
             )
-            self.optional_signatures.update(exact_likelihood=self.exact_likelihood, inpaint=self.inpaint)
         if isinstance(model, cdm.CDM):
-            self.one_step_likelihood = tf.function(self._one_step_likelihood, input_signature=images_and_seed)
+            self.one_step_likelihood = tf.function(self._one_step_likelihood, input_signature=[IMAGES, SEED])
             self.optional_signatures["one_step_likelihood"] = self.one_step_likelihood
 
     @tf.__internal__.tracking.no_automatic_dependency_tracking
@@ -158,14 +169,6 @@ class ServingModule(tf.Module):
         with tf.control_dependencies([check]):
             return tf.ensure_shape(tf.identity(mask), (None,) + self.image_shape) > 0
 
-    def _valid_sampler(self, sampler):
-        """The index of `sampler` in `sample_methods`, after checking it is one of them."""
-        sampler = self._valid_scalar(sampler, "sampler")
-        matches = tf.equal(sampler, self.sample_methods)
-        expected = f"sampler: expected one of {', '.join(self.sample_methods)}; got"
-        with tf.control_dependencies([tf.debugging.Assert(tf.reduce_any(matches), [expected, sampler])]):
-            return tf.argmax(tf.cast(matches, tf.int32), output_type=tf.int32)
-
     def _valid_scalar(self, value, name, low=None, high=None):
         """`value` as a scalar, after checking its rank and (for counts) its range [low, high]."""
         expected = f"{name}: expected a {value.dtype.name} scalar"
@@ -179,60 +182,58 @@ class ServingModule(tf.Module):
                 value = tf.identity(value)
         return value
 
-    @tf.function(
-        input_signature=[tf.TensorSpec(None, tf.uint8, name="images"), tf.TensorSpec(None, tf.int64, name="seed")]
-    )
-    def likelihood(self, images, seed=DEFAULT_SEED):
-        images = self._valid_images(images)
-        seed = seeding.as_seed(self._valid_scalar(seed, "seed"))
-        terms = self.model.elbo_graph(images, seed, tf.constant(self.time_samples, tf.int32))
+    def _valid_seed(self, seed):
+        return seeding.as_seed(self._valid_scalar(seed, "seed"))
+
+    def _valid_num_samples(self, num_samples):
+        return self._valid_scalar(num_samples, "num_samples", 1, self.max_num_samples)
+
+    def _valid_num_steps(self, num_steps):
+        return self._valid_scalar(num_steps, "num_steps", 1, self.max_num_steps)
+
+    def _images_out(self, images):
+        return {"images": tf.ensure_shape(images, (None,) + self.image_shape)}
+
+    @tf.function(input_signature=[IMAGES, SEED])
+    def likelihood(self, images, seed):
+        terms = self.model.elbo_graph(
+            self._valid_images(images), self._valid_seed(seed), tf.constant(self.time_samples, tf.int32)
+        )
         names = {output: output.removesuffix("_bpd") for output in LIKELIHOOD_OUTPUTS}
         # A CDM's `elbo_graph` gives its one-step `bpd` only.
         return {output: terms[name] for output, name in names.items() if name in terms}
 
-    def _one_step_likelihood(self, images, seed=DEFAULT_SEED):
-        images = self._valid_images(images)
-        seed = seeding.as_seed(self._valid_scalar(seed, "seed"))
-        return {"bpd": self.model.one_step_bpd_graph(images, seed)}
+    def _one_step_likelihood(self, images, seed):
+        return {"bpd": self.model.one_step_bpd_graph(self._valid_images(images), self._valid_seed(seed))}
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec(None, tf.int32, name="num_samples"),
-            tf.TensorSpec(None, tf.int32, name="num_steps"),
-            tf.TensorSpec(None, tf.int64, name="seed"),
-            tf.TensorSpec(None, tf.string, name="sampler"),
-        ]
-    )
-    def sample(self, num_samples, num_steps, seed=DEFAULT_SEED, sampler=DEFAULT_SAMPLER):
-        num_samples = self._valid_scalar(num_samples, "num_samples", 1, self.max_num_samples)
-        num_steps = self._valid_scalar(num_steps, "num_steps", 1, self.max_num_steps)
-        seed = seeding.as_seed(self._valid_scalar(seed, "seed"))
+    @tf.function(input_signature=[NUM_SAMPLES, NUM_STEPS, SEED])
+    def sample(self, num_samples, num_steps, seed):
+        num_samples, num_steps = self._valid_num_samples(num_samples), self._valid_num_steps(num_steps)
+        samples = self.model.sample_graph(num_samples, num_steps, self._valid_seed(seed), tf.constant(False))
+        return self._images_out(samples)
+
+    def _sample_pc(self, num_samples, num_steps, seed):
+        num_samples, num_steps = self._valid_num_samples(num_samples), self._valid_num_steps(num_steps)
+        return self._images_out(samplers.sample(self.model, num_samples, "pc", num_steps, self._valid_seed(seed)))
+
+    def _sample_ode(self, num_samples, seed):
+        num_samples, seed = self._valid_num_samples(num_samples), self._valid_seed(seed)
         tolerance = {"rtol": self.ode_tolerance, "atol": self.ode_tolerance}
-        branches = [lambda: self.model.sample_graph(num_samples, num_steps, seed, tf.constant(False))]
-        if self.score_sde:
-            branches += [
-                lambda: samplers.sample(self.model, num_samples, "pc", num_steps, seed),
-                lambda: samplers.sample(self.model, num_samples, "ode", seed=seed, **tolerance),
-            ]
-        samples = tf.switch_case(self._valid_sampler(sampler), branches)
-        return {"images": tf.ensure_shape(samples, (None,) + self.image_shape)}
+        return self._images_out(samplers.sample(self.model, num_samples, "ode", seed=seed, **tolerance))
 
-    def _exact_likelihood(self, images, seed=DEFAULT_SEED):
-        images = self._valid_images(images)
-        seed = seeding.as_seed(self._valid_scalar(seed, "seed"))
+    def _exact_likelihood(self, images, seed):
+        images, seed = self._valid_images(images), self._valid_seed(seed)
         out = likelihood.ode_bpd(
             self.model, images, seed, self.dequantization, rtol=self.ode_tolerance, atol=self.ode_tolerance
         )
         return {"bpd": out["bpd"], "nfe": out["nfe"]}
 
-    def _inpaint(self, images, mask, seed=DEFAULT_SEED, num_steps=DEFAULT_INPAINT_STEPS, resample=DEFAULT_RESAMPLE):
+    def _inpaint(self, images, mask, seed, num_steps, resample):
         images = self._valid_images(images)
         mask = self._valid_mask(mask, images)
-        seed = seeding.as_seed(self._valid_scalar(seed, "seed"))
-        num_steps = self._valid_scalar(num_steps, "num_steps", 1, self.max_num_steps)
+        seed, num_steps = self._valid_seed(seed), self._valid_num_steps(num_steps)
         resample = self._valid_scalar(resample, "resample", 1, self.max_resample)
-        filled = conditional.inpaint(self.model, images, mask, num_steps, seed, resample)
-        return {"images": tf.ensure_shape(filled, (None,) + self.image_shape)}
+        return self._images_out(conditional.inpaint(self.model, images, mask, num_steps, seed, resample))
 
 
 def next_version(base_path):
@@ -255,9 +256,10 @@ def export_model(model, export_dir, name="vdm", version=None, warmup=True, **ser
         export_dir: the directory of exported models (`--model_base_path` is `export_dir/name`).
         name: the model name clients ask for.
         version: integer version; default: one more than the highest one present.
-        warmup: also write `assets.extra/tf_serving_warmup_requests` (one small likelihood and
-            one sample request), which TF-Serving replays before it reports the model ready, so
-            the first client does not pay for graph optimisation.
+        warmup: also write `assets.extra/tf_serving_warmup_requests` (one small request per
+            signature of bounded cost: all but the adaptive ODE ones), which TF-Serving replays
+            before it reports the model ready, so the first client does not pay for graph
+            optimisation.
         **serving_options: `time_samples`, `max_batch_size`, `max_num_samples`, `max_num_steps`,
             `max_resample`, `dequantization`, `ode_tolerance`, `score_sde` of `ServingModule`.
 
@@ -280,29 +282,47 @@ def export_model(model, export_dir, name="vdm", version=None, warmup=True, **ser
     options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     tf.saved_model.save(module, temporary_path, signatures=signatures, options=options)
     if warmup:
-        write_warmup_requests(temporary_path, name, module.image_shape)
+        write_warmup_requests(temporary_path, name, module.image_shape, signatures)
     tf.io.gfile.rename(temporary_path, final_path)
     return final_path
 
 
-def write_warmup_requests(saved_model_path, name, image_shape):
-    """TF-Serving's warm-up file: PredictionLog records replayed when the model loads."""
+def warmup_inputs(image_shape):
+    """One small request per warmed signature: {signature: {input: numpy value}}.
+
+    The ODE signatures (`sample_ode`, `exact_likelihood`) are left out: their solver picks its
+    own number of steps, so a warm-up request could hold the model's loading for minutes.
+    """
+    image = np.zeros((1,) + tuple(image_shape), np.uint8)
+    seed = np.int64(0)
+    few_samples = {"num_samples": np.int32(1), "num_steps": np.int32(2), "seed": seed}
+    return {
+        "likelihood": {"images": image, "seed": seed},
+        "one_step_likelihood": {"images": image, "seed": seed},
+        "sample": few_samples,
+        "sample_pc": few_samples,
+        "inpaint": {"images": image, "mask": image, "seed": seed, "num_steps": np.int32(2), "resample": np.int32(1)},
+    }
+
+
+def write_warmup_requests(saved_model_path, name, image_shape, signatures):
+    """TF-Serving's warm-up file: PredictionLog records replayed when the model loads.
+
+    One record per signature of `warmup_inputs` that is among `signatures` (names).
+    """
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-    def request(signature, **inputs):
-        message = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=name, signature_name=signature))
-        for key, value in inputs.items():
-            message.inputs[key].CopyFrom(tf.make_tensor_proto(value))
-        return prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=message))
-
-    records = [
-        request("likelihood", images=np.zeros((1,) + tuple(image_shape), np.uint8), seed=np.int64(0)),
-        request("sample", num_samples=np.int32(1), num_steps=np.int32(2), seed=np.int64(0)),
-    ]
     path = os.path.join(saved_model_path, WARMUP_FILE)
     tf.io.gfile.makedirs(os.path.dirname(path))
     with tf.io.TFRecordWriter(path) as writer:
-        for record in records:
+        for signature, inputs in warmup_inputs(image_shape).items():
+            if signature not in signatures:
+                continue
+            spec = model_pb2.ModelSpec(name=name, signature_name=signature)
+            request = predict_pb2.PredictRequest(model_spec=spec)
+            for key, value in inputs.items():
+                request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+            record = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(record.SerializeToString())
 
 

@@ -4,23 +4,45 @@ import os
 import subprocess
 import sys
 
+import exported_model
 import numpy as np
 import pytest
 import tensorflow as tf
-from exported_model import IMAGE_SHAPE, ODE_TOLERANCE, TIME_SAMPLES, random_images
+from exported_model import (
+    IMAGE_SHAPE,
+    ODE_TOLERANCE,
+    SIGNATURE_INPUTS,
+    TIME_SAMPLES,
+    assert_outputs_equal,
+    expected_outputs,
+    random_images,
+)
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import prediction_log_pb2
 
 from export import saved_model
 from vdm_tf import conditional, likelihood, samplers
 
+SCORE_SDE_SIGNATURES = {"sample_pc", "sample_ode", "exact_likelihood", "inpaint"}
+# Session fixtures (conftest imports `exported` only).
+small_exports, served = exported_model.small_exports, exported_model.served
 
-def test_tf_serving_layout_with_versions_and_warmup(exported, tmp_path):
+
+def signature_defs(path):
+    """The SignatureDefs of the `serve` MetaGraph, as TF-Serving reads them from saved_model.pb."""
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        saved.ParseFromString(f.read())
+    (meta_graph,) = [m for m in saved.meta_graphs if "serve" in m.meta_info_def.tags]
+    return {k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")}
+
+
+def test_tf_serving_layout_with_versions(exported, tmp_path):
     model, export_dir, path, loaded = exported
     assert path == os.path.join(export_dir, "vdm", "1")
     assert os.path.exists(os.path.join(path, "saved_model.pb"))
     assert os.path.exists(os.path.join(path, "variables", "variables.index"))
-    records = list(tf.data.TFRecordDataset(os.path.join(path, saved_model.WARMUP_FILE)).as_numpy_iterator())
-    assert len(records) == 2
-    assert set(loaded.signatures) == {"serving_default", "likelihood", "sample", "exact_likelihood", "inpaint"}
+    assert set(loaded.signatures) == {"serving_default", "likelihood", "sample"} | SCORE_SDE_SIGNATURES
     # Without score_sde: the three core signatures; each export adds a version.
     export_dir = str(tmp_path)
     first = saved_model.export_model(model, export_dir, warmup=False)
@@ -30,6 +52,36 @@ def test_tf_serving_layout_with_versions_and_warmup(exported, tmp_path):
     assert sorted(os.listdir(os.path.join(export_dir, "vdm"))) == ["1", "2"]  # no temporary directory left
     with pytest.raises(FileExistsError, match="vdm/2 exists"):
         saved_model.export_model(model, export_dir, version=2)
+
+
+def test_every_input_is_required_and_documented(exported, small_exports):
+    """No SignatureDef has `defaults`, and each signature's inputs are the documented ones."""
+    _, _, path, loaded = exported
+    paths = [path] + [os.path.join(small_exports[1], name, "1") for name in small_exports[0]]
+    for export_path in paths:
+        for name, signature in signature_defs(export_path).items():
+            assert not signature.defaults, (export_path, name, sorted(signature.defaults))
+            assert set(signature.inputs) == SIGNATURE_INPUTS[name], (export_path, name)
+    # TF's own loader runs `sample` with exactly the three documented inputs.
+    inputs = {"num_samples": tf.constant(1), "num_steps": tf.constant(2), "seed": tf.constant(0, tf.int64)}
+    assert loaded.signatures["sample"](**inputs)["images"].shape == (1, *IMAGE_SHAPE)
+
+
+def test_warmup_records_are_complete_requests_that_give_the_models_numbers(exported, served):
+    """Each PredictionLog record of the warm-up file, run by the strict loopback server, answers
+    what the in-process model computes; every signature of bounded cost is warmed."""
+    model, _, path, _ = exported
+    warmed = []
+    for record in tf.data.TFRecordDataset(os.path.join(path, saved_model.WARMUP_FILE)).as_numpy_iterator():
+        request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
+        assert request.model_spec.name == "vdm"
+        signature = request.model_spec.signature_name
+        warmed.append(signature)
+        response = served.service.predict(request)
+        got = {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
+        inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
+        assert_outputs_equal(got, expected_outputs(model, signature, inputs))
+    assert sorted(warmed) == ["inpaint", "likelihood", "sample", "sample_pc"]
 
 
 def test_likelihood_signature_equals_model_elbo(exported):
@@ -55,21 +107,18 @@ def test_averaging_time_samples_narrows_the_estimate(exported):
     assert spread[8] < 0.6 * spread[1], spread
 
 
-def test_sample_signature_equals_model_sample(exported):
+def test_sample_signatures_equal_the_library_samplers(exported):
+    """`sample` is the ancestral sampler; `sample_pc` and `sample_ode` are their own signatures."""
     model, _, _, loaded = exported
-
-    def sample(sampler):
-        inputs = {"num_samples": tf.constant(3), "num_steps": tf.constant(4), "seed": tf.constant(7, tf.int64)}
-        return loaded.signatures["sample"](sampler=tf.constant(sampler), **inputs)["images"].numpy()
-
-    got = sample("ancestral")
+    count = {"num_samples": tf.constant(3), "seed": tf.constant(7, tf.int64)}
+    got = loaded.signatures["sample"](num_steps=tf.constant(4), **count)["images"].numpy()
     assert got.dtype == np.uint8 and got.shape == (3, *IMAGE_SHAPE)
     np.testing.assert_array_equal(got, model.sample(3, num_steps=4, seed=7).numpy())
-    np.testing.assert_array_equal(sample("pc"), samplers.sample(model, 3, "pc", num_steps=4, seed=7).numpy())
+    got = loaded.signatures["sample_pc"](num_steps=tf.constant(4), **count)["images"]
+    np.testing.assert_array_equal(got, samplers.sample(model, 3, "pc", num_steps=4, seed=7).numpy())
     tolerance = {"rtol": ODE_TOLERANCE, "atol": ODE_TOLERANCE}
-    np.testing.assert_array_equal(sample("ode"), samplers.sample(model, 3, "ode", seed=7, **tolerance).numpy())
-    with pytest.raises(tf.errors.InvalidArgumentError, match="sampler: expected one of ancestral, pc, ode"):
-        sample("ddim")
+    got = loaded.signatures["sample_ode"](**count)["images"]
+    np.testing.assert_array_equal(got, samplers.sample(model, 3, "ode", seed=7, **tolerance).numpy())
 
 
 def test_exact_likelihood_signature_equals_the_ode_bpd(exported):
@@ -124,7 +173,7 @@ def test_bad_sample_requests_fail_with_the_expected_range(exported, inputs, mess
     _, _, _, loaded = exported
     tensors = {key: tf.constant(value, tf.int32) for key, value in inputs.items()}
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
-        loaded.signatures["sample"](seed=tf.constant(0, tf.int64), sampler=tf.constant("ancestral"), **tensors)
+        loaded.signatures["sample"](seed=tf.constant(0, tf.int64), **tensors)
 
 
 def test_seed_must_be_a_scalar(exported):
@@ -163,6 +212,32 @@ def test_saved_model_cli_shows_and_runs_both_signatures(exported, tmp_path):
     expected = model.elbo(images, seed=5, num_time_samples=TIME_SAMPLES)
     np.testing.assert_allclose(got["bpd"], expected["bpd"].numpy(), rtol=1e-6)
     np.testing.assert_allclose(got["reconstruction_bpd"], expected["reconstruction"].numpy(), rtol=1e-6)
-    inputs = {"num_samples": np.int32(2), "num_steps": np.int32(3), "seed": np.int64(9)}  # sampler: default
+    inputs = {"num_samples": np.int32(2), "num_steps": np.int32(3), "seed": np.int64(9)}
     got = run_signature_with_saved_model_cli(path, "sample", tmp_path / "sample", **inputs)
     np.testing.assert_array_equal(got["images"], model.sample(2, 3, seed=9).numpy())
+
+
+def test_a_score_sde_model_exports_and_its_score_sde_graphs_use_its_own_sde(small_exports):
+    """A `ScoreSDEModel` (VE SDE) export serves its own ELBO and ancestral samples; the Score-SDE
+    graphs (built in-process here: saving the ODE ones takes minutes) sample in the SDE's own
+    coordinates and dequantize uniformly (its SDE starts at t_min > 0)."""
+    models, export_dir = small_exports
+    model = models["sde"]
+    loaded = tf.saved_model.load(os.path.join(export_dir, "sde", "1"))
+    assert set(loaded.signatures) == {"serving_default", "likelihood", "sample"}
+    images = random_images(3, seed=4)
+    inputs = {"images": images, "seed": np.int64(2)}
+    got = loaded.signatures["likelihood"](**{k: tf.constant(v) for k, v in inputs.items()})
+    assert_outputs_equal(got, expected_outputs(model, "likelihood", inputs))
+    inputs = {"num_samples": np.int32(2), "num_steps": np.int32(3), "seed": np.int64(5)}
+    got = loaded.signatures["sample"](**{k: tf.constant(v) for k, v in inputs.items()})
+    assert_outputs_equal(got, expected_outputs(model, "sample", inputs))
+    module = saved_model.ServingModule(model, time_samples=TIME_SAMPLES, score_sde=True)
+    assert module.dequantization == "uniform"
+    got = module.sample_pc(tf.constant(2), tf.constant(3), tf.constant(5, tf.int64))
+    assert_outputs_equal(got, expected_outputs(model, "sample_pc", inputs))
+    mask = (np.random.default_rng(1).random(images.shape) < 0.5).astype(np.uint8)
+    inputs = {"images": images, "mask": mask, "seed": np.int64(6), "num_steps": np.int32(3), "resample": np.int32(2)}
+    got = module.inpaint(*[tf.constant(inputs[k]) for k in ("images", "mask", "seed", "num_steps", "resample")])
+    assert_outputs_equal(got, expected_outputs(model, "inpaint", inputs))
+    np.testing.assert_array_equal(got["images"].numpy()[mask > 0], images[mask > 0])
