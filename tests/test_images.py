@@ -81,6 +81,38 @@ def test_decoder_sample_follows_the_decoder_distribution():
     np.testing.assert_array_equal(samples, images.decoder_sample(z_0, gamma_0, tf.constant([1, 2])).numpy().ravel())
 
 
+DIGIT_LEVELS = np.round(np.arange(17) * 255 / 16).astype(np.int64)  # the embedded digits' alphabet
+
+
+def numpy_alphabet_log_probs(z_0, gamma_0, values):
+    """log((1 - F) softmax over `values` + F / 256), written out in NumPy."""
+    logits = -0.5 * np.exp(-gamma_0) * (z_0 / np.sqrt(1 / (1 + np.exp(gamma_0))) - (2 * (values + 0.5) / 256 - 1)) ** 2
+    inside = np.zeros(256)
+    inside[values] = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    return np.log((1 - images.ALPHABET_FLOOR) * inside + images.ALPHABET_FLOOR / 256)
+
+
+def test_a_decoder_alphabet_puts_the_mass_on_its_values_and_keeps_a_floor():
+    rng = np.random.default_rng(2)
+    z_0 = rng.uniform(-1.1, 1.1, (6, 2, 2, 1))
+    gamma_0 = -8.5
+    log_p = images.decoder_logits(tf.constant(z_0, tf.float32), gamma_0, DIGIT_LEVELS).numpy().astype(np.float64)
+    np.testing.assert_allclose(np.exp(log_p).sum(-1), 1.0, rtol=1e-5)  # log p itself: normalised
+    expected = np.stack([numpy_alphabet_log_probs(z, gamma_0, DIGIT_LEVELS) for z in z_0.ravel()]).reshape(log_p.shape)
+    inside = images.alphabet_mask(DIGIT_LEVELS)
+    np.testing.assert_allclose(log_p[..., inside], expected[..., inside], atol=2e-4)
+    np.testing.assert_allclose(log_p[..., ~inside], np.log(images.ALPHABET_FLOOR / 256), rtol=1e-6)
+    # The NLL of in-alphabet pixels, and the argmax, use the alphabet's values only.
+    x = DIGIT_LEVELS[rng.integers(0, 17, z_0.shape)]
+    nll = images.reconstruction_nll(x, tf.constant(z_0, tf.float32), gamma_0, DIGIT_LEVELS).numpy()
+    np.testing.assert_allclose(nll, -np.take_along_axis(expected, x[..., None], -1).sum((1, 2, 3, 4)), rtol=1e-4)
+    argmax = images.decoder_argmax(tf.constant(z_0, tf.float32), gamma_0, DIGIT_LEVELS).numpy()
+    np.testing.assert_array_equal(argmax, np.argmax(expected, -1))
+    assert set(np.unique(argmax)) <= set(DIGIT_LEVELS)
+    samples = images.decoder_sample(tf.fill((2000, 1, 1, 1), 0.03), gamma_0, tf.constant([3, 4]), DIGIT_LEVELS)
+    assert set(np.unique(samples.numpy())) <= set(DIGIT_LEVELS)
+
+
 def test_grid_places_each_image_in_reading_order():
     batch = np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1).repeat(2, 1).repeat(3, 2)
     picture = images.grid(batch, columns=3, padding=1)

@@ -7,12 +7,21 @@ Conventions (Kingma et al. 2021, "Variational Diffusion Models", appendix A.2 / 
 - The decoder factorises over pixels; for one pixel,
   `p(x | z_0) ∝ exp(-0.5 * SNR_0 * (z_0 / alpha_0 - f_x)^2)` with `SNR_0 = exp(-gamma_0)`,
   a 256-way softmax over the bin centres.
+- A data set whose pixels take only some of the 256 values (the embedded digits: 17 values)
+  can give the decoder that *alphabet* (`pixel_values`): the softmax then runs over those
+  values only, mixed with a floor of `ALPHABET_FLOOR` spread over all 256, so every value keeps
+  a probability (bits-back coding stays lossless on any image) and a pixel inside the alphabet
+  loses at most -log(1 - ALPHABET_FLOOR) = 1e-6 nats.
 """
+
+import math
 
 import numpy as np
 import tensorflow as tf
 
 NUM_VALUES = 256
+# Probability mass a restricted decoder (`pixel_values`) leaves, uniformly, to all 256 values.
+ALPHABET_FLOOR = 1e-6
 
 
 def encode(x):
@@ -77,34 +86,55 @@ def _rescale(z_0, gamma_0):
     return z_0 / tf.sqrt(tf.sigmoid(-gamma_0)), tf.exp(-gamma_0)
 
 
-def decoder_logits(z_0, gamma_0):
+def alphabet_mask(pixel_values):
+    """A bool [256] vector marking the values of an alphabet (None: all of them)."""
+    mask = np.zeros(NUM_VALUES, bool)
+    mask[np.asarray(pixel_values if pixel_values is not None else range(NUM_VALUES), np.int64)] = True
+    return mask
+
+
+def decoder_logits(z_0, gamma_0, pixel_values=None):
     """Logits of p(x | z_0) for every pixel: [N, H, W, C, 256] (VDM eq. 22-23).
 
     Args:
         z_0: latent at t = 0, float32 [N, H, W, C].
         gamma_0: gamma(0), a scalar or per example [N].
+        pixel_values: the data's alphabet (sorted uint8 values), or None for all 256. With an
+            alphabet the result is log p itself: log((1 - F) softmax_alphabet + F / 256) with
+            F = `ALPHABET_FLOOR`.
     """
     z_0_rescaled, snr_0 = _rescale(z_0, gamma_0)
-    return -0.5 * snr_0[..., None] * tf.square(z_0_rescaled[..., None] - bin_centres())
+    logits = -0.5 * snr_0[..., None] * tf.square(z_0_rescaled[..., None] - bin_centres())
+    if pixel_values is None:
+        return logits
+    # A large finite value, not -inf: no NaN in log_softmax or its gradient.
+    inside = tf.nn.log_softmax(tf.where(alphabet_mask(pixel_values), logits, -1e30))
+    floor = math.log(ALPHABET_FLOOR / NUM_VALUES)
+    shifted = inside + math.log1p(-ALPHABET_FLOOR)
+    larger = tf.maximum(shifted, floor)
+    return larger + tf.math.log1p(tf.exp(-tf.abs(shifted - floor)))  # logaddexp(shifted, floor)
 
 
-def reconstruction_nll(x, z_0, gamma_0):
+def reconstruction_nll(x, z_0, gamma_0, pixel_values=None):
     """-log p(x | z_0) in nats, summed over pixels: float32 [N]."""
     labels = tf.cast(x, tf.int32)
-    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=decoder_logits(z_0, gamma_0))
+    logits = decoder_logits(z_0, gamma_0, pixel_values)
+    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
     return tf.reduce_sum(nll, axis=[1, 2, 3])
 
 
-def decoder_sample(z_0, gamma_0, seed):
+def decoder_sample(z_0, gamma_0, seed, pixel_values=None):
     """An exact sample of x ~ p(x | z_0): uint8, the shape of z_0."""
-    logits = decoder_logits(z_0, gamma_0)
+    logits = decoder_logits(z_0, gamma_0, pixel_values)
     flat = tf.reshape(logits, [-1, NUM_VALUES])
     samples = tf.random.stateless_categorical(flat, 1, seed=seed, dtype=tf.int32)
     return tf.cast(tf.reshape(samples, tf.shape(z_0)), tf.uint8)
 
 
-def decoder_argmax(z_0, gamma_0):
-    """The most likely x under p(x | z_0): the bin centre nearest to z_0 / alpha_0; uint8."""
+def decoder_argmax(z_0, gamma_0, pixel_values=None):
+    """The most likely x under p(x | z_0): the value of the alphabet nearest to z_0 / alpha_0; uint8."""
+    if pixel_values is not None:
+        return tf.cast(tf.argmax(decoder_logits(z_0, gamma_0, pixel_values), axis=-1), tf.uint8)
     z_0_rescaled, _ = _rescale(z_0, gamma_0)
     return decode(z_0_rescaled)
 

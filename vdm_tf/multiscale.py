@@ -246,8 +246,8 @@ class MultiScaleVDM(VDM):
         gamma_0 = self.schedule.gamma_0
         return tf.cond(
             argmax,
-            lambda: images.decoder_argmax(z, gamma_0),
-            lambda: images.decoder_sample(z, gamma_0, decoder_seed),
+            lambda: images.decoder_argmax(z, gamma_0, self.pixel_values),
+            lambda: images.decoder_sample(z, gamma_0, decoder_seed, self.pixel_values),
         )
 
     def _run_stage(self, z, stage_times, first, last, loop_seed):
