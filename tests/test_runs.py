@@ -91,3 +91,22 @@ def test_the_library_imports_nothing_from_trainers_or_export():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_decoder_alphabet_is_built_saved_and_loaded(tmp_path):
+    config = dataclasses.replace(TINY, decoder_alphabet=True)
+    model = _perturbed(config, seed=4)
+    assert model.pixel_values == vdm_tf.datasets.info("digits").pixel_values
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    assert vdm_tf.load(path).pixel_values == model.pixel_values
+    run = str(tmp_path / "run")
+    runs.save_run(run, config, model)
+    assert vdm_tf.load(run).pixel_values == model.pixel_values
+    # At a large gamma_0 the 256-way decoder spreads mass over the 15 values between two levels.
+    x = vdm_tf.datasets.digits_arrays("test")[:16]
+    model.schedule._gamma_0.assign(-8.0)
+    plain = vdm_tf.VDM(model.denoiser, model.schedule, model.image_shape)
+    with_alphabet = model.elbo(x, seed=1)["reconstruction"].numpy()
+    without = plain.elbo(x, seed=1)["reconstruction"].numpy()
+    assert np.all(with_alphabet < without - 0.05), (with_alphabet, without)

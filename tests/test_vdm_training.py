@@ -121,3 +121,28 @@ def test_elbo_rejects_bad_images(bad, error):
 def test_sample_rejects_bad_counts():
     with pytest.raises(ValueError, match="num_steps >= 1"):
         tiny_model().sample(4, num_steps=0)
+
+
+def test_dropout_masks_depend_on_the_step_seed_only():
+    """`train_step` reseeds dropout from the step's seed: the same step draws the same masks."""
+    model = tiny_model(dropout=0.5)
+    for variable in model.denoiser.trainable_variables:  # the output layer starts at zero
+        variable.assign(tf.random.stateless_normal(variable.shape, [0, 1]) * 0.1)
+    x = vdm_tf.datasets.digits_arrays("train")[:8]
+    seed = tf.constant([1, 2], tf.int64)
+
+    def reseeded_terms():
+        model._seed_dropout(seed)
+        return model._loss_terms(x, seed, training=True)[0]["bpd"].numpy()
+
+    first = reseeded_terms()
+    unseeded = model._loss_terms(x, seed, training=True)[0]["bpd"].numpy()  # advances the generators
+    assert not np.array_equal(unseeded, first)  # dropout is on: other masks, other numbers
+    np.testing.assert_array_equal(reseeded_terms(), first)
+    model._seed_dropout(tf.constant([1, 3], tf.int64))
+    assert not np.array_equal(model._loss_terms(x, seed, training=True)[0]["bpd"].numpy(), first)
+
+
+def test_elbo_rejects_an_empty_batch():
+    with pytest.raises(ValueError, match=r"uint8 with shape \[N, 8, 8, 1\] and N >= 1; got an empty batch"):
+        tiny_model().elbo(np.zeros((0, 8, 8, 1), np.uint8))

@@ -20,7 +20,7 @@ import keras
 import tensorflow as tf
 
 from vdm_tf import augmentation as augmentation_lib
-from vdm_tf import cdm, multiscale, networks, schedules, score_model, sde
+from vdm_tf import cdm, haar, multiscale, networks, schedules, score_model, sde
 from vdm_tf.datasets import info as dataset_info
 from vdm_tf.vdm import VDM
 
@@ -67,6 +67,9 @@ class Config:
     multiscale_end_times: tuple = ()
     multiscale_stage_networks: bool = False
     augment: bool = False  # flips, rotations (and channel swaps for RGB), denoiser conditioned on them
+    # The decoder p(x | z_0) puts its mass on the data set's pixel values (`DatasetInfo.pixel_values`,
+    # e.g. the digits' 17) instead of all 256, keeping a floor for the others (vdm_tf.images).
+    decoder_alphabet: bool = False
     # Optimisation (VDM: AdamW, b1 0.9, b2 0.99, weight decay 0.01, EMA 0.9999).
     optimizer: str = "adamw"  # or "sgd": same schedule, EMA and clipping; scale-sensitive (tests use it)
     batch_size: int = 128
@@ -93,6 +96,56 @@ class Config:
     sample_steps: int = 256
     num_samples: int = 64
 
+    def __post_init__(self):
+        """Rejects a value no run can use, with a message naming the field and what it takes.
+
+        So a bad flag of the trainer (`--batch_size=0`, `--dataset=foo`) fails before any work.
+        """
+        dataset_info(self.dataset)  # an unknown name raises, listing the known ones
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"Unknown {name} {getattr(self, name)!r}; expected {_one_of(choices)}.")
+        for name, lowest in _AT_LEAST.items():
+            if getattr(self, name) < lowest:
+                raise ValueError(f"{name} must be >= {lowest}; got {getattr(self, name)}.")
+        for name, low, high in (("dropout", 0.0, 1.0), ("ema_momentum", 0.0, 1.0)):
+            if not low <= getattr(self, name) < high:
+                raise ValueError(f"{name} must be in [{low}, {high}); got {getattr(self, name)}.")
+        if not 0.0 <= self.final_learning_rate_fraction <= 1.0:
+            raise ValueError(f"final_learning_rate_fraction must be in [0, 1]; got {self.final_learning_rate_fraction}")
+        for name in ("learning_rate", "weight_decay", "clip_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
+        # Fields that exclude each other (build_model relies on these checks).
+        if self.model == "cdm" and (self.sde != "vdm" or self.multiscale_levels):
+            raise ValueError("A CDM uses its own noise levels: set sde=vdm and multiscale_levels=0.")
+        if self.multiscale_levels:
+            if self.timesteps or self.sde != "vdm":
+                raise ValueError("Multi-scale diffusion is a continuous-time VDM: set timesteps=0 and sde=vdm.")
+            haar.check_levels(dataset_info(self.dataset).image_shape, self.multiscale_levels)
+            if self.multiscale_end_times and len(self.multiscale_end_times) != self.multiscale_levels:
+                raise ValueError(
+                    f"multiscale_end_times needs one time per level ({self.multiscale_levels}); "
+                    f"got {self.multiscale_end_times}."
+                )
+
+
+_CHOICES = {
+    "sde": ("vdm", "vp", "subvp", "ve"),
+    "schedule": ("fixed_linear", "learned_linear", "learned_monotonic"),
+    "model": ("vdm", "cdm"),
+    "optimizer": ("adamw", "sgd"),
+}
+_AT_LEAST = dict(
+    n_layers=1, n_embd=1, timesteps=0, num_levels=1, head_channels=0, multiscale_levels=0, batch_size=1,
+    train_steps=0, warmup_steps=0, steps_per_execution=1, checkpoint_every=1, keep_checkpoints=1, log_every=1,
+    sample_every=1, eval_time_samples=1, export_time_samples=1, sample_steps=1, num_samples=1,
+)
+
+
+def _one_of(choices):
+    """("a", "b", "c") -> "a, b or c"."""
+    return ", ".join(choices[:-1]) + " or " + choices[-1]
 
 
 def config_path(model_dir):
@@ -151,7 +204,10 @@ def build_model(config):
             conditioning_dim=augmentation.conditioning_dim if augmentation else 0,
         )
 
+    pixel_values = dataset_info(config.dataset).pixel_values if config.decoder_alphabet else None
     if config.model == "cdm":
+        if config.decoder_alphabet:
+            raise ValueError("A CDM's one-step likelihood uses no decoder: set decoder_alphabet=false.")
         if process or config.multiscale_levels:
             raise ValueError("A CDM uses its own noise levels: set sde=vdm and multiscale_levels=0.")
         classifier = networks.NoiseLevelClassifier(
@@ -176,8 +232,9 @@ def build_model(config):
             end_times=config.multiscale_end_times or None,
             seed=config.seed,
             augmentation=augmentation,
+            pixel_values=pixel_values,
         )
-    common = dict(timesteps=config.timesteps, seed=config.seed, augmentation=augmentation)
+    common = dict(timesteps=config.timesteps, seed=config.seed, augmentation=augmentation, pixel_values=pixel_values)
     if process:
         return score_model.ScoreSDEModel(network(), process, image_shape, **common)
     return VDM(network(), build_schedule(config), image_shape, **common)
