@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from trainers import configs, distribute, train  # noqa: E402
 
-# Dropout off: its Keras seed generators are per replica, the rest of the randomness is per example.
+# Dropout off: its masks are drawn per replica (from the step's seed), the rest of the randomness per example.
 # SGD, not Adam: Adam's update does not change when the gradient is scaled, so it would hide
 # gradients summed over replicas instead of averaged.
 CONFIG = configs.Config(

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -12,21 +13,22 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_r
 
 
 def run(strategy, tmp_path, name, env=None):
-    """Starts tests/distributed_run.py; returns (process, path of the weights it will write)."""
-    out = tmp_path / f"{name}.npz"
-    process = subprocess.Popen(
-        [sys.executable, SCRIPT, strategy, str(tmp_path / name), str(out)],
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    return process, out
+    """Starts tests/distributed_run.py; returns (process, path of the weights it will write, its log)."""
+    out, log = tmp_path / f"{name}.npz", tmp_path / f"{name}.log"
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, SCRIPT, strategy, str(tmp_path / name), str(out)],
+            env={**os.environ, **(env or {})},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    return process, out, log
 
 
-def finish(process, out):
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output[-3000:]
+def finish(process, out, log):
+    process.wait(timeout=600)
+    assert process.returncode == 0, log.read_text()[-3000:]
     weights = np.load(out)
     assert weights["moved"] > 1e-3  # training did change the weights
     return int(weights["replicas"]), [weights[k] for k in weights.files if k.startswith("arr_")]
@@ -43,6 +45,7 @@ def test_mirrored_two_replicas_match_one_device(tmp_path):
 
 
 def free_ports(count):
+    """Ports free a moment ago. Another process may take one before a worker binds it: see below."""
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
         s.bind(("localhost", 0))
@@ -52,12 +55,39 @@ def free_ports(count):
     return ports
 
 
-def test_multi_worker_mirrored_workers_end_with_identical_weights(tmp_path):
+PORT_TAKEN = "Could not start gRPC server"  # a worker's port was taken in the meantime
+
+
+def start_workers(tmp_path, attempt):
+    """Two workers of one cluster on fresh ports; a worker that cannot bind its port ends at once."""
     workers = [f"localhost:{port}" for port in free_ports(2)]
     processes = []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        processes.append(run("multi_worker", tmp_path, f"worker{index}", env={"TF_CONFIG": json.dumps(tf_config)}))
+        name = f"worker{index}_attempt{attempt}"
+        processes.append(run("multi_worker", tmp_path, name, env={"TF_CONFIG": json.dumps(tf_config)}))
+    return processes
+
+
+def port_was_taken(processes):
+    """Waits until both workers end or one of them could not bind its port (then stops the other)."""
+    while any(process.poll() is None for process, _, _ in processes):
+        if any(process.poll() and PORT_TAKEN in log.read_text() for process, _, log in processes):
+            for process, _, _ in processes:
+                process.kill()
+                process.wait()
+            return True
+        time.sleep(0.5)
+    return any(process.returncode and PORT_TAKEN in log.read_text() for process, _, log in processes)
+
+
+def test_multi_worker_mirrored_workers_end_with_identical_weights(tmp_path):
+    # Ports are chosen here and bound by the workers, so one can be taken in between; the
+    # cluster is then started again on other ports (up to three times).
+    for attempt in range(3):
+        processes = start_workers(tmp_path, attempt)
+        if not port_was_taken(processes):
+            break
     (replicas_0, weights_0), (replicas_1, weights_1) = [finish(*p) for p in processes]
     assert replicas_0 == replicas_1 == 2
     for a, b in zip(weights_0, weights_1):

@@ -23,12 +23,14 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
+import vdm_tf  # noqa: E402  (before anything that imports TensorFlow: it filters the start-up banners)
+
+# isort: split
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-import vdm_tf  # noqa: E402
 from trainers import configs, train  # noqa: E402
 
 
@@ -48,6 +50,20 @@ class ClassifierConfig:
     steps_per_epoch: int = 250  # a backup (resume point) and a line of metrics per "epoch"
     learning_rate: float = 2e-3
     seed: int = 0
+
+    def __post_init__(self):
+        """Rejects values no run can use (so a bad flag fails before any work)."""
+        if vdm_tf.datasets.info(self.dataset).num_classes is None:
+            raise ValueError(f"the {self.dataset} data set has no labels to train a classifier on.")
+        for name in ("n_layers", "n_embd", "num_resolutions", "batch_size", "train_steps", "steps_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
+        if not self.learning_rate > 0.0:
+            raise ValueError(f"learning_rate must be > 0; got {self.learning_rate}.")
+        if not self.gamma_min < self.gamma_max:
+            raise ValueError(f"gamma_min must be below gamma_max; got {self.gamma_min} and {self.gamma_max}.")
 
 
 PRESETS = {
@@ -73,11 +89,21 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             )
 
 
+class StopAtStep(keras.callbacks.Callback):
+    """Ends `fit` when the optimizer has made `steps` steps, in the middle of an epoch if need be."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = int(steps)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations) >= self.steps:
+            self.model.stop_training = True
+
+
 def build(config):
     """The `NoisyClassifier` of a configuration, compiled."""
     info = vdm_tf.datasets.info(config.dataset)
-    if info.num_classes is None:
-        raise ValueError(f"The {config.dataset} data set has no labels to train a classifier on.")
     network = vdm_tf.networks.NoiseConditionalClassifier(
         info.num_classes, config.n_layers, config.n_embd, config.num_resolutions, config.dropout,
         config.gamma_min, config.gamma_max,
@@ -99,6 +125,7 @@ def train_classifier(config, model_dir, verbose=1):
     data = vdm_tf.datasets.load(config.dataset, "train", config.batch_size, seed=config.seed, with_labels=True)
     callbacks = [
         StopOnNonFiniteLoss(),
+        StopAtStep(config.train_steps),  # the last epoch may be a part of one
         keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
         keras.callbacks.CSVLogger(os.path.join(model_dir, "metrics.csv"), append=True),
     ]
@@ -126,13 +153,40 @@ def accuracy_by_noise_level(noisy, config, gammas=(-10.0, -5.0, -2.0, 0.0, 2.0, 
     return {gamma: correct[i] / total for i, gamma in enumerate(gammas)}
 
 
+def saved_classes(model_dir):
+    """How many classes the classifier run in `model_dir` knows (from its config.json)."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        dataset = json.load(f)["dataset"]
+    return vdm_tf.datasets.info(dataset).num_classes
+
+
+def check_label(label, num_classes):
+    if not 0 <= label < num_classes:
+        train.fail(f"--label must be a class of the classifier, 0..{num_classes - 1}; got {label}.")
+
+
+def check_sample_flags(model_dir, diffusion_dir, label):
+    """One-line errors for --mode=sample before any model is loaded."""
+    if diffusion_dir is None or label is None:
+        train.fail("--mode=sample needs --diffusion_dir (a run of trainers.main) and --label (a class).")
+    if not os.path.isfile(os.path.join(model_dir, "classifier.keras")):
+        train.fail(
+            f"{model_dir} holds no trained classifier (classifier.keras): train it first with "
+            f"python -m trainers.classifier --model_dir={model_dir}"
+        )
+    if os.path.isfile(os.path.join(model_dir, "config.json")):
+        check_label(label, saved_classes(model_dir))
+    if configs.saved_config(diffusion_dir) is None:
+        train.fail(f"--diffusion_dir={diffusion_dir} holds no diffusion run (no config.json).")
+    if tf.train.latest_checkpoint(os.path.join(diffusion_dir, "checkpoints")) is None:
+        train.fail(f"--diffusion_dir={diffusion_dir} holds no checkpoint; train it first with trainers.main.")
+
+
 def guided_samples(model_dir, diffusion_dir, label, scale, num_samples, sampler, num_steps, seed):
     """Class-`label` samples of the diffusion run in `diffusion_dir`, guided by this classifier."""
-    diffusion_config = configs.saved_config(diffusion_dir)
-    if diffusion_config is None:
-        raise app.UsageError(f"{diffusion_dir} holds no diffusion run (no config.json).")
-    model = train.restore_for_inference(diffusion_dir, diffusion_config)
+    model = train.restore_for_inference(diffusion_dir)
     noisy = keras.saving.load_model(os.path.join(model_dir, "classifier.keras"))
+    check_label(label, vdm_tf.conditional.num_classes(noisy, model.image_shape))  # also without config.json
     return vdm_tf.conditional.class_conditional_sample(
         model, noisy, label, num_samples, scale=scale, sampler=sampler, num_steps=num_steps, seed=seed
     ).numpy()
@@ -140,14 +194,20 @@ def guided_samples(model_dir, diffusion_dir, label, scale, num_samples, sampler,
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        train.fail(f"unexpected arguments {' '.join(argv[1:])}; flags take the form --name=value.")
+    train.quiet_info_logs()
+    if os.path.exists(FLAGS.model_dir) and not os.path.isdir(FLAGS.model_dir):
+        train.fail(f"--model_dir={FLAGS.model_dir} is a file; expected the classifier's run directory.")
     if FLAGS.mode == "train":
         overrides = {
             name: getattr(FLAGS, name)
             for name in ("train_steps", "batch_size", "learning_rate", "gamma_min", "gamma_max")
             if getattr(FLAGS, name) is not None
         }
-        config = dataclasses.replace(PRESETS[FLAGS.config], **overrides)
+        try:
+            config = dataclasses.replace(PRESETS[FLAGS.config], **overrides)
+        except ValueError as error:
+            train.fail(error)
         try:
             accuracy = train_classifier(config, FLAGS.model_dir)
         except train.NonFiniteLossError as error:
@@ -155,8 +215,7 @@ def main(argv):
             sys.exit(3)
         print("test accuracy by gamma: " + ", ".join(f"{g:+.0f}: {a:.3f}" for g, a in accuracy.items()))
     else:
-        if FLAGS.diffusion_dir is None or FLAGS.label is None:
-            raise app.UsageError("--mode=sample needs --diffusion_dir and --label.")
+        check_sample_flags(FLAGS.model_dir, FLAGS.diffusion_dir, FLAGS.label)
         samples = guided_samples(
             FLAGS.model_dir, FLAGS.diffusion_dir, FLAGS.label, FLAGS.guidance_scale, FLAGS.num_samples,
             FLAGS.sampler, FLAGS.num_steps, FLAGS.seed,

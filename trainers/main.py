@@ -11,21 +11,30 @@
 any field of `trainers.configs.Config`; `--dataset`, `--train_steps` and `--batch_size` (global)
 are shortcuts for the fields of the same name. Rerunning a command on a run directory resumes
 from its last checkpoint with the configuration saved there (flags given again override it).
+`--mode=eval|sample|export` use the trained run as it is: of the overrides only those of
+`INFERENCE_FIELDS` (how many samples, steps, time samples, the seed) apply; others are refused.
+
+Bad input (a flag value, a missing run or data set, an existing export version) ends the
+command with a one-line error and exit code 1 before any model is built or data is read.
 """
 
 import dataclasses
 import os
+import shutil
 import sys
 import typing
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # before TensorFlow is imported: see vdm_tf/__init__.py
 
+import vdm_tf  # noqa: E402  (before anything that imports TensorFlow: it filters the start-up banners)
+
+# isort: split
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import export  # noqa: E402
-import vdm_tf  # noqa: E402
 from trainers import configs, distribute, train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -48,6 +57,8 @@ flags.DEFINE_integer("export_version", None, "Version of the export (default: on
 flags.DEFINE_bool("export_score_sde", False, "Also export exact_likelihood, inpaint and the pc / ode samplers.")
 
 _SHORTCUTS = ("dataset", "train_steps", "batch_size", "steps_per_execution")
+# The fields --mode=eval|sample|export can change: they do not touch the trained model.
+INFERENCE_FIELDS = ("eval_time_samples", "export_time_samples", "sample_steps", "num_samples", "seed")
 
 
 def _define_config_flags():
@@ -76,12 +87,8 @@ def _number(text):
     return int(text) if text.strip().lstrip("-").isdigit() else float(text)
 
 
-def config_from_flags(base=None):
-    """`base` (default: the preset named by --config) with every given override applied."""
-    if base is None:
-        if FLAGS.config not in configs.PRESETS:
-            raise app.UsageError(f"Unknown --config={FLAGS.config}; presets: {', '.join(configs.PRESETS)}.")
-        base = configs.PRESETS[FLAGS.config]
+def overrides_from_flags():
+    """{field: value} of every `--config.FIELD` and shortcut flag given on the command line."""
     overrides = {}
     for field in dataclasses.fields(configs.Config):
         value = FLAGS[f"config.{field.name}"].value
@@ -90,16 +97,86 @@ def config_from_flags(base=None):
     for name in _SHORTCUTS:
         if FLAGS[name].value is not None:
             overrides[name] = FLAGS[name].value
-    return dataclasses.replace(base, **overrides)
+    return overrides
 
 
-def run_training(model_dir, strategy):
-    """Trains (or resumes) and returns the final config."""
-    config = config_from_flags(configs.saved_config(model_dir))
-    os.makedirs(model_dir, exist_ok=True)
-    trainer = train.Trainer(config, model_dir, strategy, FLAGS.data_dir)
-    if trainer.cluster.is_chief:
-        configs.save_config(model_dir, config)
+def config_from_flags(base=None):
+    """`base` (default: the preset named by --config) with every given override applied.
+
+    Raises ValueError for an unknown preset or a value `Config` rejects.
+    """
+    if base is None:
+        if FLAGS.config not in configs.PRESETS:
+            raise ValueError(f"unknown --config={FLAGS.config}; presets: {', '.join(configs.PRESETS)}.")
+        base = configs.PRESETS[FLAGS.config]
+    return dataclasses.replace(base, **overrides_from_flags())
+
+
+def inference_config(saved, mode):
+    """The saved config of a run with the overrides --mode=eval|sample|export can apply."""
+    overrides = overrides_from_flags()
+    refused = [name for name in overrides if name not in INFERENCE_FIELDS]
+    if FLAGS["config"].present:
+        refused.insert(0, "config")
+    if refused:
+        given = ", ".join(f"--{name}" if name in _SHORTCUTS + ("config",) else f"--config.{name}" for name in refused)
+        train.fail(
+            f"--mode={mode} uses the trained run as it was saved: {given} cannot change it "
+            f"(only {', '.join('--config.' + name for name in INFERENCE_FIELDS)} apply)."
+        )
+    return dataclasses.replace(saved, **overrides)
+
+
+def checked_config(model_dir, mode):
+    """The run's configuration from the flags (and config.json), or a one-line error."""
+    if tf.io.gfile.exists(model_dir) and not tf.io.gfile.isdir(model_dir):
+        train.fail(f"--model_dir={model_dir} is a file; expected a run directory (new or existing).")
+    try:
+        saved = configs.saved_config(model_dir)
+        if mode == "train":
+            return config_from_flags(saved)
+    except ValueError as error:  # an unknown preset, a bad value, a config.json of a newer version
+        train.fail(error)
+    if saved is None:
+        train.fail(f"{model_dir} holds no run (no config.json); train one first: --mode=train --model_dir={model_dir}")
+    try:
+        config = inference_config(saved, mode)
+    except ValueError as error:  # e.g. --config.num_samples=0
+        train.fail(error)
+    if tf.train.latest_checkpoint(vdm_tf.runs.checkpoint_dir(model_dir)) is None:
+        train.fail(f"{model_dir} holds no checkpoint yet: train (or resume) it first with --mode=train.")
+    return config
+
+
+def export_path(model_dir):
+    """The export directory (EXPORT_DIR/NAME/VERSION goes in it); fails if --export_version exists."""
+    export_dir = FLAGS.export_dir or os.path.join(model_dir, "export")
+    if FLAGS.export_version is None:
+        return export_dir
+    path = os.path.join(export_dir, FLAGS.export_name, str(FLAGS.export_version))
+    if tf.io.gfile.exists(path):
+        train.fail(f"{path} exists: choose another --export_version (or leave it out for the next free one).")
+    return export_dir
+
+
+def run_training(model_dir, strategy, config):
+    """Trains (or resumes) and returns the final config.
+
+    If the start fails, the run directory is removed again when this call created it.
+    """
+    try:
+        train.check_batch_size(config.batch_size, strategy)
+    except ValueError as error:
+        train.fail(error)
+    created = not tf.io.gfile.exists(model_dir)
+    try:
+        trainer = train.Trainer(config, model_dir, strategy, FLAGS.data_dir)
+        if trainer.cluster.is_chief:
+            configs.save_config(model_dir, config)
+    except BaseException:
+        if created:
+            shutil.rmtree(model_dir, ignore_errors=True)
+        raise
     try:
         trainer.train()
     except train.NonFiniteLossError as error:
@@ -108,7 +185,7 @@ def run_training(model_dir, strategy):
     return config
 
 
-def evaluate(config, model):
+def evaluate(config, model, data_dir=None):
     test_split = vdm_tf.datasets.info(config.dataset).test_split
     batch_size = max(1, 256 // config.eval_time_samples)  # elbo scores K copies of each image at once
     test_data = vdm_tf.datasets.load(
@@ -118,7 +195,7 @@ def evaluate(config, model):
         shuffle=False,
         repeat=False,
         drop_remainder=False,
-        data_dir=FLAGS.data_dir,
+        data_dir=data_dir,
     )
     result = vdm_tf.evaluation.dataset_bpd(model, test_data, config.eval_time_samples, seed=config.seed)
     names = [name for name in ("diffusion", "prior", "reconstruction") if name in result]
@@ -139,8 +216,7 @@ def sample(config, model, model_dir):
     print(f"wrote {png} and {npz} ({len(samples)} samples, {config.sample_steps} steps)")
 
 
-def export_model(config, model, model_dir):
-    export_dir = FLAGS.export_dir or os.path.join(model_dir, "export")
+def export_model(config, model, export_dir):
     path = export.export_model(
         model,
         export_dir,
@@ -155,24 +231,30 @@ def export_model(config, model, model_dir):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    model_dir = FLAGS.model_dir
-    if FLAGS.mode == "train":
+        train.fail(f"unexpected arguments {' '.join(argv[1:])}; flags take the form --name=value.")
+    train.quiet_info_logs()
+    model_dir, mode = FLAGS.model_dir, FLAGS.mode
+    # Every check of the input before any model is built or data is read.
+    config = checked_config(model_dir, mode)
+    exporting = mode == "export" or (mode == "train" and FLAGS.export)
+    export_dir = export_path(model_dir) if exporting else None
+    if mode in ("train", "eval"):
+        try:
+            train.prepare_data(config.dataset, FLAGS.data_dir)
+        except train.DataNotPreparedError as error:
+            train.fail(error)
+    if mode == "train":
         strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.tpu)
-        config = run_training(model_dir, strategy)
+        config = run_training(model_dir, strategy, config)
         if not distribute.cluster_info(strategy).is_chief:
             return
-    else:
-        config = configs.saved_config(model_dir)
-        if config is None:
-            raise app.UsageError(f"{model_dir} holds no run (no config.json); train first.")
     model = train.restore_for_inference(model_dir, config)
-    if FLAGS.mode in ("train", "sample"):
+    if mode in ("train", "sample"):
         sample(config, model, model_dir)
-    if FLAGS.mode == "export" or (FLAGS.mode == "train" and FLAGS.export):
-        export_model(config, model, model_dir)
-    if FLAGS.mode in ("train", "eval"):
-        evaluate(config, model)
+    if exporting:
+        export_model(config, model, export_dir)
+    if mode in ("train", "eval"):
+        evaluate(config, model, FLAGS.data_dir)
 
 
 if __name__ == "__main__":

@@ -32,18 +32,41 @@ def snr_curve(schedule):
     return np.asarray(Image.open(io.BytesIO(buffer.getvalue())))[None]
 
 
+def _logged_step(line):
+    """The step of a metrics.jsonl line, or None if the line is not a complete record."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class RunLog:
     """TensorBoard event files and `metrics.jsonl` of one run directory (chief only).
 
     `metrics.jsonl` has one JSON object per logged step: the step, the training bpd terms
     averaged since the previous line, the learning rate, the schedule endpoints and the
-    throughput. A resumed run appends to it, so the steps continue.
+    throughput. A resumed run first drops the lines after its checkpoint (`drop_after`), then
+    appends, so every step appears once.
     """
 
     def __init__(self, model_dir):
         self.writer = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard"))
         self.metrics_path = os.path.join(model_dir, "metrics.jsonl")
         self.samples_dir = os.path.join(model_dir, "samples")
+
+    def drop_after(self, step):
+        """Removes the lines of steps after `step` from metrics.jsonl (a resumed run logs them again).
+
+        A line cut short by a kill is removed too.
+        """
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            lines = f.read().splitlines()
+        kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
+        if len(kept) < len(lines):
+            with open(self.metrics_path, "w") as f:
+                f.write("".join(line + "\n" for line in kept))
 
     def scalars(self, step, values):
         with self.writer.as_default(step=step):

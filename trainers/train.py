@@ -17,6 +17,7 @@ Files in the run directory:
 """
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -25,6 +26,9 @@ import time
 
 import keras
 import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import flags
+from absl import logging as absl_logging
 
 import vdm_tf
 from trainers import distribute, monitoring
@@ -32,6 +36,65 @@ from trainers import distribute, monitoring
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; nothing from that state was saved."""
+
+
+class DataNotPreparedError(RuntimeError):
+    """A TensorFlow Datasets data set is not on disk and could not be downloaded."""
+
+
+def fail(message):
+    """Ends a trainer command with `error: MESSAGE` on stderr and exit code 1, no traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def quiet_info_logs():
+    """Hides the INFO lines of TensorFlow's and absl's Python loggers; warnings still show.
+
+    Saving a checkpoint or a SavedModel logs lines such as "Sharding callback duration",
+    "Function `likelihood` contains input name(s) ... with unsupported characters" and "Assets
+    written to"; they say nothing to a user of the command lines. `--verbosity=0` (absl's flag)
+    shows them again. TensorFlow's C++ start-up banners are filtered by `import vdm_tf`.
+    """
+    if flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present:
+        return
+    tf.get_logger().setLevel(logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def prepare_data(name, data_dir=None):
+    """Makes sure the files of data set `name` are ready, downloading them if TFDS can.
+
+    Raises:
+        DataNotPreparedError: they are missing and the download failed (no network, a data
+            set whose download URLs are gone); the message says how to prepare them.
+    """
+    info = vdm_tf.datasets.info(name)
+    if info.tfds_name is None:  # digits: bundled with scikit-learn
+        return
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # "Variant folder ... has no dataset_info.json"
+    try:
+        builder = tfds.builder(info.tfds_name, data_dir=data_dir)
+        prepared = builder.is_prepared()
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    if prepared:
+        return
+    try:
+        builder.download_and_prepare()
+    except Exception as error:  # whatever stopped the download, the user's remedy is the same
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:160]
+        raise DataNotPreparedError(
+            f"the {name} data set is not prepared in {data_dir or '~/tensorflow_datasets'} and could not be "
+            f"downloaded ({reason}).\nPrepare it on a machine with network access: tfds build {info.tfds_name} "
+            "--data_dir=DIR, then pass --data_dir=DIR."
+        ) from None
+
+
+def check_batch_size(batch_size, strategy):
+    """The global batch must split evenly over the replicas of `strategy`."""
+    if batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of the {strategy.num_replicas_in_sync} replicas.")
 
 
 def _round_up(steps, multiple):
@@ -56,10 +119,7 @@ class Trainer:
         self.cluster = distribute.cluster_info(strategy)
         self.verbose = verbose and self.cluster.is_chief
         self.steps_per_execution = config.steps_per_execution
-        if config.batch_size % strategy.num_replicas_in_sync:
-            raise ValueError(
-                f"batch_size {config.batch_size} must be a multiple of the {strategy.num_replicas_in_sync} replicas."
-            )
+        check_batch_size(config.batch_size, strategy)
         keras.utils.set_random_seed(config.seed)  # the same initial weights on every run and worker
         with strategy.scope():
             self.model = vdm_tf.runs.compiled_model(config)
@@ -189,6 +249,8 @@ class Trainer:
         start = self.restore()
         if start:
             print(f"resumed from step {start} ({self.checkpoints.latest_checkpoint or 'checkpoint'})")
+        if self.log:
+            self.log.drop_after(start)  # lines a killed run logged after its last checkpoint
         progress = keras.utils.Progbar(
             config.train_steps, verbose=1 if self.verbose else 0, stateful_metrics=list(self.model.term_trackers)
         )
@@ -201,10 +263,14 @@ class Trainer:
             window_steps += k
             values = self._metric_values()
             if not all(math.isfinite(v) for v in values.values()):
+                latest = self.checkpoints.latest_checkpoint
+                kept = (
+                    f"the last good checkpoint ({latest}) is intact" if latest
+                    else "no checkpoint had been written yet"
+                )
                 raise NonFiniteLossError(
                     f"Training stopped at step {step}: the loss is not finite ({values}). Nothing was saved "
-                    f"from this state; the last good checkpoint ({self.checkpoints.latest_checkpoint}) is intact. "
-                    "Lower the learning rate, set --config.clip_norm, or look for bad data."
+                    f"from this state; {kept}. Lower the learning rate, set --config.clip_norm, or look for bad data."
                 )
             progress.update(step, values=list(values.items()))
             # Every worker takes part in the same metric, checkpoint and EMA operations (on

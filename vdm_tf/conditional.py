@@ -166,6 +166,9 @@ class ClassGuidedModel:
         self.scale = float(scale)
         self.sde = model.sde
         self.image_shape = model.image_shape
+        classes = num_classes(classifier, self.image_shape)
+        if not 0 <= self.label < classes:
+            raise ValueError(f"label must be a class of the classifier, 0..{classes - 1}; got {label}.")
 
     def score(self, z, t):
         t = tf.broadcast_to(tf.cast(t, tf.float32), tf.shape(z)[:1])
@@ -179,9 +182,24 @@ class ClassGuidedModel:
         return self.model.score(z, t) + self.scale * tape.gradient(log_probability, z)
 
 
+def num_classes(classifier, image_shape):
+    """The number of classes of a classifier layer (the size of its logits), from one call on zeros."""
+    return int(classifier(tf.zeros((1, *image_shape)), tf.zeros((1,))).shape[-1])
+
+
 def class_conditional_sample(model, classifier, label, num_samples, scale=1.0, sampler="pc", seed=0, **options):
-    """uint8 images of class `label`: `vdm_tf.samplers.sample` on a `ClassGuidedModel`."""
-    guided = ClassGuidedModel(model, classifier, label, scale)
+    """uint8 images of class `label`: `vdm_tf.samplers.sample` on a `ClassGuidedModel`.
+
+    The guided model of each (classifier, label, scale) is kept with `model`, like the samplers'
+    traced functions (`samplers.compiled`), so a second call with the same setting runs the
+    sampler traced by the first instead of tracing it again. The cache holds the classifier as
+    long as `model` lives.
+    """
+    guided = samplers.compiled(
+        model,
+        ("class_guided", id(classifier), int(label), float(scale)),
+        lambda: ClassGuidedModel(model, classifier, label, scale),
+    )
     return samplers.sample(guided, num_samples, sampler=sampler, seed=seed, **options)
 
 
