@@ -18,7 +18,10 @@ load (these machines are shared and noisy):
 
 - `jax`: the official loss (`VDM.__call__`, learnable scalar schedule), AdamW with its decay mask
   and the EMA update under plain `jax.jit` (`bench/official_jax_step.py`).
-- `fit`: `model.fit` on a `vdm_tf.VDM` with the same schedule (`LearnedLinear`), no XLA.
+- `fit`: `model.fit` on a `vdm_tf.VDM` with the same schedule (`LearnedLinear`) and
+  `vdm_tf.optimizers.AdamW` (Keras's AdamW in TensorFlow's fused kernels), no XLA.
+- `fit_keras` (only if asked for in `--paths`): the same with `keras.optimizers.AdamW`, to show
+  what the fused optimizer changes.
 - `trainer`: `trainers.train.Trainer`, the loop of `python -m trainers.main`, with the presets'
   learned monotone schedule and its variance objective (so its cost shows against `fit`), no XLA.
 
@@ -51,7 +54,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Workers: one measurement each, in a fresh process; print one JSON line.
 
 
-def _worker_fit(n_layers, n_embd, batch_size, steps):
+def _worker_fit(n_layers, n_embd, batch_size, steps, keras_adamw=False):
     import keras
     import numpy as np
     import tensorflow as tf
@@ -61,7 +64,8 @@ def _worker_fit(n_layers, n_embd, batch_size, steps):
     keras.utils.set_random_seed(0)
     denoiser = vdm_tf.networks.ScoreUNet(n_layers=n_layers, n_embd=n_embd, fourier_features=True, dropout=0.1)
     model = vdm_tf.VDM(denoiser, vdm_tf.schedules.LearnedLinear(), IMAGE_SHAPE)
-    optimizer = keras.optimizers.AdamW(2e-4, beta_2=0.99, weight_decay=0.01, use_ema=True, ema_momentum=0.9999)
+    adamw = keras.optimizers.AdamW if keras_adamw else vdm_tf.optimizers.AdamW
+    optimizer = adamw(2e-4, beta_2=0.99, weight_decay=0.01, use_ema=True, ema_momentum=0.9999)
     model.compile(optimizer=optimizer, jit_compile=False)
     images = np.random.default_rng(0).integers(0, 256, (batch_size,) + IMAGE_SHAPE, dtype=np.uint8)
     durations, first_done = [], []
@@ -112,7 +116,11 @@ def _worker_trainer(n_layers, n_embd, batch_size, steps):
 
 def run_worker(args):
     n_layers, n_embd, batch_size = CONFIGS[args.config]
-    work = {"fit": _worker_fit, "trainer": _worker_trainer}[args.worker]
+    work = {
+        "fit": _worker_fit,
+        "fit_keras": lambda *a: _worker_fit(*a, keras_adamw=True),
+        "trainer": _worker_trainer,
+    }[args.worker]
     durations, first_done, params = work(n_layers, n_embd, batch_size, args.steps)
     started = float(os.environ.get("BENCH_LAUNCHED", START))
     print(json.dumps({
@@ -174,13 +182,13 @@ def summary(runs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="tiny,small,paper")
-    parser.add_argument("--paths", default="fit,trainer", help="vdm_tf paths to time: fit and/or trainer")
+    parser.add_argument("--paths", default="fit,trainer", help="vdm_tf paths to time: fit, fit_keras, trainer")
     parser.add_argument("--steps", type=int, default=6, help="timed steps after the first")
     parser.add_argument("--rounds", type=int, default=1, help="bracketed rounds per configuration")
     parser.add_argument("--official_repo", default=None, help="a checkout of google-research/vdm")
     parser.add_argument("--jax_venv", default=os.path.join(HERE, ".jax-venv"))
     parser.add_argument("--out", default=os.path.join(HERE, "results", "train_throughput.json"))
-    parser.add_argument("--worker", choices=["fit", "trainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["fit", "fit_keras", "trainer"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -192,9 +200,11 @@ def main(argv=None):
     if args.official_repo and not os.path.exists(os.path.join(args.official_repo, "model_vdm.py")):
         parser.error(f"--official_repo={args.official_repo} holds no model_vdm.py (a google-research/vdm checkout)")
     paths = args.paths.split(",")
+    if set(paths) - {"fit", "fit_keras", "trainer"}:
+        parser.error(f"unknown --paths {args.paths}; expected some of fit, fit_keras, trainer")
     jax = jax_python(args.jax_venv) if args.official_repo else None
     results = []
-    print(f"{'config':<7}{'path':<9}{'params':>12}{'s/step':>9}{'img/s':>8}{'vs jax':>8}{'1st step s':>12}"
+    print(f"{'config':<7}{'path':<10}{'params':>12}{'s/step':>9}{'img/s':>8}{'vs jax':>8}{'1st step s':>12}"
           f"{'to 1st step s':>15}")
     for name in names:
         n_layers, n_embd, batch_size = CONFIGS[name]
@@ -220,7 +230,7 @@ def main(argv=None):
                        images_per_second=batch_size / figure["seconds_per_step"], speed_vs_jax=ratio,
                        runs=runs[path], **figure)
             results.append(row)
-            print(f"{name:<7}{path:<9}{row['params']:>12,}{row['seconds_per_step']:>9.3f}"
+            print(f"{name:<7}{path:<10}{row['params']:>12,}{row['seconds_per_step']:>9.3f}"
                   f"{row['images_per_second']:>8.1f}{ratio:>7.2f}x{row['first_step_seconds']:>12.1f}"
                   f"{row['time_to_first_step']:>15.1f}", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
