@@ -118,7 +118,7 @@ def test_digits_input_context_shards_and_uses_per_replica_batch_size():
 
 
 def test_info():
-    assert datasets.NAMES == ("digits", "photos", "mnist", "cifar10", "imagenet32", "imagenet64")
+    assert datasets.NAMES == ("digits", "photos", "photos_grey", "mnist", "cifar10", "imagenet32", "imagenet64")
     assert datasets.info("digits").image_shape == (8, 8, 1)
     assert datasets.info("digits").num_test_examples == 297
     assert datasets.info("mnist").image_shape == (28, 28, 1)
@@ -149,6 +149,27 @@ def test_photos_are_patches_of_the_bundled_photographs_split_by_photograph():
         datasets.photos_images("validation")
 
 
+def test_photos_grey_is_the_luminance_of_the_same_patches():
+    """photos_grey: Pillow's convert("L") of the photos patches (same photographs, split and order), 32x32x1."""
+    from PIL import Image
+
+    info = datasets.info("photos_grey")
+    assert info.image_shape == (32, 32, 1) and info.num_classes is None
+    for split, count in [("train", info.num_train_examples), ("test", info.num_test_examples)]:
+        grey, rgb = datasets.photos_arrays(split, grey=True), datasets.photos_arrays(split)
+        assert grey.shape == (count, 32, 32, 1) and grey.dtype == np.uint8
+        for index in (0, count // 2, count - 1):
+            expected = np.asarray(Image.fromarray(rgb[index]).convert("L"))
+            np.testing.assert_array_equal(grey[index, ..., 0], expected)
+    coffee = datasets.photos_images("test", grey=True)["coffee"]
+    assert coffee.shape == (400, 600, 1)
+    np.testing.assert_array_equal(
+        coffee[..., 0], np.asarray(Image.fromarray(datasets.photos_images("test")["coffee"]).convert("L"))
+    )
+    batch = next(iter(datasets.load("photos_grey", "test", 400, shuffle=False, repeat=False, drop_remainder=False)))
+    np.testing.assert_array_equal(batch.numpy(), datasets.photos_arrays("test", grey=True))
+
+
 def test_info_names_are_real_tfds_builders_and_configs():
     for name in datasets.NAMES:
         tfds_name = datasets.info(name).tfds_name
@@ -162,7 +183,7 @@ def test_info_names_are_real_tfds_builders_and_configs():
 
 @pytest.mark.parametrize("call", [lambda: datasets.info("svhn"), lambda: datasets.load("svhn", "train", 8)])
 def test_unknown_name_lists_known_names(call):
-    with pytest.raises(ValueError, match="digits, photos, mnist, cifar10, imagenet32, imagenet64"):
+    with pytest.raises(ValueError, match="digits, photos, photos_grey, mnist, cifar10, imagenet32, imagenet64"):
         call()
 
 

@@ -130,7 +130,9 @@ def train_classifier(config, model_dir, verbose=1):
         keras.callbacks.CSVLogger(os.path.join(model_dir, "metrics.csv"), append=True),
     ]
     epochs = -(-config.train_steps // config.steps_per_epoch)
-    noisy.fit(data, epochs=epochs, steps_per_epoch=config.steps_per_epoch, callbacks=callbacks, verbose=verbose)
+    noisy.fit(  # datasets.load shuffles; fit's own shuffle=True cannot apply to a tf.data.Dataset (and warns)
+        data, epochs=epochs, steps_per_epoch=config.steps_per_epoch, callbacks=callbacks, verbose=verbose, shuffle=False
+    )
     noisy.save(os.path.join(model_dir, "classifier.keras"))
     return accuracy_by_noise_level(noisy, config)
 
@@ -165,10 +167,13 @@ def check_label(label, num_classes):
         train.fail(f"--label must be a class of the classifier, 0..{num_classes - 1}; got {label}.")
 
 
-def check_sample_flags(model_dir, diffusion_dir, label):
+def check_sample_flags(model_dir, diffusion_dir, label, num_samples, num_steps):
     """One-line errors for --mode=sample before any model is loaded."""
     if diffusion_dir is None or label is None:
         train.fail("--mode=sample needs --diffusion_dir (a run of trainers.main) and --label (a class).")
+    for name, value in (("num_samples", num_samples), ("num_steps", num_steps)):
+        if value < 1:
+            train.fail(f"--{name} must be >= 1; got {value}.")
     if not os.path.isfile(os.path.join(model_dir, "classifier.keras")):
         train.fail(
             f"{model_dir} holds no trained classifier (classifier.keras): train it first with "
@@ -215,7 +220,7 @@ def main(argv):
             sys.exit(3)
         print("test accuracy by gamma: " + ", ".join(f"{g:+.0f}: {a:.3f}" for g, a in accuracy.items()))
     else:
-        check_sample_flags(FLAGS.model_dir, FLAGS.diffusion_dir, FLAGS.label)
+        check_sample_flags(FLAGS.model_dir, FLAGS.diffusion_dir, FLAGS.label, FLAGS.num_samples, FLAGS.num_steps)
         samples = guided_samples(
             FLAGS.model_dir, FLAGS.diffusion_dir, FLAGS.label, FLAGS.guidance_scale, FLAGS.num_samples,
             FLAGS.sampler, FLAGS.num_steps, FLAGS.seed,

@@ -3,14 +3,15 @@
     codec = vdm_tf.compression.BitsBackCodec(model, num_steps=250)
     data = codec.encode(x_uint8)                 # bytes; x: [N, H, W, C] or a list of [H_i, W_i, C]
     x_uint8 = codec.decode(data)                 # bit-exact
-    python -m vdm_tf.compression encode photo.png -o photo.vdmz      # RGB: the bundled photos model
+    python -m vdm_tf.compression encode photo.png -o photo.vdmz      # grey or RGB: a bundled model
     python -m vdm_tf.compression decode photo.vdmz -o DIR            # DIR/photo.png
-    python -m vdm_tf.compression encode --model=model.keras a.png b.png -o out.vdmz   # grey: --model
+    python -m vdm_tf.compression encode --model=model.keras a.png b.png -o out.vdmz   # your own model
 
 Images of any size H x W >= 1 x 1 with the model's channel count (L or RGB; palette and alpha
-are refused) are coded; without --model RGB images use the bundled `vdm_tf/models/photos.keras`
-(no grey model is bundled). The command line checks every input (files, modes, the output paths,
-the model's path and channels) before it loads the model. `decode` always writes PNG files, `<stem>.png` for
+are refused) are coded; without --model grey images use the bundled
+`vdm_tf/models/photos_grey.keras` and RGB images `vdm_tf/models/photos.keras`. The command line
+checks every input (files, modes, the output paths, the model's path and channels) before it
+loads the model. `decode` always writes PNG files, `<stem>.png` for
 each stored name (`decoded_file_names`), holding exactly the encoded pixels: for an input in a
 lossy format (JPEG) that is the pixels Pillow decoded from it, not the original file's bytes.
 
@@ -75,8 +76,17 @@ The first pops of a message read bits that nothing has pushed yet (the initial b
   a full batch's initial bits, or the whole image if it is shorter) are coded as PNG or
   WebP-lossless (the smaller), and those bytes are the bottom of the ANS stack: the first pops
   read them, and the decoder, which pops everything back, finds them there at the end. Bits the
-  message carries anyway pay for the first pops. Batches ramp up 1, 2, 4, ... tiles, so the
-  first pops dig little below them.
+  message carries anyway pay for the first pops.
+- the budgeted ramp (format version 4, `_Budget`): a batch's first pops read about
+  h(q(z_0 | x)) + h(q(z_1 | z_0)) bits per dimension (8-9 on the grid of `latent_bins` = 4)
+  before it pushes anything, while a seed holds the first image's conventional rate (2-5 bits
+  per dimension of its own rows). So each batch takes as many crops as the bits then on the
+  stack pay for: the seed's, plus what the batches before left (assumed to be the seed's rate
+  per dimension, at most half the first pops': the decoder must compute the same plan). When
+  not even one tile fits, the next tile is cut into quarters (16x16, then 8x8, 4x4 for the
+  32x32 models), coded first: a message of 32x32 patches starts with crops of its second patch,
+  and batches grow from there instead of 1, 2, 4, ... whole tiles (version 3), whose first tile
+  dug 2-3 KB into the pseudo-random words.
 - the fallback: the encoder also writes every image as PNG or WebP-lossless and keeps the
   smaller file; a message is never larger than the images' PNG files plus the container's header,
   size table and names (a one-image message smaller than a tile row is always the fallback).
@@ -88,7 +98,8 @@ The first pops of a message read bits that nothing has pushed yet (the initial b
 - the initial bits: the first pops of a message (z_0 and z_1 of the first batch, about
   `n_1 D (h(q(z_0 | x)) + h(q(z_1 | z_0)) - h(x | z_0))` bits, with n_1 the tiles of a batch and h
   the entropies on the grid; 5 to 10 bits per dimension of the first batch) come from a stack
-  that holds nothing yet. The stack starts with fixed pseudo-random words and the file keeps
+  that holds nothing yet; with a seed the budgeted ramp keeps them near zero. The stack starts
+  with fixed pseudo-random words and the file keeps
   only the words the message changed, so this is paid once per message: batches are chained on
   one stack and later batches pop the bits earlier ones pushed, and the seed's bytes lie below
   them (above). Smaller batches cost less here.
@@ -159,10 +170,11 @@ from vdm_tf import evaluation, images, samplers
 from vdm_tf.vdm import VDM
 
 MAGIC = b"VDMZ"
+# Version 4: as version 3, batches ramp up as the bits on the stack pay for their first pops (`_Budget`).
 # Version 3: images of any size (tiles of the model's shape, a size table), a conventionally coded
 # seed region whose bytes are the stack's initial bits, or the conventional code alone. Version 2:
 # one image shape, names front-coded and deflated (`_pack_names`); version 1: names raw. 1 and 2 decode.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # magic, version, tile H, W, C, count, num_steps, batch_size, latent_bins, window, intra-op threads,
 # random initial words, shared words, names bytes, payload bytes, sizes bytes, seed rows, mode,
 # SHA-256 of the weights and of the probe.
@@ -257,16 +269,16 @@ def read_header(data):
     if len(data) < 6:
         raise CompressionError(f"Truncated file: {len(data)} bytes, shorter than the header.")
     (version,) = struct.unpack_from("<H", data, 4)
-    if version not in (1, 2, FORMAT_VERSION):
-        raise CompressionError(f"Format version {version}; this vdm_tf reads versions 1, 2 and {FORMAT_VERSION}.")
-    layout = _HEADER if version == FORMAT_VERSION else _HEADER_V2
+    if version not in (1, 2, 3, FORMAT_VERSION):
+        raise CompressionError(f"Format version {version}; this vdm_tf reads versions 1 to {FORMAT_VERSION}.")
+    layout = _HEADER if version >= 3 else _HEADER_V2
     if len(data) < layout.size + _CRC.size:
         raise CompressionError(f"Truncated file: {len(data)} bytes, shorter than the {layout.size}-byte header.")
     fields = layout.unpack_from(data)
     height, width, channels, count, num_steps, batch_size, bins, window, threads = fields[2:11]
     initial, shared, names_bytes, payload_bytes = fields[11:15]
-    sizes_bytes, seed_rows, mode = fields[15:18] if version == FORMAT_VERSION else (0, 0, BITS_BACK)
-    if version < FORMAT_VERSION:
+    sizes_bytes, seed_rows, mode = fields[15:18] if version >= 3 else (0, 0, BITS_BACK)
+    if version < 3:
         payload_bytes *= 4  # versions 1 and 2 count payload words
     weights_sha, probe_sha = fields[-2:]
     expected = layout.size + sizes_bytes + names_bytes + payload_bytes + _CRC.size
@@ -278,14 +290,14 @@ def read_header(data):
         raise CompressionError("Corrupted file: the CRC-32 checksum does not match its contents.")
     if not (1 <= batch_size and min(count, num_steps, bins, window, threads, height, width, channels) >= 1):
         raise CompressionError(f"Corrupted header: impossible fields {fields[2:11]}.")
-    if mode not in (BITS_BACK, CONVENTIONAL) or (version < FORMAT_VERSION and batch_size > count):
+    if mode not in (BITS_BACK, CONVENTIONAL) or (version < 3 and batch_size > count):
         raise CompressionError(f"Corrupted header: impossible fields {fields[2:18]}.")
     if mode == BITS_BACK and (not shared <= initial or shared * 4 + payload_bytes < 4 or payload_bytes % 4):
         raise CompressionError(
             f"Corrupted header: {shared} shared of {initial} initial words, {payload_bytes} more bytes."
         )
     position = layout.size
-    if version == FORMAT_VERSION:
+    if version >= 3:
         table = _unpack_sizes(data[position : position + sizes_bytes], count)
         sizes, lengths = tuple(table[:, :2].tolist()), tuple(table[:, 2].tolist())
         sizes = tuple(tuple(size) for size in sizes)
@@ -399,17 +411,43 @@ class _Batch:
     padded: int  # the traced batch size: len(tiles) rounded up to a power of two (the batch size at most)
 
 
-def _tile_plan(sizes, tile, seed_rows, batch_size, ramp=True):
+@dataclasses.dataclass(frozen=True)
+class _Budget:
+    """The budgeted ramp of format version 4 (`_tile_plan`), all in bits; encoder and decoder
+    compute it from the file's header (`BitsBackCodec._budget`).
+
+    seed: the bits above the pseudo-random words before the first batch (the seed's bytes).
+    first_pops: bits per dimension the first pops of a batch read before it pushes anything,
+        h(q(z_0 | x)) + h(q(z_1 | z_0)) on the grid (`_Grid.q_bits[0] + q_bits[1]`).
+    net: bits per dimension a coded batch is assumed to leave on the stack (its -ELBO): the
+        seed's own conventional rate, at most `first_pops` / 2 (batches then grow by a factor
+        of at most 1.5); a model that codes better than that digs into the pseudo-random words.
+    """
+
+    seed: float
+    first_pops: float
+    net: float
+
+
+_MIN_CROP = 4  # the budgeted ramp splits crops into quarters down to this side
+
+
+def _tile_plan(sizes, tile, seed_rows, batch_size, ramp=True, budget=None):
     """The batches of a message: every image cut into tiles of the model's shape, in coding order.
 
     Image i of size H x W is cut, rows first, into crops at (top, left) = multiples of the tile
     size: full tiles, and at the right and bottom borders smaller crops that the (fully
     convolutional) network runs at their own size, so no padding pixel is coded. The first image
     starts below its `seed_rows` conventionally coded rows. Crops of one shape, from all images,
-    are batched together in order of first appearance. With `ramp`, batch k holds at most 2^k
-    crops (1, 2, 4, ... up to `batch_size`): the first pops of a message, which have no bits
-    below them but the seed's, dig less deep. Without it (format versions 1 and 2) every batch
-    holds `batch_size` and runs padded to it.
+    are batched together in order of first appearance.
+
+    The ramp: the first pops of a message have no bits below them but the seed's. With a `budget`
+    (format version 4, a seed) each batch is as large as the bits then on the stack pay for:
+    budget.first_pops bits per dimension, the stack holding the seed's bits plus budget.net per
+    dimension coded so far. When not even one crop fits, the next crop is cut into quarters
+    (down to sides of `_MIN_CROP`), coded first. With `ramp` alone (version 3, or no seed), batch
+    k holds at most 2^k crops (1, 2, 4, ... up to `batch_size`). Without either (versions 1 and
+    2) every batch holds `batch_size` and runs padded to it.
     """
     groups = {}
     for image, (height, width) in enumerate(sizes):
@@ -418,6 +456,11 @@ def _tile_plan(sizes, tile, seed_rows, batch_size, ramp=True):
                 shape = (min(tile[0], height - top), min(tile[1], width - left))
                 groups.setdefault(shape, []).append((image, top, left))
     plan = []
+    if budget is not None:
+        available = budget.seed
+        for shape, tiles in groups.items():
+            available = _budgeted_batches(plan, shape, tiles, tile[2], batch_size, budget, available)
+        return plan
     for shape, tiles in groups.items():
         start = 0
         while start < len(tiles):
@@ -427,6 +470,29 @@ def _tile_plan(sizes, tile, seed_rows, batch_size, ramp=True):
             plan.append(_Batch(shape, chunk, padded))
             start += size
     return plan
+
+
+def _budgeted_batches(plan, shape, crops, channels, batch_size, budget, available):
+    """Appends the budgeted batches of `crops` (all of `shape`) to `plan`; returns the bits then available."""
+    height, width = shape
+    dims = height * width * channels
+    queue = list(crops)
+    while queue:
+        fits = int(available // (budget.first_pops * dims))
+        if fits == 0 and min(height, width) >= 2 * _MIN_CROP:
+            image, top, left = queue.pop(0)
+            quarters = {}  # shape -> crops: for odd sides the top / left quarters are one pixel larger
+            for down, rows in ((0, (height + 1) // 2), ((height + 1) // 2, height // 2)):
+                for right, cols in ((0, (width + 1) // 2), ((width + 1) // 2, width // 2)):
+                    quarters.setdefault((rows, cols), []).append((image, top + down, left + right))
+            for quarter, quarter_crops in quarters.items():
+                available = _budgeted_batches(plan, quarter, quarter_crops, channels, batch_size, budget, available)
+            continue
+        chunk = tuple(queue[: min(max(fits, 1), batch_size)])
+        del queue[: len(chunk)]
+        plan.append(_Batch(shape, chunk, min(batch_size, 1 << (len(chunk) - 1).bit_length())))
+        available += budget.net * dims * len(chunk)
+    return available
 
 
 def _image_mode(channels):
@@ -801,11 +867,22 @@ class BitsBackCodec:
         grid = self._grid(self.num_steps, self.latent_bins, self.window)
         conventional = [lossless_bytes(image)[0] for image in xs]
         seed_rows = self._seed_rows(xs[0], grid) if self.seed else 0
-        plan = _tile_plan(sizes, self.image_shape, seed_rows, self.batch_size, ramp=self._ramp)
+        seed = lossless_bytes(xs[0][:seed_rows])[0] if seed_rows else b""
+        budget = self._budget(grid, len(seed), seed_rows, sizes[0][1]) if self._ramp else None
+        plan = _tile_plan(sizes, self.image_shape, seed_rows, self.batch_size, ramp=self._ramp, budget=budget)
         candidates = [self._conventional_file(xs, conventional, names)] if self.fallback or not plan else []
         if plan:
-            candidates.append(self._bits_back_file(xs, names, grid, plan, seed_rows, verbose))
+            candidates.append(self._bits_back_file(xs, names, grid, plan, seed_rows, seed, verbose))
         return min(candidates, key=len)
+
+    def _budget(self, grid, seed_bytes, seed_rows, width):
+        """The `_Budget` of a message whose seed is `seed_bytes` bytes for its first `seed_rows` rows
+        of `width` pixels (None without seed: the 1, 2, 4, ... ramp)."""
+        if not seed_rows:
+            return None
+        first_pops = float(grid.q_bits[0] + grid.q_bits[1])
+        seed_bits = 8.0 * seed_bytes
+        return _Budget(seed_bits, first_pops, min(seed_bits / (seed_rows * width * self.channels), first_pops / 2))
 
     def _pack(self, mode, count, sizes, lengths, names, payload, *, num_steps=1, batch_size=1, initial=0, shared=0,
               seed_rows=0, probe=bytes(32)):  # fmt: skip
@@ -822,8 +899,7 @@ class BitsBackCodec:
         sizes, lengths = [image.shape[:2] for image in xs], [len(data) for data in conventional]
         return self._pack(CONVENTIONAL, len(xs), sizes, lengths, names, b"".join(conventional))
 
-    def _bits_back_file(self, xs, names, grid, plan, seed_rows, verbose):
-        seed = lossless_bytes(xs[0][:seed_rows])[0] if seed_rows else b""
+    def _bits_back_file(self, xs, names, grid, plan, seed_rows, seed, verbose):
         networks, distinct = self._networks(plan)
         # Enough initial words for two layers of worst-case pops of a full batch, and more.
         random_words = _initial_words(math.ceil(3 * _PRECISION_BITS * self.batch_size * self.num_dims / 32) + 4)
@@ -870,10 +946,19 @@ class BitsBackCodec:
             xs = self._decode_bits_back(header, shapes, verbose)
         return np.stack(xs) if len(set(shapes)) == 1 else xs
 
+    def plan(self, header, grid=None):
+        """The batches (`_tile_plan`) of a bits-back file, from its `Header`."""
+        grid = grid or self._grid(header.num_steps, header.latent_bins, header.window)
+        budget = None
+        if header.version >= 4:  # version 3: the 1, 2, 4, ... ramp; 1 and 2: fixed batches
+            budget = self._budget(grid, header.seed_bytes, header.seed_rows, header.sizes[0][1])
+        return _tile_plan(
+            header.sizes, self.image_shape, header.seed_rows, header.batch_size, header.version >= 3, budget
+        )
+
     def _decode_bits_back(self, header, shapes, verbose):
-        legacy = header.version < 3
-        plan = _tile_plan(header.sizes, self.image_shape, header.seed_rows, header.batch_size, ramp=not legacy)
         grid = self._grid(header.num_steps, header.latent_bins, header.window)
+        plan = self.plan(header, grid)
         networks, distinct = self._networks(plan)
         if header.probe_sha256 != self._probe_sha256(grid, distinct):
             raise ModelMismatchError(
@@ -920,20 +1005,23 @@ def _seed_stack_words(seed):
 
 
 def discrete_elbo_bpd(model, x, num_steps, num_time_samples=8, seed=0, batch_size=64):
-    """The model's discrete-time negative ELBO with T = num_steps (what the codec approaches).
+    """The model's discrete-time negative ELBO with T = num_steps (what the codec approaches;
+    num_steps = 0: the continuous-time -ELBO, the limit of large T).
 
     Returns `vdm_tf.evaluation.dataset_bpd`'s dict (`bpd`, `stderr`, `per_image`, ...) for a
     VDM that shares the model's denoiser and schedule, with `timesteps=num_steps`.
     """
     discrete = model
     if model.timesteps != num_steps:
-        discrete = VDM(model.denoiser, model.schedule, model.image_shape, timesteps=num_steps)
+        discrete = VDM(
+            model.denoiser, model.schedule, model.image_shape, timesteps=num_steps, pixel_values=model.pixel_values
+        )
     batches = [x[start : start + batch_size] for start in range(0, len(x), batch_size)]
     return evaluation.dataset_bpd(discrete, batches, num_time_samples=num_time_samples, seed=seed)
 
 
 def tiles_elbo_bpd(model, x, num_steps, num_time_samples=8, seed=0, batch_size=64):
-    """The discrete-time -ELBO (T = num_steps) of images of any size, cut into the codec's tiles.
+    """The discrete-time -ELBO (T = num_steps; 0: continuous time) of images of any size, cut into the codec's tiles.
 
     Every crop shape runs through a VDM of that image shape sharing the model's denoiser and
     schedule (`discrete_elbo_bpd`). Returns {"bpd": bits per dimension over all pixels, "stderr":
@@ -949,7 +1037,10 @@ def tiles_elbo_bpd(model, x, num_steps, num_time_samples=8, seed=0, batch_size=6
     for crop_shape, crops in groups.items():
         crop_model = model
         if crop_shape != shape[:2]:
-            crop_model = VDM(model.denoiser, model.schedule, (*crop_shape, shape[-1]), timesteps=model.timesteps)
+            crop_shape_c = (*crop_shape, shape[-1])
+            crop_model = VDM(
+                model.denoiser, model.schedule, crop_shape_c, timesteps=model.timesteps, pixel_values=model.pixel_values
+            )
         result = discrete_elbo_bpd(crop_model, np.stack(crops), num_steps, num_time_samples, seed, batch_size)
         bits = np.asarray(result["per_image"], np.float64) * crops[0].size
         total_bits, dims, count = total_bits + bits.sum(), dims + bits.size * crops[0].size, count + bits.size
@@ -1003,13 +1094,23 @@ def _model_image_shape(path):
     )
 
 
+_BUNDLED_MODELS = {1: "photos_grey.keras", 3: "photos.keras"}  # channels -> file in vdm_tf/models/
+# The command line's T for a continuous-time model (the bundled ones) without --steps: file size
+# against speed on the held-out photographs (README, "Lossless compression"; the library's
+# default stays 250).
+COMMAND_LINE_STEPS = 50
+
+
 def default_model_path(channels):
     """The bundled model the command line uses for images of `channels` channels (package data).
 
-    RGB: `vdm_tf/models/photos.keras`, the `photos` preset (README, "Lossless compression").
-    No grey model is bundled: grey images need --model.
+    Grey: `vdm_tf/models/photos_grey.keras`, the `photos_grey` preset; RGB:
+    `vdm_tf/models/photos.keras`, the `photos` preset (README, "Lossless compression"). None
+    for another channel count.
     """
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "photos.keras") if channels == 3 else None
+    if channels not in _BUNDLED_MODELS:
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", _BUNDLED_MODELS[channels])
 
 
 def read_image(path, channels=None):
@@ -1172,7 +1273,8 @@ def _encode_command(args):
     _check_can_create(os.path.dirname(args.output) or ".", f"-o {args.output}")
     _use_threads(args.threads)
     model = _load_checked_model(args.model)
-    codec = BitsBackCodec(model, args.steps, args.batch_size, args.latent_bins, args.window, fallback=args.fallback)
+    steps = args.steps or model.timesteps or COMMAND_LINE_STEPS
+    codec = BitsBackCodec(model, steps, args.batch_size, args.latent_bins, args.window, fallback=args.fallback)
     start = time.perf_counter()
     data = codec.encode(list(x), names=names, verbose=True)
     seconds = time.perf_counter() - start
@@ -1215,11 +1317,13 @@ def _decode_command(args):
     except OSError as error:
         raise ValueError(f"{args.input}: {error.strerror or error}; expected a file written by encode.") from None
     header = read_header(data)
+    given = args.model is not None
     args.model, image_shape = _model_for(args.model, header.image_shape[-1], f"decode: {args.input} holds")
     if header.image_shape != image_shape:
+        model, hint = (f"--model={args.model}", "") if given else ("the bundled model", ": pass the encoder's --model")
         raise ModelMismatchError(
-            f"{args.input} was coded with a model of {_shape_text(header.image_shape)} images; --model={args.model} "
-            f"codes {_shape_text(image_shape)} images."
+            f"{args.input} was coded with a model of {_shape_text(header.image_shape)} images; {model} "
+            f"codes {_shape_text(image_shape)} images{hint}."
         )
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise ValueError(f"-o {args.output} is a file; expected a directory for the PNG files.")
@@ -1265,7 +1369,9 @@ def main(argv=None):
     encode.add_argument("images", nargs="+", help="image files of any size (L or RGB; PNG or any format Pillow reads)")
     encode.add_argument("-o", "--output", required=True, help="the compressed file")
     positive, non_negative = _integer_at_least(1), _integer_at_least(0)
-    encode.add_argument("--steps", type=positive, default=None, help="T (default: the model's timesteps, or 250)")
+    encode.add_argument(
+        "--steps", type=positive, default=None, help=f"T (default: the model's timesteps, or {COMMAND_LINE_STEPS})"
+    )
     encode.add_argument("--batch_size", type=positive, default=16)
     encode.add_argument("--latent_bins", type=positive, default=4)
     encode.add_argument("--window", type=positive, default=8)
@@ -1288,7 +1394,7 @@ def main(argv=None):
         command.add_argument(
             "--model",
             default=None,
-            help="a .keras file (model.save) or a trainer run directory (default: bundled RGB model)",
+            help="a .keras file (model.save) or a trainer run directory (default: the bundled grey or RGB model)",
         )
     args = parser.parse_args(argv)
     tf.get_logger().setLevel("ERROR")  # one traced function per tile shape: not a retracing problem

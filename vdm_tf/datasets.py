@@ -13,6 +13,9 @@ Known data sets (see `info(name)` for each one's shape and split names):
   motorcycle_left, motorcycle_right (`PHOTOS_TRAIN`), patches at stride 16 (overlapping, 4622);
   `test` = chelsea, coffee (`PHOTOS_TEST`), the non-overlapping patches at stride 32 (342).
   `photos_images(split)` gives the full-size photographs (the compression benchmark's images).
+- `photos_grey`: the same patches (same photographs, split, strides and counts) in grey: the
+  luminance Pillow's `convert("L")` gives, L = (299 R + 587 G + 114 B) / 1000 (ITU-R 601-2),
+  32x32x1; `photos_images(split, grey=True)` gives the full-size grey photographs.
 - `mnist` (28x28x1), `cifar10` (32x32x3): the TensorFlow Datasets builders of those names,
   splits `train` / `test`.
 - `imagenet32`, `imagenet64`: the TensorFlow Datasets builders `downsampled_imagenet/32x32`
@@ -87,6 +90,10 @@ _DATASETS = {
         DatasetInfo(
             "photos", None, (PHOTOS_PATCH, PHOTOS_PATCH, 3), "train", "test", PHOTOS_NUM_TRAIN, PHOTOS_NUM_TEST, None
         ),
+        DatasetInfo(
+            "photos_grey", None, (PHOTOS_PATCH, PHOTOS_PATCH, 1), "train", "test", PHOTOS_NUM_TRAIN, PHOTOS_NUM_TEST,
+            None,
+        ),
         DatasetInfo("mnist", "mnist", (28, 28, 1), "train", "test", 60_000, 10_000, 10),
         DatasetInfo("cifar10", "cifar10", (32, 32, 3), "train", "test", 50_000, 10_000, 10),
         DatasetInfo(
@@ -105,7 +112,7 @@ def info(name):
     """Returns the `DatasetInfo` of a known data set.
 
     Args:
-        name: one of `NAMES`: "digits", "photos", "mnist", "cifar10", "imagenet32", "imagenet64".
+        name: one of `NAMES`: "digits", "photos", "photos_grey", "mnist", "cifar10", "imagenet32", "imagenet64".
 
     Returns:
         The data set's `DatasetInfo`.
@@ -177,11 +184,12 @@ def digits_arrays(split, *, with_labels=False):
     return images[indices]
 
 
-def photos_images(split):
-    """The full-size photographs of a photos split: {name: uint8 array [H, W, 3]}.
+def photos_images(split, *, grey=False):
+    """The full-size photographs of a photos split: {name: uint8 array [H, W, 3]} ([H, W, 1] if grey).
 
     Args:
         split: "train" (`PHOTOS_TRAIN`) or "test" (`PHOTOS_TEST`).
+        grey: the luminance of each photograph, Pillow's `convert("L")` of its RGB pixels.
 
     Example:
         >>> {name: image.shape for name, image in photos_images("test").items()}
@@ -195,19 +203,21 @@ def photos_images(split):
     photos = {}
     for name in PHOTOS_TRAIN if split == "train" else PHOTOS_TEST:
         with Image.open(os.path.join(skimage.data.data_dir, f"{name}.png")) as picture:
-            photos[name] = np.asarray(picture.convert("RGB"))
+            rgb = picture.convert("RGB")
+            photos[name] = np.asarray(rgb.convert("L"))[..., np.newaxis] if grey else np.asarray(rgb)
     return photos
 
 
-@functools.lru_cache(maxsize=2)
-def photos_arrays(split):
-    """The 32x32 patches of a photos split: uint8 [N, 32, 32, 3], photograph by photograph, rows first.
+@functools.lru_cache(maxsize=4)
+def photos_arrays(split, *, grey=False):
+    """The 32x32 patches of a photos split: uint8 [N, 32, 32, 3] ([N, 32, 32, 1] if grey), photograph by
+    photograph, rows first.
 
     Patches start every `PHOTOS_STRIDES[split]` pixels (16 for train: overlapping; 32 for test)
     and lie inside the photograph; N = 4622 for "train", 342 for "test".
     """
     stride, patches = PHOTOS_STRIDES.get(split), []
-    for image in photos_images(split).values():
+    for image in photos_images(split, grey=grey).values():
         for top in range(0, image.shape[0] - PHOTOS_PATCH + 1, stride):
             for left in range(0, image.shape[1] - PHOTOS_PATCH + 1, stride):
                 patches.append(image[top : top + PHOTOS_PATCH, left : left + PHOTOS_PATCH])
@@ -234,7 +244,7 @@ def load(
 
     Args:
         name: one of `NAMES` (see `info`).
-        split: split name: "train"/"test" for digits, photos, mnist and cifar10, "train"/"validation" for
+        split: split name: "train"/"test" for digits, photos, photos_grey, mnist and cifar10, "train"/"validation" for
             imagenet32/64 (`info(name).test_split` is the evaluation split). TensorFlow Datasets
             slicing such as "train[:90%]" works for all but digits.
         batch_size: global batch size; with `input_context`, each pipeline batches
@@ -278,8 +288,8 @@ def load(
         raise ValueError(f"The {name} data set has no labels; call load with with_labels=False.")
     if input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
-    if name == "photos":
-        examples = _array_examples((photos_arrays(split),), False, input_context)
+    if name in ("photos", "photos_grey"):
+        examples = _array_examples((photos_arrays(split, grey=name == "photos_grey"),), False, input_context)
     elif dataset_info.tfds_name is None:
         examples = _array_examples(digits_arrays(split, with_labels=True), with_labels, input_context)
     else:
