@@ -345,7 +345,8 @@ def test_rgb_photos_round_trip_with_the_bundled_model_and_the_threads_of_the_hea
     header = read_header(open(out, "rb").read())
     assert header.mode == compression.BITS_BACK and header.image_shape == (32, 32, 3)
     assert header.threads == threads and header.seed_rows <= 12  # the model codes all of smooth.png
-    _run_command_line("decode", out, "-o", str(tmp_path / "out"))
+    decoded = _run_command_line("decode", out, "-o", str(tmp_path / "out"))
+    assert f"{threads} intra-op threads as the encoder" in decoded, decoded
     for name, image in photos.items():
         with Image.open(tmp_path / "out" / name) as picture:
             assert picture.mode == "RGB"

@@ -1339,8 +1339,8 @@ def _decode_command(args):
     seconds = time.perf_counter() - start
     write_pngs(x, names, args.output)
     print(
-        f"{len(x)} images in {seconds:.1f} s ({header.num_dims // image_shape[-1] / seconds:.0f} pixels/s) -> "
-        f"{args.output} (PNG)"
+        f"{len(x)} images in {seconds:.1f} s ({header.num_dims // image_shape[-1] / seconds:.0f} pixels/s, "
+        f"{intra_op_threads()} intra-op threads as the encoder) -> {args.output} (PNG)"
     )
 
 
