@@ -48,6 +48,11 @@ CASES = {
         ["--dataset=mnist", "--data_dir={w}/empty_tfds", "--model_dir={new}"],
         r"mnist data set is not prepared in .*empty_tfds(.|\n)*tfds build mnist --data_dir=DIR",
     ),
+    "unknown mixed precision": (
+        MAIN,
+        ["--config.mixed_precision=float16", "--model_dir={new}"],
+        r"Unknown mixed_precision 'float16'; expected float32 or bfloat16",
+    ),
     "fields that exclude each other": (
         MAIN,
         ["--config=digits_multiscale", "--config.timesteps=10", "--model_dir={new}"],

@@ -25,6 +25,17 @@ def perturb(layer, seed=0, std=0.1):
     layer.set_weights([w + rng.normal(0.0, std, w.shape).astype(np.float32) for w in layer.get_weights()])
 
 
+def weights_with_a_gradient(net):
+    """All but the attention key biases: logits do not depend on them (each adds q.b to a whole row)."""
+    return [w for w in net.trainable_weights if not w.path.endswith("k/bias")]
+
+
+def assert_equal_up_to_rounding(got, expected):
+    """Graphs fuse ops, and XLA more, which changes the rounding: the former inline blocks differed by 3e-5."""
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=2e-4 * np.abs(b.numpy()).max())
+
+
 def built_net(z, **kwargs):
     net = ScoreUNet(**{**TINY, **kwargs})
     net(z, gammas(z.shape[0]))
@@ -109,6 +120,40 @@ def test_resnet_block_is_identity_at_init_and_projects_when_channels_change():
     assert wider.shortcut is not None
 
 
+def reference_resnet_block(block, x, cond, training):
+    """The ResNet block computed with its sub-layers' own Keras calls (its original implementation)."""
+    h = block.conv1(tf.nn.silu(block.norm1(x)))
+    h += block.cond_proj(cond)[:, None, None, :]
+    h = tf.nn.silu(block.norm2(h))
+    h = block.conv2(block.dropout_layer(h, training=training))
+    return (x if block.shortcut is None else block.shortcut(x)) + h
+
+
+@pytest.mark.parametrize("in_channels", [64, 128], ids=["same_width", "widening"])
+def test_resnet_block_in_a_graph_matches_its_sublayers_with_gradients(in_channels):
+    # 64 channels: 32 groups of two, so that the output depends on the conditioning vector.
+    x, cond = latents((2, 8, 8, in_channels)), latents((2, 16), seed=1)
+    block = ResnetBlock(64, dropout=0.3)
+    block.build(x.shape, cond.shape)
+    perturb(block)
+    generator = block.dropout_layer.seed_generator
+
+    def value_and_gradients(compute):
+        generator.state.assign([3, 4])
+        with tf.GradientTape() as tape:
+            tape.watch([x, cond])
+            y = compute(x, cond)
+            loss = tf.reduce_sum(tf.sin(y))
+        return [y, *tape.gradient(loss, [x, cond, *block.trainable_weights])]
+
+    # In a graph the block runs as a shared traced function, given its weights as arguments.
+    traced = tf.function(lambda x, cond: value_and_gradients(lambda x, c: block(x, c, training=True)))(x, cond)
+    reference = value_and_gradients(lambda x, c: reference_resnet_block(block, x, c, training=True))
+    assert len(traced) == 3 + len(block.trainable_weights) == 3 + (11 if in_channels == 128 else 9)
+    for got, expected in zip(traced, reference):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 def test_attention_block_matches_formula():
     x = latents((2, 4, 4, 8))
     block = AttentionBlock()
@@ -136,13 +181,38 @@ def test_get_config_round_trip():
     np.testing.assert_array_equal(clone(z, gammas(2)).numpy(), net(z, gammas(2)).numpy())
 
 
-def test_dropout_only_when_training():
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_dropout_only_when_training(graph):
     z = latents()
     net = built_net(z, dropout=0.5)
     perturb(net)
     g = gammas(2)
-    np.testing.assert_array_equal(net(z, g, training=False).numpy(), net(z, g, training=False).numpy())
-    assert np.abs(net(z, g, training=True).numpy() - net(z, g, training=True).numpy()).max() > 1e-4
+    run = tf.function(lambda training: net(z, g, training=training)) if graph else lambda t: net(z, g, training=t)
+    np.testing.assert_array_equal(run(False).numpy(), run(False).numpy())
+    assert np.abs(run(True).numpy() - run(True).numpy()).max() > 1e-4
+    assert np.abs(run(True).numpy() - run(False).numpy()).max() > 1e-4
+
+
+def test_graph_matches_eager_with_gradients():
+    """Eager calls run each block's ops directly; a graph calls one traced function per distinct block."""
+    z = latents()
+    # Without Fourier features, whose frequencies up to 256 pi would amplify rounding in d/dz.
+    net = built_net(z, n_layers=2, n_embd=64, attention=True, dropout=0.3, fourier_features=False)
+    perturb(net)
+    g = gammas(2)
+    weights = weights_with_a_gradient(net)
+
+    def value_and_gradients(z):
+        generators = [generator for layer in net._flatten_layers() for generator in layer._seed_generators]
+        for index, generator in enumerate(generators):
+            generator.state.assign([5, index])
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            y = net(z, g, training=True)
+            loss = tf.reduce_sum(tf.sin(y))
+        return [y, *tape.gradient(loss, [z, *weights])]
+
+    assert_equal_up_to_rounding(tf.function(value_and_gradients)(z), value_and_gradients(z))
 
 
 @pytest.mark.parametrize("scalar", [-3.0, np.float32(-3.0), tf.constant(-3.0)], ids=["float", "numpy", "tensor"])
@@ -176,6 +246,20 @@ def test_xla_matches_eager_with_dynamic_batch():
 
     for n in (3, 2):
         np.testing.assert_allclose(compiled(z[:n], gammas(n)).numpy(), net(z[:n], gammas(n)).numpy(), atol=1e-5)
+
+
+def test_xla_gradients_match_graph_gradients():
+    z = latents()
+    net = built_net(z, n_embd=64, fourier_features=False)
+    perturb(net)
+    g = gammas(2)
+
+    def gradients():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.sin(net(z, g, training=False)))
+        return tape.gradient(loss, weights_with_a_gradient(net))
+
+    assert_equal_up_to_rounding(tf.function(gradients, jit_compile=True)(), tf.function(gradients)())
 
 
 def test_keras_file_round_trip(tmp_path):

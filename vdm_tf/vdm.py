@@ -45,7 +45,10 @@ class VDM(keras.Model):
 
     Args:
         denoiser: a Keras layer `eps_hat = denoiser(z_t, gamma_t, training=...)`, z_t float32
-            [N, H, W, C], gamma_t float32 [N], output of z_t's shape.
+            [N, H, W, C], gamma_t float32 [N], output of z_t's shape. It may compute in lower
+            precision (e.g. a `ScoreUNet(..., dtype="mixed_bfloat16")`): the model passes it
+            float32 inputs and casts its output to float32, and keeps everything else, to
+            which the likelihood is sensitive, in float32 (schedule, z_t, losses, decoder).
         schedule: a `vdm_tf.schedules.NoiseSchedule`.
         image_shape: (H, W, C) of the uint8 images.
         timesteps: 0 for the continuous-time VLB, T > 0 for the discrete-time one with T steps.
@@ -138,7 +141,7 @@ class VDM(keras.Model):
         gamma = images.per_example(gamma_t, 4)
         z_t = tf.sqrt(tf.sigmoid(-gamma)) * f + tf.sqrt(tf.sigmoid(gamma)) * eps
         condition = {} if conditioning is None else {"conditioning": conditioning}
-        eps_hat = self.denoiser(z_t, gamma_t, training=training, **condition)
+        eps_hat = self._denoise(z_t, gamma_t, training, **condition)
         squared_error = tf.reduce_sum(tf.square(eps - eps_hat), axis=[1, 2, 3])
         if self.timesteps:
             gamma_s = self.schedule(t - 1.0 / self.timesteps)
@@ -146,6 +149,10 @@ class VDM(keras.Model):
         else:
             weight = 0.5 * dgamma_t  # VDM eq. (17)
         return weight * squared_error, (gamma_t, dgamma_t)
+
+    def _denoise(self, z_t, gamma_t, training=False, **conditioning):
+        """The denoiser's eps_hat(z_t, gamma_t) in float32, whatever its dtype policy."""
+        return tf.cast(self.denoiser(z_t, gamma_t, training=training, **conditioning), tf.float32)
 
     def _prior_loss(self, f):
         """KL(q(z_1 | x) || N(0, I)) in nats per example.
@@ -353,13 +360,13 @@ class VDM(keras.Model):
             t: float32 scalar or [N], times in [0, 1].
         """
         gamma_t = self.schedule(tf.broadcast_to(tf.cast(t, tf.float32), tf.shape(z)[:1]))
-        eps_hat = self.denoiser(z, gamma_t, training=False)
+        eps_hat = self._denoise(z, gamma_t)
         return -eps_hat / images.per_example(tf.sqrt(tf.sigmoid(gamma_t)), 4)
 
     def ancestral_step(self, z_t, s, t, seed):
         """One draw z_s ~ p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t)) for s < t (`ancestral_update`)."""
         gamma_s, gamma_t = self.schedule(s), self.schedule(t)
-        eps_hat = self.denoiser(z_t, tf.fill(tf.shape(z_t)[:1], gamma_t), training=False)
+        eps_hat = self._denoise(z_t, tf.fill(tf.shape(z_t)[:1], gamma_t))
         return ancestral_update(z_t, eps_hat, gamma_s, gamma_t, tf.random.stateless_normal(tf.shape(z_t), seed))
 
     def sample(self, num_samples, num_steps=256, seed=0, argmax=False):

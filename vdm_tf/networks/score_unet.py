@@ -40,6 +40,13 @@ class ScoreUNet(keras.layers.Layer):
 
     Returns float32 [N, H, W, C], the predicted noise.
 
+    Mixed precision: built with `dtype="mixed_bfloat16"`, the conditioning dense layers, the
+    blocks and the output layers compute in bfloat16, with float32 weights. What needs the
+    full precision stays in the policy's variable dtype (float32): the inputs (`input_dtype`),
+    the time embedding of gamma_t, the Fourier features `sin(2^n pi z_t)` (rounding z_t in
+    [0.5, 1) to bfloat16's 8 significant bits would move their phase at n = 8 by up to pi / 2),
+    the input convolution and the addition of z_t to the output.
+
     The official model also concatenates a class-conditioning scalar to the time embedding;
     this network is unconditional, so its first conditioning layer has `4 * n_embd` fewer
     weights. Otherwise its weights correspond one to one to the official ones.
@@ -101,15 +108,19 @@ class ScoreUNet(keras.layers.Layer):
         self.gamma_min = gamma_min
         self.gamma_max = gamma_max
 
-        def dense(name):
-            return keras.layers.Dense(4 * n_embd, activation="silu", kernel_initializer="lecun_normal", name=name)
+        policy, full = self.dtype_policy, self.dtype_policy.variable_dtype
 
-        self.time_embedding = TimestepEmbedding(n_embd, name="time_embedding")
+        def dense(name):
+            return keras.layers.Dense(
+                4 * n_embd, activation="silu", kernel_initializer="lecun_normal", name=name, dtype=policy
+            )
+
+        self.time_embedding = TimestepEmbedding(n_embd, name="time_embedding", dtype=full)
         self.cond_dense0, self.cond_dense1 = dense("cond_dense0"), dense("cond_dense1")
-        self.fourier = FourierFeatures(self.fourier_exponents, name="fourier") if fourier_features else None
-        self.conv_in = conv3x3(n_embd, name="conv_in")
-        make_unet_trunk(self, n_layers, n_embd, dropout, attention)
-        self.norm_out = GroupNorm(name="norm_out")
+        self.fourier = FourierFeatures(self.fourier_exponents, name="fourier", dtype=full) if fourier_features else None
+        self.conv_in = conv3x3(n_embd, name="conv_in", dtype=full)
+        make_unet_trunk(self, n_layers, n_embd, dropout, attention, policy)
+        self.norm_out = GroupNorm(name="norm_out", dtype=policy)
         # Its size is the input's channel count, so it is created in `build`.
         self.conv_out = None
 
@@ -124,8 +135,13 @@ class ScoreUNet(keras.layers.Layer):
         self.conv_in.build((*spatial, in_channels))
         build_unet_trunk(self, h_shape, cond_shape)
         self.norm_out.build(h_shape)
-        self.conv_out = conv3x3(channels, zero_init=True, name="conv_out")
+        self.conv_out = conv3x3(channels, zero_init=True, name="conv_out", dtype=self.dtype_policy)
         self.conv_out.build(h_shape)
+
+    @property
+    def input_dtype(self):
+        """The inputs are cast to the variable dtype (float32), not to a mixed policy's bfloat16."""
+        return self.variable_dtype
 
     def __call__(self, z_t, gamma_t, **kwargs):
         # Keras accepts only tensors as positional arguments; let gamma_t also be a number.
@@ -144,8 +160,8 @@ class ScoreUNet(keras.layers.Layer):
         cond = self.cond_dense1(self.cond_dense0(cond))
 
         h = tf.concat([z_t, self.fourier(z_t)], axis=-1) if self.fourier_features else z_t
-        h = unet_trunk(self, self.conv_in(h), cond, training)
-        return self.conv_out(tf.nn.silu(self.norm_out(h))) + z_t
+        h = unet_trunk(self, tf.cast(self.conv_in(h), self.compute_dtype), cond, training)
+        return tf.cast(self.conv_out(tf.nn.silu(self.norm_out(h))), z_t.dtype) + z_t
 
     def compute_output_shape(self, z_t_shape, gamma_t_shape=None):
         return z_t_shape
@@ -168,18 +184,21 @@ class ScoreUNet(keras.layers.Layer):
         return config
 
 
-def make_unet_trunk(net, n_layers, n_embd, dropout, attention):
-    """Creates the trunk's blocks as attributes of `net` (the layout `unet_trunk` runs)."""
+def make_unet_trunk(net, n_layers, n_embd, dropout, attention, dtype=None):
+    """Creates the trunk's blocks, of dtype policy `dtype`, as attributes of `net` (the layout `unet_trunk` runs)."""
+
+    def resnet_block(name):
+        return ResnetBlock(n_embd, dropout, name=name, dtype=dtype)
 
     def attention_blocks(prefix, count):
-        return [AttentionBlock(name=f"{prefix}_{i}") for i in range(count)] if attention else []
+        return [AttentionBlock(name=f"{prefix}_{i}", dtype=dtype) for i in range(count)] if attention else []
 
-    net.down_blocks = [ResnetBlock(n_embd, dropout, name=f"down_block_{i}") for i in range(n_layers)]
+    net.down_blocks = [resnet_block(f"down_block_{i}") for i in range(n_layers)]
     net.down_attention = attention_blocks("down_attention", n_layers)
-    net.mid_block1 = ResnetBlock(n_embd, dropout, name="mid_block1")
-    net.mid_attention = AttentionBlock(name="mid_attention")
-    net.mid_block2 = ResnetBlock(n_embd, dropout, name="mid_block2")
-    net.up_blocks = [ResnetBlock(n_embd, dropout, name=f"up_block_{i}") for i in range(n_layers + 1)]
+    net.mid_block1 = resnet_block("mid_block1")
+    net.mid_attention = AttentionBlock(name="mid_attention", dtype=dtype)
+    net.mid_block2 = resnet_block("mid_block2")
+    net.up_blocks = [resnet_block(f"up_block_{i}") for i in range(n_layers + 1)]
     net.up_attention = attention_blocks("up_attention", n_layers + 1)
 
 
