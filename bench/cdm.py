@@ -1,11 +1,11 @@
 """Classification Diffusion Model on digits: one-step likelihood vs the demo VDM's VLB and ODE likelihood.
 
-    python -m bench.cdm                      # trains a small CDM for --steps, then compares
-    python -m bench.cdm --steps=3000 --ode_images=297
+    python -m bench.cdm --vdm_dir=runs/demo            # trains the digits_cdm preset, then compares
+    python -m bench.cdm --steps=600 --ode_images=297
 
-1. Trains a CDM (`NoiseLevelClassifier`, T levels on FixedLinear(-13.3, 5)) on the digits train
-   split for `--steps` steps, from scratch, on this machine: a briefly trained model, nowhere
-   near convergence (the paper trains 500k steps); the JSON records how long it trained.
+1. Trains the `digits_cdm` preset (trainers/configs.py; `--steps` overrides its train_steps) on
+   the digits train split, from scratch, on this machine; the JSON records how long it trained
+   (wall-clock and process CPU seconds, and the load average: the machine may be shared).
 2. On the digits test split, bits per dimension and seconds per image of
    - the CDM's one-step likelihood (`cdm.one_step_bpd`, one classifier evaluation per image),
    - the demo VDM's VLB (`vdm.elbo`, `--vlb_time_samples` denoiser evaluations per image),
@@ -13,7 +13,13 @@
      dequantisation like the one-step bpd, Hutchinson trace, rtol = atol = 1e-5) on the first
      `--ode_images` test images,
    and the ratio of each method's seconds per image to the CDM's.
-3. Denoising: per-pixel MSE of the noise prediction, E (eps - eps_hat)^2, of the CDM
+3. The one-step bpd in parts: `-log N(f; 0, I)` (the prior at the last level), the classifier's
+   log ratio `logit_0 - logit_{T+1}` split into the stretches of the level grid where it accrues
+   (`logit_0 - logit_k` at the levels k of `--band_edges`), and the +7 of the dequantisation;
+   beside it the exact split for the per-pixel categorical model of the train split (2.42 test
+   bpd), whose terms below gamma = -8 hold for any model of the 17-value digits (the neighbouring
+   pixel values are more than 7 noise standard deviations apart there).
+4. Denoising: per-pixel MSE of the noise prediction, E (eps - eps_hat)^2, of the CDM
    (Theorem 3.1: the classifier's input gradient) and of the VDM denoiser, at several gamma, on
    the same test images (bin centres) and noise.
 
@@ -36,72 +42,53 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
+from scipy.special import log_ndtr, logsumexp  # noqa: E402
 
 import vdm_tf  # noqa: E402
 from trainers import configs, train  # noqa: E402
-from vdm_tf.cdm import CDM  # noqa: E402
-from vdm_tf.networks.noise_level_classifier import NoiseLevelClassifier  # noqa: E402
+from vdm_tf import cdm as cdm_lib  # noqa: E402
 
 flags.DEFINE_string("vdm_dir", "runs/demo", "Run directory of the trained digits VDM.")
-flags.DEFINE_integer("steps", 600, "CDM training steps.")
-flags.DEFINE_integer("batch_size", 64, "CDM training batch size.")
-flags.DEFINE_float("learning_rate", 2e-3, "Peak AdamW learning rate (warm-up 100 steps, cosine decay to 5%).")
-flags.DEFINE_integer("num_levels", 1000, "T, the CDM's diffusion levels.")
-flags.DEFINE_integer("n_layers", 1, "ResNet blocks on the classifier's down path.")
-flags.DEFINE_integer("n_embd", 32, "Channels of the classifier's blocks.")
-flags.DEFINE_integer("head_channels", 256, "Channels of the classifier's last convolution (pooled into the logits).")
-flags.DEFINE_float("cross_entropy_weight", 1e-3, "w of the CDM loss w * CE + MSE.")
-flags.DEFINE_bool("jit_compile", True, "XLA for the training step (its second-order graph is many small ops).")
+flags.DEFINE_integer("steps", None, "CDM training steps (default: the digits_cdm preset's train_steps).")
 flags.DEFINE_integer("vlb_time_samples", 8, "Time samples per image of the VDM's VLB.")
 flags.DEFINE_integer("ode_images", 32, "Test images scored with the (slow) ODE likelihood.")
-flags.DEFINE_list("gammas", ["-10", "-6", "-3", "0", "3", "5"], "Noise levels (gamma) of the denoising MSE.")
-flags.DEFINE_integer("seed", 0, "Seed of the training and evaluation randomness.")
+flags.DEFINE_list("gammas", ["-12", "-10", "-8", "-6", "-3", "0", "3", "5"], "gamma of the denoising MSE.")
+flags.DEFINE_list("band_edges", ["-10", "-8", "-6", "-4", "-2", "0", "2"], "gamma boundaries of the log-ratio split.")
 flags.DEFINE_string("out", "bench/results/cdm.json", "Where to write the JSON results.")
+flags.register_validator("steps", lambda steps: steps is None or steps >= 10, "--steps must be at least 10.")
+flags.register_validator(
+    "vdm_dir", lambda path: os.path.exists(os.path.join(path, "config.json")),
+    "--vdm_dir must be a trained digits VDM run directory (with config.json), e.g. runs/demo of `make demo`.",
+)
 FLAGS = flags.FLAGS
-
-SCHEDULE = (-13.3, 5.0)
 
 
 def load_config(model_dir):
-    with open(os.path.join(model_dir, "config.json")) as f:
-        fields = json.load(f)
-    fields["fourier_exponents"] = tuple(fields["fourier_exponents"])
-    return configs.Config(**fields)
+    return vdm_tf.runs.saved_config(model_dir)
 
 
-def train_cdm():
-    """A CDM trained on the digits train split for FLAGS.steps; returns (model, training record)."""
-    keras.utils.set_random_seed(FLAGS.seed)
-    classifier = NoiseLevelClassifier(
-        FLAGS.num_levels, n_layers=FLAGS.n_layers, n_embd=FLAGS.n_embd, fourier_exponents=(3, 4), dropout=0.0,
-        head_channels=FLAGS.head_channels,
+def train_cdm(config):
+    """The CDM of `config` trained on the digits train split; returns (model, training record)."""
+    keras.utils.set_random_seed(config.seed)
+    model = vdm_tf.runs.build_model(config)
+    model.compile(
+        optimizer=vdm_tf.runs.build_optimizer(config, model), steps_per_execution=10, jit_compile=config.jit_compile
     )
-    model = CDM(
-        classifier,
-        vdm_tf.schedules.FixedLinear(*SCHEDULE),
-        (8, 8, 1),
-        num_levels=FLAGS.num_levels,
-        cross_entropy_weight=FLAGS.cross_entropy_weight,
-        seed=FLAGS.seed,
-    )
-    warmup = min(100, FLAGS.steps // 10)
-    learning_rate = keras.optimizers.schedules.CosineDecay(
-        0.0, FLAGS.steps - warmup, alpha=0.05, warmup_target=FLAGS.learning_rate, warmup_steps=warmup
-    )
-    optimizer = keras.optimizers.AdamW(learning_rate, beta_2=0.99, use_ema=True, ema_momentum=0.995)
-    model.compile(optimizer=optimizer, steps_per_execution=10, jit_compile=FLAGS.jit_compile)
-    data = vdm_tf.datasets.load("digits", "train", batch_size=FLAGS.batch_size, seed=FLAGS.seed)
-    start = time.perf_counter()
-    history = model.fit(data, steps_per_epoch=FLAGS.steps // 10, epochs=10, verbose=2).history
-    seconds = time.perf_counter() - start
+    data = vdm_tf.datasets.load("digits", "train", batch_size=config.batch_size, seed=config.seed)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    history = model.fit(data, steps_per_epoch=config.train_steps // 10, epochs=10, verbose=2).history
     record = {
-        "steps": FLAGS.steps,
-        "batch_size": FLAGS.batch_size,
-        "seconds": seconds,
-        "jit_compile": FLAGS.jit_compile,
+        "steps": 10 * (config.train_steps // 10),  # 10 epochs of train_steps // 10
+        "batch_size": config.batch_size,
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
+        "load_average_1min": os.getloadavg()[0],
+        "jit_compile": config.jit_compile,
         "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
         "last_epoch_means": {name: values[-1] for name, values in history.items()},
     }
+    # The EMA weights, as the trainer evaluates.
+    model.optimizer.finalize_variable_values(model.trainable_variables)
     return model, record
 
 
@@ -126,17 +113,17 @@ def summary(bpd, seconds_per_image, **extra):
     }
 
 
-def likelihoods(cdm, vdm, test):
+def likelihoods(cdm, vdm, test, seed):
     results = {}
-    bpd, seconds = timed(lambda x: cdm.one_step_bpd(x, seed=FLAGS.seed), test, 64)
+    bpd, seconds = timed(lambda x: cdm.one_step_bpd(x, seed=seed), test, 64)
     results["cdm_one_step"] = summary(bpd, seconds, evaluations_per_image=1)
     k = FLAGS.vlb_time_samples
-    bpd, seconds = timed(lambda x: vdm.elbo(x, seed=FLAGS.seed, num_time_samples=k)["bpd"], test, 64)
+    bpd, seconds = timed(lambda x: vdm.elbo(x, seed=seed, num_time_samples=k)["bpd"], test, 64)
     results["vdm_vlb"] = summary(bpd, seconds, evaluations_per_image=k)
     nfe = []
 
     def ode(x):
-        out = vdm_tf.likelihood.ode_bpd(vdm, x, seed=FLAGS.seed, dequantization="uniform")
+        out = vdm_tf.likelihood.ode_bpd(vdm, x, seed=seed, dequantization="uniform")
         nfe.append(int(out["nfe"]))
         return out["bpd"]
 
@@ -147,10 +134,68 @@ def likelihoods(cdm, vdm, test):
     return results
 
 
-def denoising(cdm, vdm, test):
+def per_pixel_log_density(train_images, f, alpha2=None):
+    """log p_t(f) [N] of the per-pixel categorical model of `train_images` (add-0.5), dequantised.
+
+    At level 0 (alpha2 None) the density of x + u, u ~ U[0, 1); at a level of the diffusion
+    (alpha2 = alpha_t^2) that density scaled by alpha_t and convolved with N(0, 1 - alpha_t^2).
+    """
+    values = np.unique(train_images).astype(np.float64)
+    flat = train_images.reshape(len(train_images), -1)
+    counts = np.stack([(flat == v).sum(0) for v in values], axis=1) + 0.5  # [D, values]
+    log_pi = np.log(counts / counts.sum(1, keepdims=True))
+    low = 2 * values / vdm_tf.images.NUM_VALUES - 1  # bin k is [low_k, low_k + width)
+    width = 2 / vdm_tf.images.NUM_VALUES
+    f = f.reshape(len(f), -1)
+    if alpha2 is None:
+        k = np.searchsorted(values, np.floor((f + 1) / width), side="right") - 1
+        return (np.take_along_axis(log_pi[None], k[..., None], axis=2)[..., 0] - np.log(width)).sum(1)
+    alpha, sigma = math.sqrt(alpha2), math.sqrt(1 - alpha2)
+    upper, lower = (f[..., None] - alpha * low) / sigma, (f[..., None] - alpha * (low + width)) / sigma
+    log_bin = log_ndtr(upper) + np.log1p(-np.exp(np.minimum(log_ndtr(lower) - log_ndtr(upper), -1e-12)))
+    return logsumexp(log_bin - np.log(alpha * width) + log_pi[None], axis=2).sum(1)
+
+
+def one_step_parts(cdm, train_images, test, seed):
+    """The test one-step bpd in parts, and the same split for the per-pixel categorical model.
+
+    bpd = prior + ratio + 7 with prior = -log N(f; 0, I) / (D ln 2) and ratio = -(logit_0 -
+    logit_{T+1}) / (D ln 2); `bands` splits the ratio at the levels nearest `--band_edges`.
+    """
+    f = cdm_lib.dequantize(test, tf.random.stateless_uniform(test.shape, vdm_tf.seeding.as_seed(seed)))
+    logits = cdm.classifier(f, training=False).numpy()
+    bits = cdm.num_dims * math.log(2.0)
+    prior = -cdm.sde.prior_log_prob(f).numpy() / bits
+    alpha2, sigma2 = (v.numpy() for v in cdm.denoiser.level_variances())
+    gamma = np.log(sigma2[1:-1] / alpha2[1:-1])  # levels 1 .. T
+    edges = [float(e) for e in FLAGS.band_edges]
+    levels = [int(np.searchsorted(gamma, e)) for e in edges] + [cdm.num_levels + 1]
+    names = [f"gamma < {e:g}" for e in edges] + [f"gamma < {gamma[-1]:.3g}, pure noise"]
+    reference_log_p0 = per_pixel_log_density(train_images, f.numpy())
+    reference_log_p = [
+        per_pixel_log_density(train_images, f.numpy(), alpha2[k]) if k <= cdm.num_levels
+        else cdm.sde.prior_log_prob(f).numpy() for k in levels
+    ]
+    bands, previous, reference_previous = {}, 0.0, 0.0
+    for name, k, log_p in zip(names, levels, reference_log_p):
+        ratio = float(np.mean(logits[:, 0] - logits[:, k])) / bits
+        reference = float(np.mean(reference_log_p0 - log_p)) / bits
+        bands[name] = {"cdm": ratio - previous, "per_pixel": reference - reference_previous}
+        previous, reference_previous = ratio, reference
+    return {
+        "bpd": float(np.mean(prior) - previous + 7.0),
+        "prior": float(np.mean(prior)),
+        "log_ratio": -previous,
+        "dequantization": 7.0,
+        "per_pixel_bpd": float(np.mean(-reference_log_p0)) / bits + 7.0,
+        "log_ratio_bands": bands,
+    }
+
+
+def denoising(cdm, vdm, test, seed):
     """Per-pixel E (eps - eps_hat)^2 of both denoisers at each gamma, same images and noise."""
     f = vdm_tf.images.encode(test)
-    eps = tf.random.stateless_normal(tf.shape(f), vdm_tf.seeding.as_seed(FLAGS.seed))
+    eps = tf.random.stateless_normal(tf.shape(f), vdm_tf.seeding.as_seed(seed))
     rows = []
     for gamma in map(float, FLAGS.gammas):
         z = math.sqrt(1 / (1 + math.exp(gamma))) * f + math.sqrt(1 / (1 + math.exp(-gamma))) * eps
@@ -159,7 +204,7 @@ def denoising(cdm, vdm, test):
         for name, model in (("cdm", cdm), ("vdm", vdm)):
             eps_hat = model.denoiser(z, gammas, training=False)
             row[f"{name}_mse"] = float(tf.reduce_mean(tf.square(eps - eps_hat)))
-        row["vdm_over_cdm"] = row["vdm_mse"] / row["cdm_mse"]
+        row["cdm_over_vdm"] = row["cdm_mse"] / row["vdm_mse"]
         rows.append(row)
     return rows
 
@@ -168,32 +213,41 @@ def main(argv):
     del argv
     vdm_config = load_config(FLAGS.vdm_dir)
     vdm = train.restore_for_inference(FLAGS.vdm_dir, vdm_config)
-    cdm, training = train_cdm()
+    config = configs.PRESETS["digits_cdm"]
+    if FLAGS.steps is not None:
+        config = dataclasses.replace(config, train_steps=FLAGS.steps)
+    cdm, training = train_cdm(config)
     test = vdm_tf.datasets.digits_arrays("test")
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs",
         "tensorflow": tf.__version__,
         "vdm": {"model_dir": FLAGS.vdm_dir, "config": dataclasses.asdict(vdm_config)},
-        "cdm": {
-            "num_levels": FLAGS.num_levels,
-            "schedule": f"FixedLinear{SCHEDULE}",
-            "classifier": cdm.classifier.get_config(),
-            "cross_entropy_weight": FLAGS.cross_entropy_weight,
-            "training": training,
-        },
-        "likelihood": likelihoods(cdm, vdm, test),
-        "denoising": denoising(cdm, vdm, test),
+        "cdm": {"preset": "digits_cdm", "config": dataclasses.asdict(config), "training": training},
+        "likelihood": likelihoods(cdm, vdm, test, config.seed),
+        "one_step_parts": one_step_parts(cdm, vdm_tf.datasets.digits_arrays("train"), test, config.seed),
+        "denoising": denoising(cdm, vdm, test, config.seed),
     }
-    print(f"\nCDM trained {training['steps']} steps (batch {training['batch_size']}) in {training['seconds']:.0f} s")
+    print(
+        f"\nCDM trained {training['steps']} steps (batch {training['batch_size']}) in {training['seconds']:.0f} s "
+        f"({training['cpu_seconds']:.0f} s of CPU; load average {training['load_average_1min']:.1f})"
+    )
     print(f"\n{'method':<14}{'bpd':>16}{'images':>8}{'evals/image':>13}{'s/image':>11}{'x CDM time':>12}")
     for name, r in results["likelihood"].items():
         print(
             f"{name:<14}{r['bpd']:>9.3f} +- {r['stderr']:.3f}{r['num_images']:>8}{r['evaluations_per_image']:>13.0f}"
             f"{r['seconds_per_image']:>11.5f}{r['time_ratio_to_cdm']:>12.1f}"
         )
-    print(f"\n{'gamma':>7}{'CDM eps MSE':>13}{'VDM eps MSE':>13}{'VDM / CDM':>11}")
+    parts = results["one_step_parts"]
+    print(
+        f"\none-step bpd {parts['bpd']:.3f} = prior {parts['prior']:.3f} + log ratio {parts['log_ratio']:.3f} + 7; "
+        f"its log ratio by stretch of the level grid (bits/dim), against the per-pixel model's "
+        f"({parts['per_pixel_bpd']:.3f} bpd):"
+    )
+    for name, band in parts["log_ratio_bands"].items():
+        print(f"  {name:<28}{band['cdm']:>8.3f}{band['per_pixel']:>8.3f}")
+    print(f"\n{'gamma':>7}{'CDM eps MSE':>13}{'VDM eps MSE':>13}{'CDM / VDM':>11}")
     for row in results["denoising"]:
-        print(f"{row['gamma']:>7.1f}{row['cdm_mse']:>13.4f}{row['vdm_mse']:>13.4f}{row['vdm_over_cdm']:>11.2f}")
+        print(f"{row['gamma']:>7.1f}{row['cdm_mse']:>13.4f}{row['vdm_mse']:>13.4f}{row['cdm_over_vdm']:>11.2f}")
     os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump(results, f, indent=2)
