@@ -133,6 +133,47 @@ def run_worker(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# Accelerators, by FLOP arithmetic (no accelerator here).
+
+# Dense peak FLOP/s per device as the vendors state them; "float32" is what TensorFlow runs for
+# float32 convolutions and matrix products by default: TF32 tensor cores on A100 / H100
+# (`tf.config.experimental.enable_tensor_float_32_execution` is on by default) and bfloat16
+# passes on TPU matrix units (XLA's default precision), so float32 is not much slower there in
+# FLOPs; it moves twice the bytes, which the estimate ignores.
+ACCELERATORS = {
+    "TPU v3-8 (8 cores)": {"float32": 420e12, "bfloat16": 420e12},
+    "A100 SXM": {"float32": 156e12, "bfloat16": 312e12},
+    "H100 SXM": {"float32": 494e12, "bfloat16": 989e12},
+}
+ASSUMED_UTILISATION = 0.4  # of peak, for a convolutional U-Net with many small ops (as bench/scaling.py)
+
+
+def accelerator_estimates():
+    """Seconds per step of the paper's CIFAR-10 configuration (batch 128) on accelerators.
+
+    FLOPs from `bench.scaling.train_step_flops` (convolutions and attention, forward and
+    backward) at `ASSUMED_UTILISATION` of the peak. The float32 figures assume TF32 or bfloat16
+    passes in the matrix units (TensorFlow's defaults there); with full-precision float32 the
+    A100 would be at 19.5 and the H100 at 67 TFLOP/s, 8x and 7x slower.
+    """
+    from bench.scaling import train_step_flops
+    from trainers.configs import PRESETS
+
+    config = PRESETS["cifar10"]
+    step_flops = train_step_flops(config) * config.batch_size
+    return {
+        "config": "cifar10 preset (32 x 128 ScoreUNet, 32x32x3)",
+        "batch_size": config.batch_size,
+        "train_flops_per_step": step_flops,
+        "assumed_utilisation": ASSUMED_UTILISATION,
+        "seconds_per_step": {
+            device: {dtype: step_flops / (peak * ASSUMED_UTILISATION) for dtype, peak in peaks.items()}
+            for device, peaks in ACCELERATORS.items()
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # The driver.
 
 
@@ -233,9 +274,15 @@ def main(argv=None):
             print(f"{name:<7}{path:<10}{row['params']:>12,}{row['seconds_per_step']:>9.3f}"
                   f"{row['images_per_second']:>8.1f}{ratio:>7.2f}x{row['first_step_seconds']:>12.1f}"
                   f"{row['time_to_first_step']:>15.1f}", flush=True)
+    estimates = accelerator_estimates()
+    print(f"paper configuration on accelerators (FLOP arithmetic, {estimates['train_flops_per_step'] / 1e12:.1f} "
+          f"TFLOP per step at batch {estimates['batch_size']}, {ASSUMED_UTILISATION:.0%} of peak):")
+    for device, seconds in estimates["seconds_per_step"].items():
+        print(f"  {device:<20} " + "  ".join(f"{dtype} {value:.3f} s/step" for dtype, value in seconds.items()))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"machine": machine(), "steps": args.steps, "rounds": args.rounds, "results": results}, f, indent=2)
+        json.dump({"machine": machine(), "steps": args.steps, "rounds": args.rounds, "results": results,
+                   "accelerator_estimates": estimates}, f, indent=2)
     print(f"wrote {args.out}")
 
 
