@@ -40,6 +40,15 @@ from trainers import configs, train  # noqa: E402
 from vdm_tf import datasets, likelihood  # noqa: E402
 
 DEQUANTIZATIONS = ("uniform", "variational")
+# What the two ODE figures bound, next to the VLB's -log2 P(x) of the same images.
+DEQUANTIZATION_NOTE = (
+    "VLB and ODE variational both bound -log2 P(x) of the discrete image, with the same q(z_0 | x) and "
+    "decoder p(x | z_0) (over the data set's pixel values when the decoder alphabet is on); only the "
+    "density of z_0 differs (the diffusion ELBO vs the probability-flow ODE's exact marginal), so they "
+    "compare. ODE uniform bounds the probability of the 1/256-wide bin around x: it ignores the alphabet, "
+    "so with the alphabet on it is not comparable to the VLB (the ODE's z_0 density is spread over the "
+    "sigma_0-wide neighbourhood of each pixel value, many bins wide)."
+)
 
 
 def restore_demo(model_dir):
@@ -143,12 +152,14 @@ def main():
         )
     result = {
         "model": f"{args.model_dir}: digits VDM, {config.n_layers} x {config.n_embd} ScoreUNet, "
-        f"{config.schedule} schedule, {config.train_steps} steps",
+        f"{config.schedule} schedule, gamma_min {config.gamma_min:g}, "
+        f"decoder alphabet {'on' if config.decoder_alphabet else 'off'}, {config.train_steps} steps",
         "images": f"digits test split [:{args.num_images}]",
         "seed": args.seed,
         "probe": "rademacher",
         "notes": "bpd and ODE - VLB: mean over images +- standard error (paired over the same images). "
-        "NFE: whole batch. Timings after a warm-up call, on a CPU shared with other jobs (see load averages).",
+        "NFE: whole batch. Timings after a warm-up call, on a CPU shared with other jobs (see load averages). "
+        + DEQUANTIZATION_NOTE,
         **load_before,
         "load_average_1min_after": os.getloadavg()[0],
         "total_seconds": time.perf_counter() - start,

@@ -13,8 +13,9 @@
    steps / sum over steps of 4^-stage; the mid-block attention of the ScoreUNet grows with the
    square of the pixels, so the measured ratio can exceed it at high resolution.
 2. Likelihood. Both models, with the digits preset's network, schedule and optimizer, train
-   `--train_steps` steps on the embedded digits (8x8, one Haar level for the multi-scale model;
-   same batches, same seed), then the test split's bpd (8 time samples per image) is reported
+   `--train_steps` steps on the embedded digits (8x8; the multi-scale model as the
+   `digits_multiscale` preset builds it: one Haar level, its end time; same batches, same
+   seed), then the test split's bpd (8 time samples per image) is reported
    with its standard error. A third model has one network per stage (twice the parameters).
 
 Prints two tables and writes bench/results/multiscale.json.
@@ -123,10 +124,17 @@ def train_and_evaluate(build):
 
 
 def multiscale_digits(config, stage_networks=False):
-    """The digits preset's model as a MultiScaleVDM with one Haar level (stages at 8x8 and 4x4)."""
-    uniform = configs.build_model(config)  # the preset's ScoreUNet and schedule
-    denoiser = [uniform.denoiser, configs.build_model(config).denoiser] if stage_networks else uniform.denoiser
-    return MultiScaleVDM(denoiser, uniform.schedule, uniform.image_shape, levels=1, seed=config.seed)
+    """The `digits_multiscale` preset's model on `config`'s training fields (one Haar level: 8x8 and 4x4).
+
+    Same network, schedule and decoder alphabet as the uniform model; its end time is the preset's.
+    """
+    preset = configs.PRESETS["digits_multiscale"]
+    fields = ("multiscale_levels", "multiscale_end_times")
+    return configs.build_model(
+        dataclasses.replace(
+            config, multiscale_stage_networks=stage_networks, **{name: getattr(preset, name) for name in fields}
+        )
+    )
 
 
 def main(argv):
@@ -171,7 +179,13 @@ def main(argv):
                     "network": {"n_layers": FLAGS.n_layers, "n_embd": FLAGS.n_embd, "shared_by_all_stages": True},
                     "results": speeds,
                 },
-                "digits": {"train_steps": FLAGS.train_steps, "preset": "digits", "levels": 1, **likelihood},
+                "digits": {
+                    "train_steps": FLAGS.train_steps,
+                    "preset": "digits",
+                    "levels": 1,
+                    "end_times": list(configs.PRESETS["digits_multiscale"].multiscale_end_times),
+                    **likelihood,
+                },
             },
             f,
             indent=2,

@@ -2,6 +2,7 @@
 
     python -m bench.quality                                  # digits, digits_cdm, digits_multiscale
     python -m bench.quality --presets=digits --evals=6       # the demo preset only
+    python -m bench.quality --presets=digits_multiscale --nopeers   # add one curve to the results
 
 1. Peers, fitted here on the same split as the models (`vdm_tf.datasets.digits_indices`): the
    digits take 17 values (0, 16, ..., 255), and each peer is a discrete distribution over them,
@@ -17,7 +18,9 @@
    training only, not the evaluations.
 
 Prints a table of the final figures, writes bench/results/quality.json and draws the curves with
-the peers as horizontal lines in bench/results/quality.png.
+the peers as horizontal lines in bench/results/quality.png. With `--nopeers` the peers (their fit
+takes about 20 minutes on a shared 2-core CPU) and the curves of the presets not trained in this
+run are kept from the existing `--out` file, so one preset's curve can be re-measured alone.
 """
 
 import contextlib
@@ -41,7 +44,7 @@ from trainers import configs  # noqa: E402
 
 flags.DEFINE_list("presets", ["digits", "digits_cdm", "digits_multiscale"], "Presets to train (digits data).")
 flags.DEFINE_integer("evals", 6, "Test-set evaluations per training run, evenly spaced in steps.")
-flags.DEFINE_bool("peers", True, "Fit the three peers (the autoregressive MLP takes a few minutes).")
+flags.DEFINE_bool("peers", True, "Fit the three peers; --nopeers keeps the peers and other curves of --out.")
 flags.DEFINE_integer("train_steps", None, "Overrides every preset's train_steps (for quick checks).")
 flags.DEFINE_string("out", "bench/results/quality.json", "Where to write the JSON results.")
 flags.DEFINE_string("figure", "bench/results/quality.png", "Where to draw the curves.")
@@ -177,7 +180,17 @@ def learning_curve(preset):
         "stderr": final["stderr"],
         "train_seconds": final["train_seconds"],
         "seconds_per_step": final["train_seconds"] / final["step"],
+        "load_average_after": os.getloadavg(),  # the clock depends on the other jobs of a shared CPU
     }
+
+
+def bpd_at(curve, seconds):
+    """Test bpd of a learning curve at `seconds` of training, interpolated between its evaluations.
+
+    Mid-run points are pessimistic for a run that is longer than `seconds`: its learning rate
+    has not decayed yet (cosine over `train_steps`).
+    """
+    return float(np.interp(seconds, [p["train_seconds"] for p in curve], [p["bpd"] for p in curve]))
 
 
 def draw(models, peer_results, path):
@@ -187,7 +200,7 @@ def draw(models, peer_results, path):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for name, result in models.items():
+    for name, result in sorted(models.items()):  # by name: a preset keeps its colour from run to run
         curve = result["curve"]
         axes.plot([p["train_seconds"] / 60 for p in curve], [p["bpd"] for p in curve], "o-", label=name)
     styles = iter(["--", "-.", ":"])
@@ -195,7 +208,8 @@ def draw(models, peer_results, path):
         axes.axhline(result["bpd"], color="gray", linestyle=next(styles), label=f"{name} ({result['bpd']:.2f})")
     axes.set_xlabel("training wall-clock (minutes, 2-core CPU)")
     axes.set_ylabel("test bpd (digits, 297 images)")
-    axes.set_ylim(1.0, 5.0)
+    lowest = min([p["bpd"] for r in models.values() for p in r["curve"]] + [r["bpd"] for r in peer_results.values()])
+    axes.set_ylim(lowest - 0.15, max([r["bpd"] for r in peer_results.values()] + [lowest]) + 0.6)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -208,13 +222,25 @@ def main(argv):
     unknown = [name for name in FLAGS.presets if name not in configs.PRESETS]
     if unknown:
         raise app.UsageError(f"Unknown presets {', '.join(unknown)}; known: {', '.join(configs.PRESETS)}.")
-    peer_results = peers() if FLAGS.peers else {}
-    models = {preset: learning_curve(preset) for preset in FLAGS.presets}
-    print(f"\n{'model (digits test split)':>32}{'test bpd':>10}{'train s':>9}{'s/step':>8}")
+    previous = {"peers": {}, "models": {}}
+    if not FLAGS.peers and os.path.exists(FLAGS.out):
+        with open(FLAGS.out) as f:
+            previous = json.load(f)
+    peer_results = peers() if FLAGS.peers else previous["peers"]
+    models = {name: result for name, result in previous["models"].items() if name not in FLAGS.presets}
+    models.update({preset: learning_curve(preset) for preset in FLAGS.presets})
+    # Equal training wall-clock: every curve at the shortest run's clock (linear interpolation).
+    clock = min(result["train_seconds"] for result in models.values()) if models else 0.0
+    for result in models.values():
+        result["bpd_at_shortest_clock"] = bpd_at(result["curve"], clock)
+    print(f"\n{'model (digits test split)':>32}{'test bpd':>10}{'train s':>9}{'s/step':>8}{f'at {clock:.0f} s':>10}")
     for name, result in peer_results.items():
         print(f"{name:>32}{result['bpd']:>10.3f}{result['fit_seconds']:>9.0f}")
     for name, result in models.items():
-        print(f"{name:>32}{result['bpd']:>10.3f}{result['train_seconds']:>9.0f}{result['seconds_per_step']:>8.3f}")
+        print(
+            f"{name:>32}{result['bpd']:>10.3f}{result['train_seconds']:>9.0f}{result['seconds_per_step']:>8.3f}"
+            f"{result['bpd_at_shortest_clock']:>10.3f}"
+        )
     os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
     with open(FLAGS.out, "w") as f:
         machine = {
