@@ -137,7 +137,10 @@ def test_ancestral_sampler_with_the_cdm_denoiser_is_the_vdm_one(gaussian_cdm):
     f = BIN_CENTRES[ours]
     standard_error = np.sqrt(data.f_var / len(f))
     assert np.all(np.abs(f.mean(0) - data.f_mean) < 4.5 * standard_error)
-    assert np.abs(f.std(0) / np.sqrt(data.f_var) - 1).max() < 0.15  # std estimates: 2.2% noise each
+    # A sanity bound, not the tight check (that is the paired one above): with T = LEVELS steps the
+    # ancestral sampler itself shrinks every pixel's std by 5-11% (each step ignores the posterior
+    # variance of x given z_t), far beyond the estimates' 2.2% noise.
+    assert np.abs(f.std(0) / np.sqrt(data.f_var) - 1).max() < 0.15
 
 
 def test_ode_sampler_runs_on_the_cdm(gaussian_cdm):
