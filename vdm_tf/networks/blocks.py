@@ -30,7 +30,7 @@ def traced_once(function):
     are marked `_noinline`, so that graph optimization (grappler) also sees each distinct block
     once instead of 67 inlined copies: at the paper's size it took 31 s of the first step inlined
     and 11 s so (the first call of the train step 51 s -> 17 s), for a step cost within the
-    machine's noise (CPU time per step 3.8-4.2 s either way, bench/train_throughput.py). Under
+    machine's noise (CPU time per step 3.8-4.2 s either way, in interleaved runs). Under
     XLA (`jit_compile=True`, TPUs) the calls are compiled into one program as before.
     Eager calls run `function` op by op, as inline code does.
     """
