@@ -1004,6 +1004,11 @@ def _seed_stack_words(seed):
     return np.concatenate([np.frombuffer(padded, "<u4"), [1]]).astype(np.uint32)
 
 
+def _sharing_vdm(model, image_shape, timesteps):
+    """A VDM of `image_shape` and `timesteps` with `model`'s denoiser, schedule and decoder alphabet."""
+    return VDM(model.denoiser, model.schedule, image_shape, timesteps=timesteps, pixel_values=model.pixel_values)
+
+
 def discrete_elbo_bpd(model, x, num_steps, num_time_samples=8, seed=0, batch_size=64):
     """The model's discrete-time negative ELBO with T = num_steps (what the codec approaches;
     num_steps = 0: the continuous-time -ELBO, the limit of large T).
@@ -1011,11 +1016,7 @@ def discrete_elbo_bpd(model, x, num_steps, num_time_samples=8, seed=0, batch_siz
     Returns `vdm_tf.evaluation.dataset_bpd`'s dict (`bpd`, `stderr`, `per_image`, ...) for a
     VDM that shares the model's denoiser and schedule, with `timesteps=num_steps`.
     """
-    discrete = model
-    if model.timesteps != num_steps:
-        discrete = VDM(
-            model.denoiser, model.schedule, model.image_shape, timesteps=num_steps, pixel_values=model.pixel_values
-        )
+    discrete = model if model.timesteps == num_steps else _sharing_vdm(model, model.image_shape, num_steps)
     batches = [x[start : start + batch_size] for start in range(0, len(x), batch_size)]
     return evaluation.dataset_bpd(discrete, batches, num_time_samples=num_time_samples, seed=seed)
 
@@ -1037,10 +1038,7 @@ def tiles_elbo_bpd(model, x, num_steps, num_time_samples=8, seed=0, batch_size=6
     for crop_shape, crops in groups.items():
         crop_model = model
         if crop_shape != shape[:2]:
-            crop_shape_c = (*crop_shape, shape[-1])
-            crop_model = VDM(
-                model.denoiser, model.schedule, crop_shape_c, timesteps=model.timesteps, pixel_values=model.pixel_values
-            )
+            crop_model = _sharing_vdm(model, (*crop_shape, shape[-1]), model.timesteps)
         result = discrete_elbo_bpd(crop_model, np.stack(crops), num_steps, num_time_samples, seed, batch_size)
         bits = np.asarray(result["per_image"], np.float64) * crops[0].size
         total_bits, dims, count = total_bits + bits.sum(), dims + bits.size * crops[0].size, count + bits.size

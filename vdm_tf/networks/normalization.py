@@ -77,7 +77,6 @@ class GroupNorm(keras.layers.Layer):
 
     def build(self, input_shape):
         channels = input_shape[-1]
-        self.groups = num_groups(channels, self.max_groups)
         self.scale = self.add_weight(shape=(channels,), initializer="ones", name="scale")
         self.bias = self.add_weight(shape=(channels,), initializer="zeros", name="bias")
 
