@@ -28,13 +28,17 @@ load (these machines are shared and noisy):
 Reported per path: the median s/step over `--steps` steps after the first, images/s, the first
 step alone, and the time to the first step (process start to the end of the first step:
 imports, model construction, tracing, graph optimisation / compilation and the step), plus the
-CPU model and whether oneDNN is on. Prints a table; writes bench/results/train_throughput.json.
+CPU model and whether oneDNN is on, and `other CPUs`: the CPUs that other processes kept busy
+during the measurement (run the bench on an otherwise idle machine: one other busy process,
+even niced, slows both sides' steps by about 1.6x on 2 cores). Prints a table; writes
+bench/results/train_throughput.json.
 """
 
 import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -187,14 +191,33 @@ def jax_python(venv):
     return python
 
 
+def busy_cpu_seconds():
+    """CPU seconds the whole machine has been busy (all processes), from /proc/stat; 0 elsewhere."""
+    if not os.path.exists("/proc/stat"):
+        return 0.0
+    with open("/proc/stat") as f:
+        user, nice, system, _, _, irq, softirq = map(int, f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(command):
-    """Runs one worker; its JSON line (with the time to first step from this launch)."""
+    """Runs one worker; its JSON line (with the time to first step from this launch).
+
+    Adds `other_cpus`: how many CPUs other processes kept busy on average while the worker ran.
+    One busy process, even at `nice 19`, slows a 2-core TensorFlow or XLA step by about 1.6x
+    here (the intra-op thread pools wait for their slowest thread), so a figure with
+    `other_cpus` well above 0 is not an idle machine's.
+    """
     env = dict(os.environ, BENCH_LAUNCHED=repr(time.time()), TF_CPP_MIN_LOG_LEVEL="2")
+    busy, children, start = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode or not lines:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    worker_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    other = max(0.0, busy_cpu_seconds() - busy - worker_cpu)
+    return json.loads(lines[-1]) | {"other_cpus": round(other / (time.time() - start), 3)}
 
 
 def machine():
@@ -216,7 +239,7 @@ def machine():
 
 
 def summary(runs):
-    keys = ("seconds_per_step", "first_step_seconds", "time_to_first_step")
+    keys = ("seconds_per_step", "first_step_seconds", "time_to_first_step", "other_cpus")
     return {key: statistics.median(run[key] for run in runs) for key in keys} | {"params": runs[0]["params"]}
 
 
@@ -246,7 +269,7 @@ def main(argv=None):
     jax = jax_python(args.jax_venv) if args.official_repo else None
     results = []
     print(f"{'config':<7}{'path':<10}{'params':>12}{'s/step':>9}{'img/s':>8}{'vs jax':>8}{'1st step s':>12}"
-          f"{'to 1st step s':>15}")
+          f"{'to 1st step s':>15}{'other CPUs':>12}")
     for name in names:
         n_layers, n_embd, batch_size = CONFIGS[name]
         runs = {path: [] for path in ["jax"] * bool(jax) + paths}
@@ -273,7 +296,7 @@ def main(argv=None):
             results.append(row)
             print(f"{name:<7}{path:<10}{row['params']:>12,}{row['seconds_per_step']:>9.3f}"
                   f"{row['images_per_second']:>8.1f}{ratio:>7.2f}x{row['first_step_seconds']:>12.1f}"
-                  f"{row['time_to_first_step']:>15.1f}", flush=True)
+                  f"{row['time_to_first_step']:>15.1f}{row['other_cpus']:>12.2f}", flush=True)
     estimates = accelerator_estimates()
     print(f"paper configuration on accelerators (FLOP arithmetic, {estimates['train_flops_per_step'] / 1e12:.1f} "
           f"TFLOP per step at batch {estimates['batch_size']}, {ASSUMED_UTILISATION:.0%} of peak):")

@@ -59,6 +59,57 @@ def test_reconstruction_nll_is_the_softmax_cross_entropy():
     np.testing.assert_allclose(nll.numpy(), expected.sum(axis=(1, 2, 3, 4)), rtol=1e-3)
 
 
+def full_softmax_nll(x, z_0, gamma_0):
+    """Per-pixel cross entropy of all 256 `decoder_logits`, in TensorFlow: the windows' reference."""
+    logits = images.decoder_logits(z_0, gamma_0)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(x, tf.int32), logits=logits)
+
+
+# A grid of gamma_0, and each window's largest gamma_0 (where it leaves out the most).
+WINDOW_EDGES = [round(-np.log(min_snr) - 1e-3, 4) for _, min_snr in images.NLL_WINDOWS]
+
+
+@pytest.mark.parametrize("gamma_0", np.linspace(-13.5, -4.0, 20).round(3).tolist() + WINDOW_EDGES)
+def test_reconstruction_nll_windows_are_the_full_softmax(gamma_0):
+    # One pixel per example. z_0 / alpha_0 halfway between two bins (the most mass outside a
+    # window), on bin centres, at random, at the ends of [-1, 1] and beyond it (the window
+    # must stay inside 0..255); x the nearest value, a neighbour or anywhere.
+    rng = np.random.default_rng(0)
+    centres = 2 * (np.arange(256) + 0.5) / 256 - 1
+    rescaled = np.concatenate([
+        centres[:-1] + 1 / 256, centres, rng.uniform(-1, 1, 256),
+        [-1.0, 1.0, -1.0 - 1 / 256, 1.0 + 1 / 256, -1.05, 1.05, -1.3, 1.3, -3.0, 3.0],
+    ])
+    nearest = np.clip(np.round((rescaled + 1) * 128 - 0.5), 0, 255).astype(np.int64)
+    x = np.where(rng.uniform(size=rescaled.size) < 0.5, nearest, rng.integers(0, 256, rescaled.size))
+    x = np.clip(x + (np.arange(rescaled.size) % 7 == 0), 0, 255).astype(np.uint8).reshape(-1, 1, 1, 1)
+    alpha_0 = np.sqrt(1 / (1 + np.exp(gamma_0)))
+    z_0 = tf.constant((alpha_0 * rescaled).reshape(-1, 1, 1, 1), tf.float32)
+    gamma = tf.constant(gamma_0, tf.float32)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([z_0, gamma])
+        windowed = images.reconstruction_nll(x, z_0, gamma)
+        full = tf.reshape(full_softmax_nll(x, z_0, gamma), [-1])
+    # Both in float32 from the same z_0 / alpha_0: they differ by rounding only (a window one
+    # value too narrow leaves out exp(-8) of a pixel's normaliser at some gamma_0 of this grid).
+    np.testing.assert_allclose(windowed.numpy(), full.numpy(), rtol=1e-6, atol=2e-6)
+    for variable in (z_0, gamma):  # each z_0's gradient sums terms of the scale of the largest one
+        expected = tape.gradient(full, variable).numpy()
+        atol = 1e-6 * np.abs(expected).max()
+        np.testing.assert_allclose(tape.gradient(windowed, variable).numpy(), expected, rtol=1e-5, atol=atol)
+
+
+def test_reconstruction_nll_window_follows_the_smallest_snr_of_the_batch():
+    # Per-example gamma_0: the example with the widest decoder sets the window for all.
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (2, 4, 4, 3)).astype(np.uint8)
+    gamma_0 = tf.constant([-13.3, -7.0])
+    alpha_0 = tf.sqrt(tf.sigmoid(-gamma_0))[:, None, None, None]
+    z_0 = alpha_0 * (images.encode(x) + 1.0 / 256)  # halfway between two bins
+    expected = tf.reduce_sum(full_softmax_nll(x, z_0, gamma_0[:, None, None, None]), axis=[1, 2, 3])
+    np.testing.assert_allclose(images.reconstruction_nll(x, z_0, gamma_0).numpy(), expected.numpy(), rtol=1e-6)
+
+
 def test_argmax_is_the_most_likely_value():
     rng = np.random.default_rng(1)
     z_0 = tf.constant(rng.uniform(-1.2, 1.2, (4, 3, 3, 2)), tf.float32)
