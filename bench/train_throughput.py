@@ -31,7 +31,8 @@ imports, model construction, tracing, graph optimisation / compilation and the s
 CPU model and whether oneDNN is on, and `other CPUs`: the CPUs that other processes kept busy
 during the measurement (run the bench on an otherwise idle machine: one other busy process,
 even niced, slows both sides' steps by about 1.6x on 2 cores). Prints a table; writes
-bench/results/train_throughput.json.
+bench/results/train_throughput.json, keeping the rows of the configurations not measured in this
+run (so `--configs=paper --rounds=2` refreshes only the paper rows).
 """
 
 import argparse
@@ -58,7 +59,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Workers: one measurement each, in a fresh process; print one JSON line.
 
 
-def _worker_fit(n_layers, n_embd, batch_size, steps, keras_adamw=False):
+def fit_model_and_data(n_layers, n_embd, batch_size, keras_adamw=False):
+    """The `fit` path's compiled `vdm_tf.VDM` and its data: one batch of random uint8 images, repeated."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -72,6 +74,13 @@ def _worker_fit(n_layers, n_embd, batch_size, steps, keras_adamw=False):
     optimizer = adamw(2e-4, beta_2=0.99, weight_decay=0.01, use_ema=True, ema_momentum=0.9999)
     model.compile(optimizer=optimizer, jit_compile=False)
     images = np.random.default_rng(0).integers(0, 256, (batch_size,) + IMAGE_SHAPE, dtype=np.uint8)
+    return model, tf.data.Dataset.from_tensors(images).repeat()
+
+
+def _worker_fit(n_layers, n_embd, batch_size, steps, keras_adamw=False):
+    import keras
+
+    model, data = fit_model_and_data(n_layers, n_embd, batch_size, keras_adamw)
     durations, first_done = [], []
 
     class StepTimer(keras.callbacks.Callback):
@@ -82,7 +91,6 @@ def _worker_fit(n_layers, n_embd, batch_size, steps, keras_adamw=False):
             durations.append(time.perf_counter() - self.start)
             first_done.append(time.time())
 
-    data = tf.data.Dataset.from_tensors(images).repeat()
     model.fit(data, steps_per_epoch=steps + 1, epochs=1, verbose=0, callbacks=[StepTimer()])
     return durations, first_done[0], model.count_params()
 
@@ -291,6 +299,7 @@ def main(argv=None):
         for path, figure in figures.items():
             ratio = figures["jax"]["seconds_per_step"] / figure["seconds_per_step"] if jax else float("nan")
             row = dict(config=name, path=path, n_layers=n_layers, n_embd=n_embd, batch_size=batch_size,
+                       steps=args.steps, rounds=args.rounds,
                        images_per_second=batch_size / figure["seconds_per_step"], speed_vs_jax=ratio,
                        runs=runs[path], **figure)
             results.append(row)
@@ -303,10 +312,22 @@ def main(argv=None):
     for device, seconds in estimates["seconds_per_step"].items():
         print(f"  {device:<20} " + "  ".join(f"{dtype} {value:.3f} s/step" for dtype, value in seconds.items()))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    results = kept_rows(args.out, names) + results  # read before the file is rewritten
     with open(args.out, "w") as f:
-        json.dump({"machine": machine(), "steps": args.steps, "rounds": args.rounds, "results": results,
-                   "accelerator_estimates": estimates}, f, indent=2)
+        json.dump({"machine": machine(), "results": results, "accelerator_estimates": estimates}, f, indent=2)
     print(f"wrote {args.out}")
+
+
+def kept_rows(path, measured):
+    """The rows of `path` (an earlier run's JSON on this CPU) for configurations not measured now, in order."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        earlier = json.load(f)
+    if earlier.get("machine", {}).get("cpu") != machine()["cpu"]:
+        return []
+    rows = [row for row in earlier["results"] if row["config"] not in measured and "rounds" in row]
+    return sorted(rows, key=lambda row: list(CONFIGS).index(row["config"]))
 
 
 if __name__ == "__main__":
