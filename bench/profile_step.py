@@ -11,10 +11,10 @@ the trace's XSpace) by op type and by group:
 - convolution forward / backward (oneDNN's `_MklNative*Conv2D*` kernels),
 - matrix products (attention and the dense layers),
 - random numbers (dropout masks, the diffusion's noise and times),
-- the decoder's reconstruction term (`vdm_tf.images.reconstruction_nll`),
 - the optimizer (`ResourceApply*`),
-- the rest: element-wise ops, reductions and copies of group norm, swish, the losses and the
-  backward pass.
+- reductions (group norm's statistics, bias gradients, gradient sums), copies (tiles, slices,
+  concatenations), the executor's bookkeeping (function calls, variable reads),
+- the rest: element-wise ops of group norm, swish, the losses and their gradients.
 
 Op time summed over threads exceeds the step's wall-clock time when ops run in parallel (two
 inter-op threads here). Prints a table; writes bench/results/profile_step.json. Run it on an
@@ -26,6 +26,7 @@ import collections
 import glob
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -34,13 +35,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.train_throughput import CONFIGS, fit_model_and_data, machine  # noqa: E402
 
-GROUPS = (  # (group, test on the op type or name), first match wins
-    ("decoder (reconstruction term)", lambda kind, name: "reconstruction" in name or "SparseSoftmax" in kind),
+BOOKKEEPING = {"Start", "Done", "FunctionRun", "PartitionedCallOp", "ExecutorDoneCallback", "ReadVariableOp",
+               "ParallelFor", "Identity", "IdentityN", "NoOp", "Const", "_Retval", "_Arg"}
+REDUCTIONS = {"Sum", "Mean", "Max", "Min", "Prod", "BiasAddGrad", "AddN"}
+COPIES = {"Tile", "Slice", "StridedSlice", "StridedSliceGrad", "ConcatV2", "Transpose", "Pack", "Unpack", "Reshape",
+          "Fill", "Pad", "GatherV2", "Split", "SplitV", "BroadcastTo", "TensorListStack", "TensorListFromTensor"}
+GROUPS = (  # (group, test on the op type and name), first match wins
     ("convolution, forward", lambda kind, name: "Conv2D" in kind and "Backprop" not in kind),
     ("convolution, backward", lambda kind, name: "Conv2DBackprop" in kind),
-    ("matrix products", lambda kind, name: "MatMul" in kind),
-    ("random numbers", lambda kind, name: kind.startswith("StatelessRandom")),
+    ("matrix products (attention, dense)", lambda kind, name: "MatMul" in kind),
+    ("random numbers (dropout, noise)", lambda kind, name: kind.startswith("StatelessRandom")),
     ("optimizer", lambda kind, name: kind.startswith("ResourceApply")),
+    ("reductions (norm statistics, sums)", lambda kind, name: kind in REDUCTIONS),
+    ("copies, tiles, slices", lambda kind, name: kind in COPIES),
+    ("executor bookkeeping", lambda kind, name: kind in BOOKKEEPING),
+    ("element-wise (norm, swish, loss)", lambda kind, name: True),
 )
 
 
@@ -64,14 +73,19 @@ def op_events(logdir):
 
 
 def profile(config, steps):
+    import keras
     import tensorflow as tf
 
     n_layers, n_embd, batch_size = CONFIGS[config]
     model, data = fit_model_and_data(n_layers, n_embd, batch_size)
     model.fit(data, steps_per_epoch=3, epochs=1, verbose=0)  # tracing and warm-up
-    start = time.perf_counter()
-    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
-    seconds_per_step = (time.perf_counter() - start) / steps
+    durations = []
+    timer = keras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda batch, logs: durations.append(-time.perf_counter()),
+        on_train_batch_end=lambda batch, logs: durations.append(durations.pop() + time.perf_counter()),
+    )
+    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[timer])
+    seconds_per_step = statistics.median(durations)  # as bench/train_throughput.py times a step
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
         model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
@@ -81,7 +95,7 @@ def profile(config, steps):
     for kind, name, seconds in events:
         by_kind[kind] += seconds / steps
         counts[kind] += 1 / steps
-        group = next((group for group, test in GROUPS if test(kind, name)), "the rest")
+        group = next(group for group, test in GROUPS if test(kind, name))
         by_group[group] += seconds / steps
     total = sum(by_kind.values())
     return {
@@ -96,7 +110,7 @@ def profile(config, steps):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="tiny,small")
-    parser.add_argument("--steps", type=int, default=10, help="profiled steps (after 3 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=10, help="timed and profiled steps (after 3 warm-up steps)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "profile_step.json"))
     args = parser.parse_args(argv)
     names = args.configs.split(",")

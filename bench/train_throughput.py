@@ -312,22 +312,22 @@ def main(argv=None):
     for device, seconds in estimates["seconds_per_step"].items():
         print(f"  {device:<20} " + "  ".join(f"{dtype} {value:.3f} s/step" for dtype, value in seconds.items()))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    results = kept_rows(args.out, names) + results  # read before the file is rewritten
+    results = sorted(kept_rows(args.out, names) + results,  # read before the file is rewritten
+                     key=lambda row: list(CONFIGS).index(row["config"]))
     with open(args.out, "w") as f:
         json.dump({"machine": machine(), "results": results, "accelerator_estimates": estimates}, f, indent=2)
     print(f"wrote {args.out}")
 
 
 def kept_rows(path, measured):
-    """The rows of `path` (an earlier run's JSON on this CPU) for configurations not measured now, in order."""
+    """The rows of `path` (an earlier run's JSON on this CPU) for configurations not measured now."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
         earlier = json.load(f)
     if earlier.get("machine", {}).get("cpu") != machine()["cpu"]:
         return []
-    rows = [row for row in earlier["results"] if row["config"] not in measured and "rounds" in row]
-    return sorted(rows, key=lambda row: list(CONFIGS).index(row["config"]))
+    return [row for row in earlier["results"] if row["config"] not in measured and "rounds" in row]
 
 
 if __name__ == "__main__":
