@@ -181,7 +181,7 @@ class MultiScaleVDM(VDM):
     # The negative ELBO: only the diffusion term differs from VDM.
 
     def _diffusion_loss(self, f, seed, training, example_index, num_examples, conditioning=None):
-        """Per-example diffusion loss in nats, and the base schedule's (clock, gamma, gamma') it used.
+        """Per-example diffusion loss in nats, and the base schedule's (gamma, gamma') it used.
 
         Those are [M, N]: one row per (stage, alive group) pair, at that group's clock t / t_k,
         so `VDM.compute_gradients` can train a schedule's shape on the loss variance.
@@ -195,8 +195,7 @@ class MultiScaleVDM(VDM):
         for stage, start, end in self.stages:
             t = start + (end - start) * u
             clocks += [t / end_time for end_time in self.group_end_times(stage)]
-        clocks = tf.stack(clocks)
-        gamma, dgamma = self.schedule.gamma_and_derivative(clocks)
+        gamma, dgamma = self.schedule.gamma_and_derivative(tf.stack(clocks))
         condition = {} if conditioning is None else {"conditioning": conditioning}
         loss, row = 0.0, 0
         for stage, start, end in self.stages:
@@ -214,7 +213,7 @@ class MultiScaleVDM(VDM):
                 dgamma_dt = dgamma[row + k] / end_times[k]  # d/dt gamma(t / t_k)
                 loss += (end - start) * 0.5 * dgamma_dt * squared_error  # VDM eq. (17), per group
             row += len(end_times)
-        return loss, (clocks, gamma, dgamma)
+        return loss, (gamma, dgamma)
 
     # ----------------------------------------------------------------------------------------
     # Sampling, coarse to fine.

@@ -127,7 +127,7 @@ class VDM(keras.Model):
         return t
 
     def _diffusion_loss(self, f, seed, training, example_index, num_examples, conditioning=None):
-        """Per-example diffusion loss in nats, and the (t, gamma_t, gamma'_t) it used.
+        """Per-example diffusion loss in nats, and the (gamma_t, gamma'_t) it used.
 
         gamma'_t is None in discrete time.
         """
@@ -148,7 +148,7 @@ class VDM(keras.Model):
             weight = 0.5 * self.timesteps * tf.math.expm1(gamma_t - gamma_s)  # VDM eq. (16)
         else:
             weight = 0.5 * dgamma_t  # VDM eq. (17)
-        return weight * squared_error, (t, gamma_t, dgamma_t)
+        return weight * squared_error, (gamma_t, dgamma_t)
 
     def _denoise(self, z_t, gamma_t, training=False, **conditioning):
         """The denoiser's eps_hat(z_t, gamma_t) in float32, whatever its dtype policy."""
@@ -177,7 +177,7 @@ class VDM(keras.Model):
         return images.reconstruction_nll(x, z_0, gamma_0, self.pixel_values)
 
     def _loss_terms(self, x, seed, training, example_index=None, num_examples=None):
-        """Per-example bpd terms (dict over TERMS) and the diffusion loss's (t, gamma_t, gamma'_t).
+        """Per-example bpd terms (dict over TERMS) and the diffusion loss's (gamma_t, gamma'_t).
 
         Every random draw of example i depends only on `seed` and its global index
         `example_index[i]` among the `num_examples` of the global batch (defaults: this batch
@@ -293,28 +293,21 @@ class VDM(keras.Model):
         example i depends on gamma_t[i] and gamma'_t[i], so one backward pass through the
         denoiser gives dL_i/d gamma_t[i]; scaling it by 2 L_i and back-propagating through the
         (small) schedule network gives the variance gradient without a second denoiser pass.
-
-        That last step evaluates the schedule at the same times again under its own tape, so the
-        tape around the denoiser is not persistent: under a persistent tape TensorFlow
-        differentiates every traced function (the U-Net's blocks) in its higher-order mode,
-        which made the paper network's step 10% slower.
         """
         variance_variables = self.schedule.variance_variables if not self.timesteps else []
         variance_ids = {id(v) for v in variance_variables}
         vlb_variables = [v for v in self.trainable_variables if id(v) not in variance_ids]
-        with tf.GradientTape() as tape:
-            terms, (t, gamma_t, dgamma_t) = self._loss_terms(x, seed, True, example_index, num_examples)
+        with tf.GradientTape(persistent=bool(variance_variables)) as tape:
+            terms, (gamma_t, dgamma_t) = self._loss_terms(x, seed, True, example_index, num_examples)
             loss = tf.reduce_mean(terms["bpd"]) / tf.distribute.get_strategy().num_replicas_in_sync
         if not variance_variables:
             return tape.gradient(loss, self.trainable_variables), terms
         *vlb_grads, grad_gamma_t, grad_dgamma_t = tape.gradient(loss, vlb_variables + [gamma_t, dgamma_t])
         scale = 2.0 * tf.stop_gradient(terms["diffusion"])
-        with tf.GradientTape() as schedule_tape:
-            gamma_again, dgamma_again = self.schedule.gamma_and_derivative(tf.stop_gradient(t))
-        variance_grads = schedule_tape.gradient(
-            [gamma_again, dgamma_again], variance_variables,
-            output_gradients=[scale * grad_gamma_t, scale * grad_dgamma_t],
+        variance_grads = tape.gradient(
+            [gamma_t, dgamma_t], variance_variables, output_gradients=[scale * grad_gamma_t, scale * grad_dgamma_t]
         )
+        del tape
         by_id = dict(zip(map(id, vlb_variables), vlb_grads)) | dict(zip(map(id, variance_variables), variance_grads))
         return [by_id[id(v)] for v in self.trainable_variables], terms
 
