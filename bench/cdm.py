@@ -20,8 +20,9 @@
    bpd), whose terms below gamma = -8 hold for any model of the 17-value digits (the neighbouring
    pixel values are more than 7 noise standard deviations apart there).
 4. Denoising: per-pixel MSE of the noise prediction, E (eps - eps_hat)^2, of the CDM
-   (Theorem 3.1: the classifier's input gradient) and of the VDM denoiser, at several gamma, on
-   the same test images (bin centres) and noise.
+   (Theorem 3.1: the classifier's input gradient), of the VDM denoiser and of the best linear
+   denoiser of the train split (Wiener filter; near the optimum at high noise, where the posterior
+   mean is nearly linear), at several gamma, on the same test images (bin centres) and noise.
 
 The demo VDM comes from `make demo` (runs/demo, EMA weights). Timings are wall-clock after one
 untimed call (tracing), on whatever this machine is. Prints a table and writes
@@ -52,7 +53,9 @@ flags.DEFINE_string("vdm_dir", "runs/demo", "Run directory of the trained digits
 flags.DEFINE_integer("steps", None, "CDM training steps (default: the digits_cdm preset's train_steps).")
 flags.DEFINE_integer("vlb_time_samples", 8, "Time samples per image of the VDM's VLB.")
 flags.DEFINE_integer("ode_images", 32, "Test images scored with the (slow) ODE likelihood.")
-flags.DEFINE_list("gammas", ["-12", "-10", "-8", "-6", "-3", "0", "3", "5"], "gamma of the denoising MSE.")
+flags.DEFINE_list(
+    "gammas", ["-12", "-10", "-8", "-6", "-3", "0", "3", "4.9", "5", "8", "10"], "gamma of the denoising MSE."
+)
 flags.DEFINE_list("band_edges", ["-10", "-8", "-6", "-4", "-2", "0", "2"], "gamma boundaries of the log-ratio split.")
 flags.DEFINE_string("out", "bench/results/cdm.json", "Where to write the JSON results.")
 flags.register_validator("steps", lambda steps: steps is None or steps >= 10, "--steps must be at least 10.")
@@ -192,19 +195,38 @@ def one_step_parts(cdm, train_images, test, seed):
     }
 
 
-def denoising(cdm, vdm, test, seed):
-    """Per-pixel E (eps - eps_hat)^2 of both denoisers at each gamma, same images and noise."""
+def linear_denoiser_mse(train_images, f, z, alpha2):
+    """Per-pixel E (eps - eps_hat)^2 of the best linear denoiser (Wiener filter) of the train split.
+
+    With the train split's pixel mean m and covariance C (f units), f_hat = m + alpha C (alpha^2 C
+    + sigma^2 I)^-1 (z - alpha m) and eps - eps_hat = alpha (f_hat - f) / sigma. At high noise
+    the posterior mean is nearly linear in z, so this is close to the best any denoiser can do.
+    """
+    train_f = vdm_tf.images.encode(train_images).numpy().reshape(len(train_images), -1).astype(np.float64)
+    mean, covariance = train_f.mean(0), np.cov(train_f.T)
+    alpha, sigma2 = math.sqrt(alpha2), 1.0 - alpha2
+    gain = alpha * covariance @ np.linalg.inv(alpha2 * covariance + sigma2 * np.eye(len(mean)))
+    f, z = (np.asarray(v, np.float64).reshape(len(v), -1) for v in (f, z))
+    f_hat = mean + (z - alpha * mean) @ gain.T
+    return float(alpha2 / sigma2 * np.mean(np.square(f_hat - f)))
+
+
+def denoising(cdm, vdm, train_images, test, seed):
+    """Per-pixel E (eps - eps_hat)^2 of both denoisers and the linear one at each gamma, same images and noise."""
     f = vdm_tf.images.encode(test)
     eps = tf.random.stateless_normal(tf.shape(f), vdm_tf.seeding.as_seed(seed))
     rows = []
     for gamma in map(float, FLAGS.gammas):
-        z = math.sqrt(1 / (1 + math.exp(gamma))) * f + math.sqrt(1 / (1 + math.exp(-gamma))) * eps
+        alpha2 = 1 / (1 + math.exp(gamma))
+        z = math.sqrt(alpha2) * f + math.sqrt(1 - alpha2) * eps
         gammas = tf.fill([len(test)], gamma)
         row = {"gamma": gamma}
         for name, model in (("cdm", cdm), ("vdm", vdm)):
             eps_hat = model.denoiser(z, gammas, training=False)
             row[f"{name}_mse"] = float(tf.reduce_mean(tf.square(eps - eps_hat)))
+        row["linear_mse"] = linear_denoiser_mse(train_images, f, z, alpha2)
         row["cdm_over_vdm"] = row["cdm_mse"] / row["vdm_mse"]
+        row["cdm_over_linear"] = row["cdm_mse"] / row["linear_mse"]
         rows.append(row)
     return rows
 
@@ -217,15 +239,15 @@ def main(argv):
     if FLAGS.steps is not None:
         config = dataclasses.replace(config, train_steps=FLAGS.steps)
     cdm, training = train_cdm(config)
-    test = vdm_tf.datasets.digits_arrays("test")
+    train_images, test = vdm_tf.datasets.digits_arrays("train"), vdm_tf.datasets.digits_arrays("test")
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs",
         "tensorflow": tf.__version__,
         "vdm": {"model_dir": FLAGS.vdm_dir, "config": dataclasses.asdict(vdm_config)},
         "cdm": {"preset": "digits_cdm", "config": dataclasses.asdict(config), "training": training},
         "likelihood": likelihoods(cdm, vdm, test, config.seed),
-        "one_step_parts": one_step_parts(cdm, vdm_tf.datasets.digits_arrays("train"), test, config.seed),
-        "denoising": denoising(cdm, vdm, test, config.seed),
+        "one_step_parts": one_step_parts(cdm, train_images, test, config.seed),
+        "denoising": denoising(cdm, vdm, train_images, test, config.seed),
     }
     print(
         f"\nCDM trained {training['steps']} steps (batch {training['batch_size']}) in {training['seconds']:.0f} s "
@@ -245,9 +267,12 @@ def main(argv):
     )
     for name, band in parts["log_ratio_bands"].items():
         print(f"  {name:<28}{band['cdm']:>8.3f}{band['per_pixel']:>8.3f}")
-    print(f"\n{'gamma':>7}{'CDM eps MSE':>13}{'VDM eps MSE':>13}{'CDM / VDM':>11}")
+    print(f"\n{'gamma':>7}{'CDM eps MSE':>13}{'VDM eps MSE':>13}{'linear':>10}{'CDM / VDM':>11}{'CDM / linear':>14}")
     for row in results["denoising"]:
-        print(f"{row['gamma']:>7.1f}{row['cdm_mse']:>13.4f}{row['vdm_mse']:>13.4f}{row['cdm_over_vdm']:>11.2f}")
+        print(
+            f"{row['gamma']:>7.1f}{row['cdm_mse']:>13.5f}{row['vdm_mse']:>13.5f}{row['linear_mse']:>10.5f}"
+            f"{row['cdm_over_vdm']:>11.2f}{row['cdm_over_linear']:>14.2f}"
+        )
     os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump(results, f, indent=2)

@@ -31,7 +31,9 @@ class NoiseLevelClassifier(keras.layers.Layer):
     4. The fixed cumulative sum: the dense layer outputs `r_t`, the logits are
        `logit_t = r_0 + ... + r_t`. For the optimal classifier `r_t` is then the log ratio
        `log p(t | z) - log p(t - 1 | z)` of neighbouring levels, which are close and hard to
-       tell apart (Yair and Michaeli's telescoping parametrisation, the paper's C.1).
+       tell apart (Yair and Michaeli's telescoping parametrisation, the paper's C.1). The
+       last ratio, level T against pure noise, is far bigger than its neighbours' and learns
+       like them, so it ends up too small: keep level T near pure noise (`vdm_tf.cdm`).
 
     Call arguments:
         z: float32 [N, H, W, C], an image at an unknown noise level.
