@@ -1,0 +1,299 @@
+"""Multi-scale (Haar) vs uniform diffusion at 32x32 on photographs, at equal training CPU time.
+
+    python -m bench.multiscale_photos                              # 600 CPU s per model, 3 models
+    python -m bench.multiscale_photos --cpu_seconds=30 --evals=2   # a quick end-to-end check
+    python -m bench.multiscale_photos --cpu_seconds=300 --evals=4 --end_times=0.75 \
+        --stage_networks_end_times=0.75                          # shared network or one per stage
+
+1. Training. The `photos` preset (32x32x3 patches of scikit-image's photographs, 2 x 32 ScoreUNet,
+   AdamW with warm-up, cosine decay and EMA) as a uniform VDM, and one multi-scale model per
+   `--end_times` value: `dataclasses.replace(PRESETS["photos"], multiscale_levels=L,
+   multiscale_end_times=value)`, L the number of times in the value (one denoiser shared by every
+   stage, so the parameter count is the uniform model's), and one per `--stage_networks_end_times`
+   value with one network per stage (`multiscale_stage_networks`). Same data order, seed, optimizer.
+   Every model trains for `--cpu_seconds` of this process's CPU time (`time.process_time()`,
+   all threads, tf.data included; the first step's tracing counts; evaluations do not). So that
+   each run ends with its learning rate decayed, a throw-away copy of the model first measures
+   its CPU seconds per step (after its first, tracing step) and the run's `train_steps`, which
+   sets the cosine decay, is the budget divided by that; training stops when the budget is spent.
+2. Learning curves. At `--evals` evenly spaced points of the budget, the EMA weights' test bpd:
+   the photos test split (342 patches of two photographs not in the training split), the
+   preset's `eval_time_samples` (4) time samples per image, with its standard error. Every
+   model is evaluated with the same seed on the same batches, so the multi-scale minus uniform
+   gap at the end has a paired standard error (from the per-image differences).
+3. Sampling speed. After training, every model draws `--num_samples` images in `--sample_steps`
+   ancestral steps, the fastest of `--repeats` calls after one untimed (tracing) call, the models
+   taking turns (`bench.multiscale.seconds_per_sample`, whose flags these are); "pixel ratio" is
+   the speed-up if a step cost were proportional to its pixels (`bench.multiscale.pixel_ratio`).
+
+Prints the curves and a table of the final figures; writes bench/results/multiscale_photos.json
+after every model (the sampling figures at the end).
+
+Caveats: the CPU clock is robust to other processes taking turns on a shared CPU (and to the
+process being paused), not to them slowing each step down (caches, memory bandwidth, TensorFlow's
+spinning threads), so the step counts of one run carry some noise; the two bpd figures differ in
+their optimisation, not their bound: both are exact VLBs of their model. The preset is sized for a
+20-minute run; 600 CPU seconds is about 1000 steps, far from converged. Autograph reads the source
+files when it traces, so editing vdm_tf/ during a run can break the later traces (each model's
+sampler is traced before its training for that reason). The EMA weights are swapped in and out by
+Keras's `SwapEMAWeights`, which swaps by additions: each swap moves the weights by float rounding.
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import vdm_tf  # noqa: E402
+from bench.multiscale import pixel_ratio, seconds_per_sample  # noqa: E402  (defines the sampling flags)
+from trainers import configs  # noqa: E402
+
+PRESET = "photos"
+
+
+def parse_end_times(value):
+    """'0.5,0.75' -> (0.5, 0.75): the end times of the detail groups, finest first (ValueError if not)."""
+    times = tuple(float(t) for t in value.split(","))
+    if not all(0.0 < a <= b <= 1.0 for a, b in zip(times, times[1:] + (1.0,))):
+        raise ValueError(value)
+    return times
+
+
+def valid_end_times(values):
+    try:
+        for value in values:
+            parse_end_times(value)
+    except ValueError:
+        return False
+    return True
+
+
+flags.DEFINE_float("cpu_seconds", 600.0, "Training budget of every model, in CPU seconds of this process.")
+flags.DEFINE_integer("evals", 5, "Test-set evaluations per model, evenly spaced in the budget.")
+flags.DEFINE_multi_string(
+    "end_times",
+    ["0.75", "0.5,0.75"],
+    "One multi-scale model per value: its detail groups' end times, finest first (as many Haar levels as times).",
+)
+flags.DEFINE_multi_string(
+    "stage_networks_end_times", [], "The same, with one network per stage (multiscale_stage_networks, 2x parameters)."
+)
+flags.DEFINE_integer("eval_batch_size", 64, "Test images per ELBO call.")
+flags.register_validator("cpu_seconds", lambda v: v > 0, "--cpu_seconds must be > 0.")
+flags.register_validator("evals", lambda v: v >= 1, "--evals must be >= 1.")
+flags.register_validator("eval_batch_size", lambda v: v >= 1, "--eval_batch_size must be >= 1.")
+for _name in ("end_times", "stage_networks_end_times"):
+    flags.register_validator(
+        _name, valid_end_times, f"--{_name} takes times 0 < t_1 <= t_2 <= ... <= 1 separated by commas, e.g. 0.5,0.75."
+    )
+FLAGS = flags.FLAGS
+FLAGS.set_default("out", "bench/results/multiscale_photos.json")  # bench.multiscale's --out
+FLAGS.set_default("num_samples", 4)
+# bench.multiscale's flags that this bench does not use.
+FOREIGN_FLAGS = ("resolutions", "n_layers", "n_embd", "train_steps")
+flags.register_multi_flags_validator(
+    FOREIGN_FLAGS,
+    lambda values: all(values[name] == FLAGS[name].default for name in FOREIGN_FLAGS),
+    f"--{', --'.join(FOREIGN_FLAGS)} belong to bench.multiscale; this bench does not use them.",
+)
+
+
+class CpuBudget(keras.callbacks.Callback):
+    """Stops training after `budget` CPU seconds; evaluates the model at `marks` (its clocks pause meanwhile).
+
+    `evaluate(model)` returns a dict that becomes one point of `points`, with the training CPU
+    seconds, wall seconds and steps at which it was taken.
+    """
+
+    def __init__(self, budget, marks, evaluate):
+        super().__init__()
+        self.budget, self.marks, self.evaluate = budget, list(marks), evaluate
+        self.points, self.steps = [], 0
+
+    def on_train_begin(self, logs=None):
+        self.cpu_start, self.wall_start = time.process_time(), time.perf_counter()
+
+    def clocks(self):
+        return time.process_time() - self.cpu_start, time.perf_counter() - self.wall_start
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        cpu, wall = self.clocks()
+        if self.steps == 1:
+            self.first_step = {"cpu_seconds": cpu, "wall_seconds": wall}
+        if cpu < self.marks[len(self.points)]:
+            return
+        point = {"cpu_seconds": cpu, "wall_seconds": wall, "step": self.steps, **self.evaluate(self.model)}
+        self.points.append(point)
+        print(
+            f"  step {self.steps:>5}  {cpu:7.1f} cpu s  {wall:7.1f} s  "
+            f"test bpd {point['bpd']:.3f} +- {point['stderr']:.3f}",
+            flush=True,
+        )
+        if len(self.points) == len(self.marks):
+            self.model.stop_training = True
+        # The evaluation's time is not training time: shift the starts by it.
+        cpu_after, wall_after = self.clocks()
+        self.cpu_start += cpu_after - cpu
+        self.wall_start += wall_after - wall
+
+
+def compiled(config):
+    keras.utils.set_random_seed(config.seed)
+    model = configs.build_model(config)
+    model.compile(optimizer=configs.build_optimizer(config, model), jit_compile=config.jit_compile)
+    return model
+
+
+def training_data(config):
+    return vdm_tf.datasets.load(PRESET, "train", config.batch_size, seed=config.seed)
+
+
+def cpu_per_step(config, steps=10):
+    """(CPU seconds of the first step, CPU seconds per later step) of a throw-away copy of the model."""
+    ends = []
+    clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(time.process_time()))
+    model = compiled(config)
+    start = time.process_time()
+    model.fit(training_data(config), steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[clock])
+    return ends[0] - start, (ends[-1] - ends[0]) / (len(ends) - 1)
+
+
+def ema_test_bpd(test, config):
+    """evaluate(model) for `CpuBudget`: the EMA weights' test bpd (Keras's SwapEMAWeights swaps them in and out)."""
+
+    def evaluate(model):
+        swap = keras.callbacks.SwapEMAWeights()
+        swap.set_model(model)
+        swap.on_test_begin()
+        try:
+            result = vdm_tf.evaluation.dataset_bpd(model, test, config.eval_time_samples, seed=config.seed)
+        finally:
+            swap.on_test_end()
+        terms = {name: result[name] for name in ("bpd", "stderr", "diffusion", "prior", "reconstruction")}
+        return {**terms, "per_image": result["per_image"]}
+
+    return evaluate
+
+
+def train(name, config, test):
+    """Trains `config` for --cpu_seconds of CPU; returns the model and its results."""
+    first_step, per_step = cpu_per_step(config)
+    train_steps = max(int((FLAGS.cpu_seconds - first_step) / per_step), config.warmup_steps + 1)
+    config = dataclasses.replace(config, train_steps=train_steps)
+    print(
+        f"{name}: first step {first_step:.1f} cpu s, then {per_step:.3f} cpu s/step -> train_steps {train_steps}",
+        flush=True,
+    )
+    model = compiled(config)
+    # Trace the sampler now: autograph reads the source files when it traces, and a long run
+    # should not depend on them staying unchanged until its end.
+    model.sample(FLAGS.num_samples, FLAGS.sample_steps, seed=0)
+    marks = [FLAGS.cpu_seconds * (k + 1) / FLAGS.evals for k in range(FLAGS.evals)]
+    budget = CpuBudget(FLAGS.cpu_seconds, marks, ema_test_bpd(test, config))
+    # The step ceiling is never reached: the budget stops the run (the learning rate stays at its floor beyond).
+    model.fit(training_data(config), steps_per_epoch=10 * train_steps + 100, epochs=1, verbose=0, callbacks=[budget])
+    final = budget.points[-1]
+    return model, {
+        "multiscale_levels": config.multiscale_levels,
+        "multiscale_end_times": list(config.multiscale_end_times),
+        "train_steps_of_the_schedule": train_steps,
+        "calibration": {"first_step_cpu_seconds": first_step, "cpu_seconds_per_step": per_step},
+        "first_step": budget.first_step,
+        "parameters": model.count_params(),
+        "curve": [{k: v for k, v in p.items() if k != "per_image"} for p in budget.points],
+        "final": {k: v for k, v in final.items() if k != "per_image"},
+        "per_image": final["per_image"],
+        "load_average_after": os.getloadavg(),
+    }
+
+
+def paired_gap(per_image, reference):
+    """Mean and standard error of the per-image bpd differences (same images, same time samples)."""
+    difference = per_image - reference
+    return float(difference.mean()), float(difference.std(ddof=1) / np.sqrt(difference.size))
+
+
+def write(results):
+    """Writes --out (after every model, so a late failure keeps the curves trained so far)."""
+    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump(
+            {
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "tensorflow": tf.__version__,
+                    "load_average": os.getloadavg(),
+                },
+                "preset": PRESET,
+                "cpu_seconds": FLAGS.cpu_seconds,
+                "evals": FLAGS.evals,
+                "eval_time_samples": configs.PRESETS[PRESET].eval_time_samples,
+                "sampling": {"steps": FLAGS.sample_steps, "num_samples": FLAGS.num_samples, "repeats": FLAGS.repeats},
+                "models": {name: {k: v for k, v in r.items() if k != "per_image"} for name, r in results.items()},
+            },
+            f,
+            indent=2,
+        )
+
+
+def variants():
+    """{name: Config}: the uniform preset, then one multi-scale model per --end_times / --stage_networks_end_times."""
+    base = configs.PRESETS[PRESET]
+    models = {"uniform": base}
+    for flag, stage_networks, suffix in (("end_times", False, ""), ("stage_networks_end_times", True, " stage nets")):
+        for value in FLAGS[flag].value:
+            times = parse_end_times(value)
+            models[f"multiscale L={len(times)} t={value}{suffix}"] = dataclasses.replace(
+                base, multiscale_levels=len(times), multiscale_end_times=times, multiscale_stage_networks=stage_networks
+            )
+    return models
+
+
+def main(argv):
+    del argv
+    test = vdm_tf.datasets.load(
+        PRESET, "test", FLAGS.eval_batch_size, shuffle=False, repeat=False, drop_remainder=False
+    )
+    models, results = {}, {}
+    for name, config in variants().items():
+        models[name], results[name] = train(name, config, test)
+        reference = results["uniform"]["per_image"]
+        results[name]["gap_to_uniform"], results[name]["gap_stderr"] = paired_gap(results[name]["per_image"], reference)
+        write(results)
+
+    print(f"\nsampling, {FLAGS.sample_steps} steps, {FLAGS.num_samples} images per call, fastest of {FLAGS.repeats}")
+    seconds = seconds_per_sample(list(models.values()))
+    for (name, model), s in zip(models.items(), seconds):
+        results[name]["seconds_per_sample"] = s
+        results[name]["sampling_speedup"] = seconds[0] / s
+        results[name]["pixel_ratio"] = pixel_ratio(model, FLAGS.sample_steps) if name != "uniform" else 1.0
+
+    print(f"\nphotos 32x32x3, {FLAGS.cpu_seconds:.0f} CPU s of training each, test split (342 patches)")
+    print(
+        f"{'model':>36}{'steps':>7}{'wall s':>8}{'test bpd':>10}{'+-':>7}{'gap':>8}{'+-':>7}"
+        f"{'s/sample':>10}{'speed-up':>10}{'pixels':>8}"
+    )
+    for name, r in results.items():
+        final = r["final"]
+        print(
+            f"{name:>36}{final['step']:>7}{final['wall_seconds']:>8.0f}{final['bpd']:>10.3f}{final['stderr']:>7.3f}"
+            f"{r['gap_to_uniform']:>+8.3f}{r['gap_stderr']:>7.3f}{r['seconds_per_sample']:>10.3f}"
+            f"{r['sampling_speedup']:>9.2f}x{r['pixel_ratio']:>7.2f}x"
+        )
+    write(results)
+    print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
