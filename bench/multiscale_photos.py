@@ -35,8 +35,7 @@ spinning threads), so the step counts of one run carry some noise; the two bpd f
 their optimisation, not their bound: both are exact VLBs of their model. The preset is sized for a
 20-minute run; 600 CPU seconds is about 1000 steps, far from converged. Autograph reads the source
 files when it traces, so editing vdm_tf/ during a run can break the later traces (each model's
-sampler is traced before its training for that reason). The EMA weights are swapped in and out by
-Keras's `SwapEMAWeights`, which swaps by additions: each swap moves the weights by float rounding.
+sampler is traced before its training for that reason).
 """
 
 import dataclasses
@@ -169,16 +168,11 @@ def cpu_per_step(config, steps=10):
 
 
 def ema_test_bpd(test, config):
-    """evaluate(model) for `CpuBudget`: the EMA weights' test bpd (Keras's SwapEMAWeights swaps them in and out)."""
+    """evaluate(model) for `CpuBudget`: the EMA weights' test bpd (`vdm_tf.runs.ema_weights`)."""
 
     def evaluate(model):
-        swap = keras.callbacks.SwapEMAWeights()
-        swap.set_model(model)
-        swap.on_test_begin()
-        try:
+        with vdm_tf.runs.ema_weights(model):
             result = vdm_tf.evaluation.dataset_bpd(model, test, config.eval_time_samples, seed=config.seed)
-        finally:
-            swap.on_test_end()
         terms = {name: result[name] for name in ("bpd", "stderr", "diffusion", "prior", "reconstruction")}
         return {**terms, "per_image": result["per_image"]}
 

@@ -23,7 +23,6 @@ takes about 20 minutes on a shared 2-core CPU) and the curves of the presets not
 run are kept from the existing `--out` file, so one preset's curve can be re-measured alone.
 """
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -112,22 +111,6 @@ def peers():
 # Models: learning curves against training wall-clock.
 
 
-@contextlib.contextmanager
-def ema_weights(model):
-    """Temporarily swaps the EMA weights into the model (no-op without EMA)."""
-    variables = model.trainable_variables
-    if not model.optimizer.use_ema:
-        yield
-        return
-    raw = [tf.identity(v.value) for v in variables]
-    model.optimizer.finalize_variable_values(variables)
-    try:
-        yield
-    finally:
-        for variable, value in zip(variables, raw):
-            variable.assign(value)
-
-
 class LearningCurve(keras.callbacks.Callback):
     """Evaluates the EMA weights at every epoch end; the clock pauses while it does."""
 
@@ -141,7 +124,7 @@ class LearningCurve(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.train_seconds += time.perf_counter() - self.epoch_start
-        with ema_weights(self.model):
+        with vdm_tf.runs.ema_weights(self.model):
             result = vdm_tf.evaluation.dataset_bpd(
                 self.model, self.test_data, self.config.eval_time_samples, seed=self.config.seed
             )

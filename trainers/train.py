@@ -16,7 +16,6 @@ Files in the run directory:
     metrics.jsonl, tensorboard/, samples/   monitoring (chief)
 """
 
-import contextlib
 import logging
 import math
 import os
@@ -218,20 +217,9 @@ class Trainer:
         if not self.cluster.is_chief:
             shutil.rmtree(self.checkpoints.directory, ignore_errors=True)
 
-    @contextlib.contextmanager
     def ema_weights(self):
-        """Temporarily puts the EMA weights into the model (no-op without EMA)."""
-        optimizer, variables = self.model.optimizer, self.model.trainable_variables
-        if not optimizer.use_ema:
-            yield
-            return
-        raw = [tf.identity(v.value) for v in variables]
-        optimizer.finalize_variable_values(variables)
-        try:
-            yield
-        finally:
-            for variable, value in zip(variables, raw):
-                variable.assign(value)
+        """Temporarily puts the EMA weights into the model (`vdm_tf.runs.ema_weights`)."""
+        return vdm_tf.runs.ema_weights(self.model)
 
     def _reset_metrics(self):
         for tracker in self.model.metrics:

@@ -12,6 +12,7 @@ model of a run directory (EMA weights) or of a `.keras` file. The trainer (`trai
 presets, flags and the training loop on top; the library imports nothing from it.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -326,6 +327,27 @@ def compiled_model(config):
     model.compile(optimizer=build_optimizer(config, model))
     model.optimizer.build(model.trainable_variables)
     return model
+
+
+@contextlib.contextmanager
+def ema_weights(model):
+    """Temporarily puts the optimizer's EMA weights into `model` (no-op without EMA).
+
+    Example:
+    >>> with vdm_tf.runs.ema_weights(model):
+    ...     bpd = model.elbo(test_images)
+    """
+    optimizer, variables = model.optimizer, model.trainable_variables
+    if not optimizer.use_ema:
+        yield
+        return
+    raw = [tf.identity(v.value) for v in variables]
+    optimizer.finalize_variable_values(variables)
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, raw):
+            variable.assign(value)
 
 
 def model_checkpoint(model):
