@@ -128,10 +128,10 @@ NLL_WINDOWS = tuple(
 def _windowed_nll(x, z_0_rescaled, snr_0, half_width):
     """-log p(x | z_0) per pixel, the softmax normaliser summed over 2 W + 1 values around z_0 / alpha_0."""
     size = 2 * half_width + 1
-    nearest = tf.clip_by_value(tf.round((z_0_rescaled + 1.0) * NUM_VALUES / 2.0 - 0.5), 0.0, NUM_VALUES - 1.0)
+    nearest = tf.cast(decode(z_0_rescaled), tf.float32)
     first = tf.clip_by_value(nearest - half_width, 0.0, float(NUM_VALUES - size))  # the window stays in 0..255
     values = first[..., None] + tf.range(size, dtype=tf.float32)
-    logits = -0.5 * snr_0[..., None] * tf.square(z_0_rescaled[..., None] - (2.0 * (values + 0.5) / NUM_VALUES - 1.0))
+    logits = -0.5 * snr_0[..., None] * tf.square(z_0_rescaled[..., None] - encode(values))
     logit_x = -0.5 * snr_0 * tf.square(z_0_rescaled - encode(x))
     return tf.reduce_logsumexp(logits, axis=-1) - logit_x
 
