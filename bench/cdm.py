@@ -39,7 +39,6 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -72,11 +71,7 @@ def load_config(model_dir):
 
 def train_cdm(config):
     """The CDM of `config` trained on the digits train split; returns (model, training record)."""
-    keras.utils.set_random_seed(config.seed)
-    model = vdm_tf.runs.build_model(config)
-    model.compile(
-        optimizer=vdm_tf.runs.build_optimizer(config, model), steps_per_execution=10, jit_compile=config.jit_compile
-    )
+    model = vdm_tf.runs.compiled_model(config, seed=config.seed, steps_per_execution=10)
     data = vdm_tf.datasets.load("digits", "train", batch_size=config.batch_size, seed=config.seed)
     start, cpu_start = time.perf_counter(), time.process_time()
     history = model.fit(data, steps_per_epoch=config.train_steps // 10, epochs=10, verbose=2).history

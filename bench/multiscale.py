@@ -98,12 +98,11 @@ def speed(resolution):
     }
 
 
-def train_and_evaluate(build):
-    """Trains a model on digits with the digits preset's optimizer; returns its test bpd and times."""
-    config = dataclasses.replace(configs.PRESETS["digits"], train_steps=FLAGS.train_steps)
-    keras.utils.set_random_seed(config.seed)
-    model = build(config)
-    model.compile(optimizer=configs.build_optimizer(config, model), jit_compile=config.jit_compile)
+def train_and_evaluate(model_fields=None):
+    """Trains the digits preset's model, with `model_fields` changed, on digits with the preset's
+    optimizer for --train_steps; returns its test bpd and times."""
+    config = dataclasses.replace(configs.PRESETS["digits"], train_steps=FLAGS.train_steps, **(model_fields or {}))
+    model = vdm_tf.runs.compiled_model(config, seed=config.seed)
     train = vdm_tf.datasets.load("digits", "train", config.batch_size, seed=config.seed)
     step_ends = []
     clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: step_ends.append(time.perf_counter()))
@@ -123,18 +122,12 @@ def train_and_evaluate(build):
     }
 
 
-def multiscale_digits(config, stage_networks=False):
-    """The `digits_multiscale` preset's model on `config`'s training fields (one Haar level: 8x8 and 4x4).
-
-    Same network, schedule and decoder alphabet as the uniform model; its end time is the preset's.
-    """
+def multiscale_fields(stage_networks=False):
+    """The fields that make the digits preset's model the `digits_multiscale` preset's (one Haar
+    level: 8x8 and 4x4, the preset's end time): same network, schedule and decoder alphabet."""
     preset = configs.PRESETS["digits_multiscale"]
     fields = ("multiscale_levels", "multiscale_end_times")
-    return configs.build_model(
-        dataclasses.replace(
-            config, multiscale_stage_networks=stage_networks, **{name: getattr(preset, name) for name in fields}
-        )
-    )
+    return {"multiscale_stage_networks": stage_networks, **{name: getattr(preset, name) for name in fields}}
 
 
 def main(argv):
@@ -153,9 +146,9 @@ def main(argv):
             flush=True,
         )
     likelihood = {
-        "uniform": train_and_evaluate(configs.build_model),
-        "multiscale": train_and_evaluate(multiscale_digits),
-        "multiscale_stage_networks": train_and_evaluate(lambda config: multiscale_digits(config, True)),
+        "uniform": train_and_evaluate(),
+        "multiscale": train_and_evaluate(multiscale_fields()),
+        "multiscale_stage_networks": train_and_evaluate(multiscale_fields(stage_networks=True)),
     }
     print(f"\ndigits, {FLAGS.train_steps} training steps (digits preset), test bpd with 8 time samples per image")
     print(

@@ -146,13 +146,6 @@ class CpuBudget(keras.callbacks.Callback):
         self.wall_start += wall_after - wall
 
 
-def compiled(config):
-    keras.utils.set_random_seed(config.seed)
-    model = configs.build_model(config)
-    model.compile(optimizer=configs.build_optimizer(config, model), jit_compile=config.jit_compile)
-    return model
-
-
 def training_data(config):
     return vdm_tf.datasets.load(PRESET, "train", config.batch_size, seed=config.seed)
 
@@ -161,7 +154,7 @@ def cpu_per_step(config, steps=10):
     """(CPU seconds of the first step, CPU seconds per later step) of a throw-away copy of the model."""
     ends = []
     clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(time.process_time()))
-    model = compiled(config)
+    model = vdm_tf.runs.compiled_model(config, seed=config.seed)
     start = time.process_time()
     model.fit(training_data(config), steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[clock])
     return ends[0] - start, (ends[-1] - ends[0]) / (len(ends) - 1)
@@ -188,7 +181,7 @@ def train(name, config, test):
         f"{name}: first step {first_step:.1f} cpu s, then {per_step:.3f} cpu s/step -> train_steps {train_steps}",
         flush=True,
     )
-    model = compiled(config)
+    model = vdm_tf.runs.compiled_model(config, seed=config.seed)
     # Trace the sampler now: autograph reads the source files when it traces, and a long run
     # should not depend on them staying unchanged until its end.
     model.sample(FLAGS.num_samples, FLAGS.sample_steps, seed=0)

@@ -145,9 +145,7 @@ def learning_curve(preset):
     config = configs.PRESETS[preset]
     if FLAGS.train_steps:
         config = dataclasses.replace(config, train_steps=FLAGS.train_steps)
-    keras.utils.set_random_seed(config.seed)
-    model = configs.build_model(config)
-    model.compile(optimizer=configs.build_optimizer(config, model), jit_compile=config.jit_compile)
+    model = vdm_tf.runs.compiled_model(config, seed=config.seed)
     train = vdm_tf.datasets.load("digits", "train", config.batch_size, seed=config.seed)
     test = vdm_tf.datasets.load("digits", "test", 32, shuffle=False, repeat=False, drop_remainder=False)
     curve = LearningCurve(config, test)

@@ -119,9 +119,8 @@ class Trainer:
         self.verbose = verbose and self.cluster.is_chief
         self.steps_per_execution = config.steps_per_execution
         check_batch_size(config.batch_size, strategy)
-        keras.utils.set_random_seed(config.seed)  # the same initial weights on every run and worker
-        with strategy.scope():
-            self.model = vdm_tf.runs.compiled_model(config)
+        with strategy.scope():  # seeded: the same initial weights on every run and worker
+            self.model = vdm_tf.runs.compiled_model(config, seed=config.seed)
         self.data = iter(self._worker_dataset(data_dir))
         self.data_checkpointable = True
         self._train_function = self._make_train_function()

@@ -317,14 +317,27 @@ def build_optimizer(config, model):
 # Reading and writing run directories.
 
 
-def compiled_model(config):
-    """The model of `config`, compiled with its optimiser and the optimiser's variables built.
+def compiled_model(config, seed=None, **compile_kwargs):
+    """The model of `config`, compiled with its optimiser and `jit_compile`, the optimiser's variables built.
 
     Building the optimiser creates its slots and EMA copies, so that a checkpoint of
     `tf.train.Checkpoint(model=model, optimizer=model.optimizer)` restores into it.
+
+    Args:
+        config: a `Config`.
+        seed: if given, Python, NumPy and TensorFlow are seeded with it first
+            (`keras.utils.set_random_seed`), so that the same seed builds the same initial
+            weights; trainers pass `config.seed`. By default the global random state is left alone.
+        **compile_kwargs: further arguments of `model.compile`, e.g. `steps_per_execution`.
+
+    Example:
+    >>> model = vdm_tf.runs.compiled_model(config, seed=config.seed)
+    >>> model.fit(vdm_tf.datasets.load(config.dataset, "train", config.batch_size), steps_per_epoch=100)
     """
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     model = build_model(config)
-    model.compile(optimizer=build_optimizer(config, model))
+    model.compile(optimizer=build_optimizer(config, model), jit_compile=config.jit_compile, **compile_kwargs)
     model.optimizer.build(model.trainable_variables)
     return model
 
