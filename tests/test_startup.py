@@ -1,8 +1,15 @@
-"""TensorFlow's start-up banners are filtered; every other message is kept."""
+"""Start-up: TensorFlow's banners are filtered (every other message is kept); freed memory is kept."""
 
+import ctypes
 import os
+import platform
+import resource
 import subprocess
 import sys
+import textwrap
+import threading
+
+import pytest
 
 from vdm_tf import _startup
 
@@ -35,3 +42,61 @@ def test_importing_vdm_tf_prints_no_banner():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env | {"VDM_TF_STARTUP_LOGS": "1"}
     )
     assert "oneDNN custom operations" in shown.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# keep_freed_memory
+
+
+def page_faults_per_round(rounds=4, blocks=48, size=2 << 20):
+    """Page faults of each round of: malloc 48 blocks of 2 MiB, write every page, free them all.
+
+    Runs in a new thread, which glibc gives its own arena (as TensorFlow's threads get), like a
+    training step's activations. With memory kept, rounds after the first fault (almost) nothing.
+    """
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    faults = []
+
+    def work():
+        for _ in range(rounds):
+            start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            blocks_ = [libc.malloc(size) for _ in range(blocks)]
+            for block in blocks_:
+                ctypes.memset(block, 1, size)
+            for block in blocks_:
+                libc.free(block)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    return [count / (blocks * size // resource.getpagesize()) for count in faults]  # as a fraction of the pages
+
+
+glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+
+
+@glibc
+def test_importing_vdm_tf_keeps_freed_memory_for_the_next_step():
+    assert max(page_faults_per_round()[1:]) < 0.05
+
+
+@glibc
+def test_keeping_freed_memory_can_be_turned_off_and_is_what_removes_the_faults():
+    code = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import vdm_tf
+        from test_startup import page_faults_per_round
+        print(page_faults_per_round()[1])
+        del os.environ["VDM_TF_KEEP_FREED_MEMORY"]
+        print(vdm_tf._startup.keep_freed_memory(), page_faults_per_round()[1])
+    """)
+    env = os.environ | {"VDM_TF_KEEP_FREED_MEMORY": "0"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    glibc_default, (applied, kept) = result.stdout.split("\n")[0], result.stdout.split("\n")[1].split()
+    assert float(glibc_default) > 0.5  # glibc's default: the freed heaps are unmapped and faulted in again
+    assert applied == "True" and float(kept) < 0.05

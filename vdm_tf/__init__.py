@@ -8,6 +8,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from vdm_tf import _startup  # noqa: E402
 
+_startup.keep_freed_memory()  # no page faults for memory each training step frees and takes again
 _startup.import_tensorflow()  # without the CPU machine's start-up banners (VDM_TF_STARTUP_LOGS=1 shows them)
 
 from vdm_tf import (  # noqa: E402
