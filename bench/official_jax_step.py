@@ -20,6 +20,7 @@ Prints one JSON line: {"first_step_seconds", "seconds_per_step" (median), "step_
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -86,17 +87,19 @@ def main():
         ema_params = jax.tree.map(lambda e, p: e + (1.0 - 0.9999) * (p - e), ema_params, params)
         return params, ema_params, opt_state, loss
 
-    durations, first_done = [], None
+    durations, page_faults, first_done = [], [], None
     for step in range(args.steps + 1):
-        start = time.perf_counter()
+        start, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         params, ema_params, opt_state, loss = train_step(params, ema_params, opt_state, step)
         jax.block_until_ready((params, ema_params, opt_state, loss))
         durations.append(time.perf_counter() - start)
+        page_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
         first_done = first_done or time.time()
     print(json.dumps({
         "first_step_seconds": durations[0],
         "seconds_per_step": float(np.median(durations[1:])),
         "step_seconds": durations[1:],
+        "page_faults_per_step": float(np.median(page_faults[1:])),
         "time_to_first_step": first_done - float(os.environ.get("BENCH_LAUNCHED", START)),
         "params": int(sum(np.prod(p.shape) for p in jax.tree.leaves(params))),
         "jax": jax.__version__,

@@ -28,7 +28,9 @@ load (these machines are shared and noisy):
 Reported per path: the median s/step over `--steps` steps after the first, images/s, the first
 step alone, and the time to the first step (process start to the end of the first step:
 imports, model construction, tracing, graph optimisation / compilation and the step), plus the
-CPU model and whether oneDNN is on, and `other CPUs`: the CPUs that other processes kept busy
+CPU model and whether oneDNN is on, the page faults per step (the memory a step takes that the
+system had to map in again: 77,000 per paper-size trainer step before `import vdm_tf` kept freed
+memory, see `vdm_tf._startup.keep_freed_memory`), and `other CPUs`: the CPUs that other processes kept busy
 during the measurement (run the bench on an otherwise idle machine: one other busy process,
 even niced, slows both sides' steps by about 1.6x on 2 cores). Prints a table; writes
 bench/results/train_throughput.json, keeping the rows of the configurations not measured in this
@@ -77,22 +79,37 @@ def fit_model_and_data(n_layers, n_embd, batch_size, keras_adamw=False):
     return model, tf.data.Dataset.from_tensors(images).repeat()
 
 
+def minor_page_faults():
+    """Page faults of this process so far that found the page in memory (no disk read)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class StepClock:
+    """Each step's wall-clock seconds and page faults, and when the first step ended."""
+
+    def __init__(self):
+        self.seconds, self.page_faults, self.first_done = [], [], None
+
+    def start(self):
+        self._started = time.perf_counter(), minor_page_faults()
+
+    def stop(self):
+        started, faults = self._started
+        self.seconds.append(time.perf_counter() - started)
+        self.page_faults.append(minor_page_faults() - faults)
+        self.first_done = self.first_done or time.time()
+
+
 def _worker_fit(n_layers, n_embd, batch_size, steps, keras_adamw=False):
     import keras
 
     model, data = fit_model_and_data(n_layers, n_embd, batch_size, keras_adamw)
-    durations, first_done = [], []
-
-    class StepTimer(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            durations.append(time.perf_counter() - self.start)
-            first_done.append(time.time())
-
-    model.fit(data, steps_per_epoch=steps + 1, epochs=1, verbose=0, callbacks=[StepTimer()])
-    return durations, first_done[0], model.count_params()
+    clock = StepClock()
+    timer = keras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda batch, logs: clock.start(), on_train_batch_end=lambda batch, logs: clock.stop()
+    )
+    model.fit(data, steps_per_epoch=steps + 1, epochs=1, verbose=0, callbacks=[timer])
+    return clock, model.count_params()
 
 
 def _worker_trainer(n_layers, n_embd, batch_size, steps):
@@ -108,22 +125,21 @@ def _worker_trainer(n_layers, n_embd, batch_size, steps):
         batch_size=batch_size, train_steps=steps + 1, warmup_steps=100, jit_compile=False,
         checkpoint_every=10**9, log_every=10**9, sample_every=10**9,
     )
-    durations, first_done = [], []
+    clock = StepClock()
     with tempfile.TemporaryDirectory() as model_dir, mock_any("cifar10"):
         trainer = train.Trainer(config, model_dir, tf.distribute.get_strategy(), verbose=False)
         step_function = trainer._train_function
 
         def timed(chunk):
-            start = time.perf_counter()
+            clock.start()
             step_function(chunk)
             trainer.model.optimizer.iterations.numpy()  # waits for the step
-            durations.append(time.perf_counter() - start)
-            first_done.append(time.time())
+            clock.stop()
 
         trainer._train_function = timed
         trainer.train()
         params = trainer.model.count_params()
-    return durations, first_done[0], params
+    return clock, params
 
 
 def run_worker(args):
@@ -133,13 +149,14 @@ def run_worker(args):
         "fit_keras": lambda *a: _worker_fit(*a, keras_adamw=True),
         "trainer": _worker_trainer,
     }[args.worker]
-    durations, first_done, params = work(n_layers, n_embd, batch_size, args.steps)
+    clock, params = work(n_layers, n_embd, batch_size, args.steps)
     started = float(os.environ.get("BENCH_LAUNCHED", START))
     print(json.dumps({
-        "first_step_seconds": durations[0],
-        "seconds_per_step": statistics.median(durations[1:]),
-        "step_seconds": durations[1:],
-        "time_to_first_step": first_done - started,
+        "first_step_seconds": clock.seconds[0],
+        "seconds_per_step": statistics.median(clock.seconds[1:]),
+        "step_seconds": clock.seconds[1:],
+        "page_faults_per_step": statistics.median(clock.page_faults[1:]),
+        "time_to_first_step": clock.first_done - started,
         "params": params,
     }))
 
@@ -247,7 +264,7 @@ def machine():
 
 
 def summary(runs):
-    keys = ("seconds_per_step", "first_step_seconds", "time_to_first_step", "other_cpus")
+    keys = ("seconds_per_step", "first_step_seconds", "time_to_first_step", "other_cpus", "page_faults_per_step")
     return {key: statistics.median(run[key] for run in runs) for key in keys} | {"params": runs[0]["params"]}
 
 
@@ -277,7 +294,7 @@ def main(argv=None):
     jax = jax_python(args.jax_venv) if args.official_repo else None
     results = []
     print(f"{'config':<7}{'path':<10}{'params':>12}{'s/step':>9}{'img/s':>8}{'vs jax':>8}{'1st step s':>12}"
-          f"{'to 1st step s':>15}{'other CPUs':>12}")
+          f"{'to 1st step s':>15}{'other CPUs':>12}{'faults/step':>13}")
     for name in names:
         n_layers, n_embd, batch_size = CONFIGS[name]
         runs = {path: [] for path in ["jax"] * bool(jax) + paths}
@@ -305,7 +322,8 @@ def main(argv=None):
             results.append(row)
             print(f"{name:<7}{path:<10}{row['params']:>12,}{row['seconds_per_step']:>9.3f}"
                   f"{row['images_per_second']:>8.1f}{ratio:>7.2f}x{row['first_step_seconds']:>12.1f}"
-                  f"{row['time_to_first_step']:>15.1f}{row['other_cpus']:>12.2f}", flush=True)
+                  f"{row['time_to_first_step']:>15.1f}{row['other_cpus']:>12.2f}{row['page_faults_per_step']:>13.0f}",
+                  flush=True)
     estimates = accelerator_estimates()
     print(f"paper configuration on accelerators (FLOP arithmetic, {estimates['train_flops_per_step'] / 1e12:.1f} "
           f"TFLOP per step at batch {estimates['batch_size']}, {ASSUMED_UTILISATION:.0%} of peak):")
