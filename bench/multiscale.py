@@ -52,20 +52,21 @@ FLAGS = flags.FLAGS
 COARSEST = 8  # resolution of the multi-scale model's last stage
 
 
-def seconds_per_sample(models):
-    """Best-of-`repeats` seconds per image of each model's `sample`, the models timed in turn.
+def seconds_per_sample(models, num_samples, num_steps, repeats):
+    """Best-of-`repeats` seconds per image of each model's `sample(num_samples, num_steps)`, the
+    models timed in turn, after one untimed (tracing) call each.
 
     Taking turns and the fastest call keep other processes on a shared CPU from favouring one.
     """
     for model in models:
-        model.sample(FLAGS.num_samples, FLAGS.sample_steps, seed=0)  # tracing
+        model.sample(num_samples, num_steps, seed=0)  # tracing
     durations = [[] for _ in models]
-    for repeat in range(FLAGS.repeats):
+    for repeat in range(repeats):
         for model, times in zip(models, durations):
             start = time.perf_counter()
-            model.sample(FLAGS.num_samples, FLAGS.sample_steps, seed=repeat).numpy()
+            model.sample(num_samples, num_steps, seed=repeat).numpy()
             times.append(time.perf_counter() - start)
-    return [min(times) / FLAGS.num_samples for times in durations]
+    return [min(times) / num_samples for times in durations]
 
 
 def pixel_ratio(model, num_steps):
@@ -86,7 +87,9 @@ def speed(resolution):
     levels = int(math.log2(resolution // COARSEST))
     uniform = vdm_tf.VDM(network(), vdm_tf.schedules.FixedLinear(), image_shape)
     multiscale = MultiScaleVDM(network(), vdm_tf.schedules.FixedLinear(), image_shape, levels=levels)
-    uniform_seconds, multiscale_seconds = seconds_per_sample([uniform, multiscale])
+    uniform_seconds, multiscale_seconds = seconds_per_sample(
+        [uniform, multiscale], FLAGS.num_samples, FLAGS.sample_steps, FLAGS.repeats
+    )
     return {
         "resolution": resolution,
         "levels": levels,
