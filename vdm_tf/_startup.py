@@ -1,23 +1,23 @@
 """Process start-up: TensorFlow imported without its banners; freed memory kept for the next step.
 
-Banners.
-
-TensorFlow prints, at import and at its first device query, lines that say nothing to a user of
-a CPU machine: the oneDNN notice, "Could not find cuda drivers", the CPU-feature advice, and
-(with no CUDA driver) a failed `cuInit`. They are written by C++ code before its log level is
-read, so `TF_CPP_MIN_LOG_LEVEL` cannot hide them. This module captures the process's stderr
-(file descriptor 2) around those two steps and writes back every line that is not one of those
-banners: warnings and errors still show. `VDM_TF_STARTUP_LOGS=1` shows everything.
+Banners (`import_tensorflow`). TensorFlow prints, at import and at its first device query, lines
+that say nothing to a user of a CPU machine: the oneDNN notice, "Could not find cuda drivers",
+the CPU-feature advice, and (with no CUDA driver) a failed `cuInit`. They are written by C++
+code before its log level is read, so `TF_CPP_MIN_LOG_LEVEL` cannot hide them. This module
+captures the process's stderr (file descriptor 2) around those two steps and writes back every
+line that is not one of those banners: warnings and errors still show. `VDM_TF_STARTUP_LOGS=1`
+shows everything.
 
 The device query only lists devices: intra-op threads and logical devices can still be set.
 
-Memory (`keep_freed_memory`). glibc's malloc returns freed memory to the system eagerly, and a
-thread arena other than the main one unmaps a whole 64 MB heap as soon as it is empty. A training
-step frees all its activations at its end, so when the input pipeline's threads run beside it
-(tf.data, as in every real training run) the next step faults the same memory in again, page by
-page: 77,000 page faults and about 7% of the paper network's CPU step (2 s) here, against 300
-without the pipeline (`bench/train_throughput.py`). Keeping freed memory in the process, as
-tcmalloc and jemalloc do, removes them. `VDM_TF_KEEP_FREED_MEMORY=0` leaves malloc as it is.
+Memory (`keep_freed_memory`). glibc's malloc returns freed memory to the system eagerly: a
+thread arena other than the main one unmaps each of its extra 64 MiB heaps as soon as it is
+empty. A training step frees all its activations at its end, so when the input pipeline's
+threads run beside it (tf.data, as in every real training run) the next step faults the same
+memory in again, page by page: 77,000 page faults and 0.13-0.17 s of system CPU time per step of
+the paper network (about 3.8 CPU s) here. Keeping freed memory in the process, as tcmalloc and
+jemalloc do, leaves about 2,000. `VDM_TF_KEEP_FREED_MEMORY=0` leaves malloc as it is; compare
+with `python -m bench.train_throughput --configs=paper --paths=trainer` (column `faults/step`).
 """
 
 import ctypes
