@@ -190,15 +190,20 @@ def one_step_parts(cdm, train_images, test, seed):
     }
 
 
-def linear_denoiser_mse(train_images, f, z, alpha2):
+def pixel_moments(images):
+    """(mean, covariance) of the pixels of uint8 `images` in f units (float64), one image per row."""
+    f = vdm_tf.images.encode(images).numpy().reshape(len(images), -1).astype(np.float64)
+    return f.mean(0), np.cov(f.T)
+
+
+def linear_denoiser_mse(moments, f, z, alpha2):
     """Per-pixel E (eps - eps_hat)^2 of the best linear denoiser (Wiener filter) of the train split.
 
-    With the train split's pixel mean m and covariance C (f units), f_hat = m + alpha C (alpha^2 C
-    + sigma^2 I)^-1 (z - alpha m) and eps - eps_hat = alpha (f_hat - f) / sigma. At high noise
-    the posterior mean is nearly linear in z, so this is close to the best any denoiser can do.
+    With the train split's pixel mean m and covariance C (`moments`, f units), f_hat = m + alpha C
+    (alpha^2 C + sigma^2 I)^-1 (z - alpha m) and eps - eps_hat = alpha (f_hat - f) / sigma. At high
+    noise the posterior mean is nearly linear in z, so this is close to the best any denoiser can do.
     """
-    train_f = vdm_tf.images.encode(train_images).numpy().reshape(len(train_images), -1).astype(np.float64)
-    mean, covariance = train_f.mean(0), np.cov(train_f.T)
+    mean, covariance = moments
     alpha, sigma2 = math.sqrt(alpha2), 1.0 - alpha2
     gain = alpha * covariance @ np.linalg.inv(alpha2 * covariance + sigma2 * np.eye(len(mean)))
     f, z = (np.asarray(v, np.float64).reshape(len(v), -1) for v in (f, z))
@@ -208,7 +213,7 @@ def linear_denoiser_mse(train_images, f, z, alpha2):
 
 def denoising(cdm, vdm, train_images, test, seed):
     """Per-pixel E (eps - eps_hat)^2 of both denoisers and the linear one at each gamma, same images and noise."""
-    f = vdm_tf.images.encode(test)
+    f, moments = vdm_tf.images.encode(test), pixel_moments(train_images)
     eps = tf.random.stateless_normal(tf.shape(f), vdm_tf.seeding.as_seed(seed))
     rows = []
     for gamma in map(float, FLAGS.gammas):
@@ -219,7 +224,7 @@ def denoising(cdm, vdm, train_images, test, seed):
         for name, model in (("cdm", cdm), ("vdm", vdm)):
             eps_hat = model.denoiser(z, gammas, training=False)
             row[f"{name}_mse"] = float(tf.reduce_mean(tf.square(eps - eps_hat)))
-        row["linear_mse"] = linear_denoiser_mse(train_images, f, z, alpha2)
+        row["linear_mse"] = linear_denoiser_mse(moments, f, z, alpha2)
         row["cdm_over_vdm"] = row["cdm_mse"] / row["vdm_mse"]
         row["cdm_over_linear"] = row["cdm_mse"] / row["linear_mse"]
         rows.append(row)
