@@ -29,8 +29,8 @@ Reported per path: the median s/step over `--steps` steps after the first, image
 step alone, and the time to the first step (process start to the end of the first step:
 imports, model construction, tracing, graph optimisation / compilation and the step), plus the
 CPU model and whether oneDNN is on, the page faults per step (the memory a step takes that the
-system had to map in again: 77,000 per paper-size trainer step before `import vdm_tf` kept freed
-memory, see `vdm_tf._startup.keep_freed_memory`), and `other CPUs`: the CPUs that other processes kept busy
+system had to map in again: 77,000 per paper-size trainer step before `vdm_tf.prepare_process()` kept
+freed memory, see `vdm_tf._startup.keep_freed_memory`), and `other CPUs`: the CPUs that other processes kept busy
 during the measurement (run the bench on an otherwise idle machine: one other busy process,
 even niced, slows both sides' steps by about 1.6x on 2 cores). Prints a table; writes
 bench/results/train_throughput.json, keeping the rows of the configurations not measured in this
@@ -143,6 +143,9 @@ def _worker_trainer(n_layers, n_embd, batch_size, steps):
 
 
 def run_worker(args):
+    import vdm_tf
+
+    vdm_tf.prepare_process()  # as the README's fit snippet and every command line do: before TensorFlow
     n_layers, n_embd, batch_size = CONFIGS[args.config]
     work = {
         "fit": _worker_fit,

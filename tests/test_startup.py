@@ -1,4 +1,5 @@
-"""Start-up: TensorFlow's banners are filtered (every other message is kept); freed memory is kept."""
+"""Start-up: `import vdm_tf` changes nothing; `prepare_process` filters TensorFlow's banners (every other
+message is kept), turns oneDNN on and keeps freed memory."""
 
 import ctypes
 import os
@@ -32,12 +33,47 @@ def test_a_failed_cuinit_is_kept_where_a_cuda_driver_exists():
     assert any("cuInit" in line for line in _startup.kept_lines(with_driver))
 
 
-def test_importing_vdm_tf_prints_no_banner():
-    env = {k: v for k, v in os.environ.items() if k not in ("VDM_TF_STARTUP_LOGS", "TF_CPP_MIN_LOG_LEVEL")}
-    code = "import vdm_tf, tensorflow as tf; tf.constant(1) + 1"
+def test_importing_vdm_tf_changes_nothing_in_the_process():
+    """No TensorFlow, no environment variable, no malloc setting: a library import has no side effects."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "VDM_TF_KEEP_FREED_MEMORY")}
+    code = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_startup import page_faults_per_round
+        before = dict(os.environ)
+        import vdm_tf
+        assert vdm_tf.__version__ and "tensorflow" not in sys.modules, "import vdm_tf imported TensorFlow"
+        assert dict(os.environ) == before, "import vdm_tf changed the environment"
+        print(page_faults_per_round()[1])
+    """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    if platform.libc_ver()[0] == "glibc":  # glibc's default: freed thread heaps unmapped, faulted in again
+        assert float(result.stdout) > 0.5
+
+
+def test_submodules_and_names_load_on_first_use():
+    code = "import vdm_tf; from vdm_tf import VDM; print(VDM is vdm_tf.vdm.VDM, vdm_tf.load is vdm_tf.runs.load)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split() == ["True", "True"], result.stderr
+    with pytest.raises(AttributeError, match="has no attribute 'nonexistent'"):
+        vdm_tf_module().nonexistent  # noqa: B018
+
+
+def vdm_tf_module():
+    import vdm_tf
+
+    return vdm_tf
+
+
+def test_prepare_process_prints_no_banner_and_turns_onednn_on():
+    env = {k: v for k, v in os.environ.items() if k not in ("VDM_TF_STARTUP_LOGS", "TF_CPP_MIN_LOG_LEVEL")}
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    code = "import os, vdm_tf; vdm_tf.prepare_process(); import tensorflow as tf; tf.constant(1) + 1; "
+    code += "print(os.environ['TF_ENABLE_ONEDNN_OPTS'])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and result.stdout.strip() == "1"
     shown = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env | {"VDM_TF_STARTUP_LOGS": "1"}
     )
@@ -79,11 +115,12 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's ma
 
 
 def fault_fractions(code, **env):
-    """Runs `code` after `import vdm_tf` in a fresh Python; the round-2 fault fractions it prints."""
+    """Runs `code` after `vdm_tf.prepare_process()` in a fresh Python; the round-2 fault fractions it prints."""
     program = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         import vdm_tf
+        vdm_tf.prepare_process()
         from test_startup import page_faults_per_round
     """) + textwrap.dedent(code)
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=os.environ | env)
@@ -94,7 +131,7 @@ def fault_fractions(code, **env):
 # In a fresh process: in a long one (this test session, after hundreds of tests) a new thread
 # may share an arena whose state makes glibc map fresh memory anyway.
 @glibc
-def test_importing_vdm_tf_keeps_freed_memory_for_the_next_step():
+def test_prepare_process_keeps_freed_memory_for_the_next_step():
     (kept,) = fault_fractions("print(page_faults_per_round()[1])")
     assert float(kept) < 0.05
 

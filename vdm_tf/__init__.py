@@ -1,61 +1,29 @@
-"""vdm_tf: likelihood-based diffusion models (Variational Diffusion Models and friends) in TensorFlow / Keras."""
+"""vdm_tf: likelihood-based diffusion models (Variational Diffusion Models and friends) in TensorFlow / Keras.
 
-import os
+`import vdm_tf` changes nothing in the process and imports no TensorFlow: each submodule
+(`vdm_tf.samplers`, `vdm_tf.likelihood`, ...) and the names below are imported on first use
+(PEP 562), so that a command line can check its arguments before TensorFlow starts.
+`vdm_tf.prepare_process()` is the one call that does change the process (oneDNN on, freed memory
+kept, TensorFlow's start-up banners filtered): the command lines make it, and so can a script of
+one's own, before it imports TensorFlow.
+"""
 
-# oneDNN's convolution kernels train several times faster on CPUs where TensorFlow does not
-# turn them on by itself (AMD among them). Effective only if TensorFlow is not imported yet.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-
-from vdm_tf import _startup  # noqa: E402
-
-_startup.keep_freed_memory()  # no page faults for memory each training step frees and takes again
-_startup.import_tensorflow()  # without the CPU machine's start-up banners (VDM_TF_STARTUP_LOGS=1 shows them)
-
-from vdm_tf import (  # noqa: E402
-    augmentation,
-    cdm,
-    conditional,
-    datasets,
-    evaluation,
-    haar,
-    images,
-    likelihood,
-    multiscale,
-    networks,
-    optimizers,
-    runs,
-    samplers,
-    schedules,
-    score_model,
-    sde,
-    seeding,
-)
-from vdm_tf.runs import load  # noqa: E402
-from vdm_tf.vdm import VDM  # noqa: E402
+import importlib
 
 __version__ = "0.1.0"
 
-
-def __getattr__(name):
-    # vdm_tf.compression loads constriction; import it on first use, which also keeps
-    # `python -m vdm_tf.compression` from finding the module already imported.
-    if name == "compression":
-        import importlib
-
-        return importlib.import_module("vdm_tf.compression")
-    raise AttributeError(f"module 'vdm_tf' has no attribute {name!r}")
-
-
-__all__ = [
-    "VDM",
-    "load",
+# Public submodules, imported on first attribute access.
+_SUBMODULES = (
     "augmentation",
     "cdm",
+    "cli",
     "compression",
     "conditional",
     "datasets",
     "evaluation",
+    "files",
     "haar",
+    "image_files",
     "images",
     "likelihood",
     "multiscale",
@@ -67,4 +35,21 @@ __all__ = [
     "score_model",
     "sde",
     "seeding",
-]
+)
+# Names defined in a submodule: name -> module.
+_NAMES = {"VDM": "vdm", "load": "runs", "prepare_process": "_startup"}
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"vdm_tf.{name}")
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"vdm_tf.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'vdm_tf' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULES) | set(_NAMES))
+
+
+__all__ = ["VDM", "load", "prepare_process", *_SUBMODULES]

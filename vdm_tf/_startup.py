@@ -1,5 +1,14 @@
 """Process start-up: TensorFlow imported without its banners; freed memory kept for the next step.
 
+`prepare_process()` (public as `vdm_tf.prepare_process`) does all of it, once, before
+TensorFlow is imported: every command line of the project calls it after checking its
+arguments (`vdm_tf.cli.start`), and a script of one's own (a `model.fit` loop) can call it
+first thing. `import vdm_tf` itself changes nothing in the process.
+
+oneDNN. TensorFlow turns its oneDNN kernels on by itself on Intel CPUs but not on others (AMD
+among them), where they train several times faster too: `prepare_process` sets
+`TF_ENABLE_ONEDNN_OPTS=1` unless the environment says otherwise.
+
 Banners (`import_tensorflow`). TensorFlow prints, at import and at its first device query, lines
 that say nothing to a user of a CPU machine: the oneDNN notice, "Could not find cuda drivers",
 the CPU-feature advice, and (with no CUDA driver) a failed `cuInit`. They are written by C++
@@ -62,6 +71,26 @@ def keep_freed_memory():
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return all([mallopt(parameter, value) == 1 for parameter, value in MALLOC_SETTINGS.items()])
+
+
+def prepare_process():
+    """Prepares this process for training or inference with vdm_tf; call it before importing TensorFlow.
+
+    Turns oneDNN on where TensorFlow would not (`TF_ENABLE_ONEDNN_OPTS=1` unless set), keeps
+    freed heap memory in the process (`keep_freed_memory`) and imports TensorFlow without its
+    start-up banners (`import_tensorflow`). Each part is documented in this module's docstring;
+    called again, or after TensorFlow was imported, it does what still can be done.
+
+    Example:
+
+        import vdm_tf
+        vdm_tf.prepare_process()   # first: before keras or tensorflow are imported
+        import keras
+    """
+    if "tensorflow" not in sys.modules:
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    keep_freed_memory()
+    import_tensorflow()
 
 
 def kept_lines(text):

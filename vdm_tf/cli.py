@@ -1,0 +1,82 @@
+"""What every vdm_tf command line does around its own work: check, then start, then end in one line.
+
+Every command line (`python -m vdm_tf.compression`, `vdm_tf.convert`, `trainers.main`,
+`trainers.classifier`, `export.client`) is written the same way:
+
+    def main(argv):
+        args = parse_and_check(argv)   # no TensorFlow yet: a mistake costs a fraction of a second
+        cli.start()                    # prepares the process, imports TensorFlow
+        ...the work...
+
+    if __name__ == "__main__":
+        cli.run(main, prog="python -m vdm_tf.compression")
+
+`run` turns whatever ends the command into one line on stderr and an exit code:
+
+| what ended it                                   | exit | line                                  |
+|-------------------------------------------------|------|---------------------------------------|
+| `main` returned (None or an int)                | that | (main's own output)                   |
+| `Failure` (a user's mistake, found by a check)  | 1    | `PROG: error: MESSAGE`                |
+| `OSError` (full disk, permission, a lost file)  | 1    | `PROG: error: MESSAGE` (names the path) |
+| `MemoryError`                                   | 1    | `PROG: error: out of memory ...`      |
+| Ctrl-C (`KeyboardInterrupt`)                    | 130  | `PROG: interrupted`                   |
+| a closed pipe (`... | head`)                    | 0    | nothing                               |
+
+Any other exception is a bug in vdm_tf and keeps its traceback. Outputs are written through
+`vdm_tf.files`, so a command that ends early leaves no file half-written.
+"""
+
+import os
+import sys
+
+from vdm_tf import _startup
+
+
+class Failure(Exception):
+    """A command line's input is wrong; the message (one line) says what was expected."""
+
+
+def start():
+    """Prepares the process (`vdm_tf.prepare_process`) and imports TensorFlow: call it after the checks."""
+    _startup.prepare_process()
+
+
+def one_line(message):
+    """`message` with its whitespace (newlines included) collapsed to single spaces."""
+    return " ".join(str(message).split())
+
+
+def run(main, *args, prog=None):
+    """Calls `main(*args)` and exits the process as the module docstring's table says."""
+    prog = prog or os.path.basename(sys.argv[0])
+    try:
+        status = main(*args)
+    except KeyboardInterrupt:
+        _say(f"{prog}: interrupted")
+        status = 130
+    except BrokenPipeError:
+        # The reader went away (`... | head`): nothing more to say, and nothing to say it on.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 0
+    except (Failure, OSError) as error:
+        _say(f"{prog}: error: {one_line(_message(error))}")
+        status = 1
+    except MemoryError:
+        _say(f"{prog}: error: out of memory (a smaller batch size or fewer images at once may fit)")
+        status = 1
+    sys.exit(status)
+
+
+def _message(error):
+    """An exception's text; an OSError of the system as `PATH: reason` (no `[Errno N]`)."""
+    if isinstance(error, OSError) and error.strerror and type(error).__str__ is OSError.__str__:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return str(error)
+
+
+def _say(line):
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    print(line, file=sys.stderr, flush=True)
