@@ -30,14 +30,13 @@ bench/results/cdm.json.
 """
 
 import dataclasses
-import json
 import math
 import os
-import platform
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+from bench import common  # noqa: E402
+
+common.prepare()  # before TensorFlow is imported
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -241,8 +240,7 @@ def main(argv):
     cdm, training = train_cdm(config)
     train_images, test = vdm_tf.datasets.digits_arrays("train"), vdm_tf.datasets.digits_arrays("test")
     results = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs",
-        "tensorflow": tf.__version__,
+        "machine": common.machine(),
         "vdm": {"model_dir": FLAGS.vdm_dir, "config": dataclasses.asdict(vdm_config)},
         "cdm": {"preset": "digits_cdm", "config": dataclasses.asdict(config), "training": training},
         "likelihood": likelihoods(cdm, vdm, test, config.seed),
@@ -273,9 +271,7 @@ def main(argv):
             f"{row['gamma']:>7.1f}{row['cdm_mse']:>13.5f}{row['vdm_mse']:>13.5f}{row['linear_mse']:>10.5f}"
             f"{row['cdm_over_vdm']:>11.2f}{row['cdm_over_linear']:>14.2f}"
         )
-    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(results, f, indent=2)
+    common.write_json(FLAGS.out, results)
     print(f"\nwrote {FLAGS.out}")
 
 

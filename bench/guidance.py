@@ -11,12 +11,12 @@ Writes bench/results/guidance.json.
 """
 
 import argparse
-import json
 import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+from bench import common  # noqa: E402
+
+common.prepare()  # before TensorFlow is imported
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -70,8 +70,7 @@ def main():
     for scale in sorted({row["scale"] for row in rows}):
         rate = np.mean([row["rate"] for row in rows if row["scale"] == scale])
         print(f"{scale:>5} | {rate:>32.3f}")
-    with open(args.output, "w") as f:
-        json.dump(dict(settings=vars(args), judge_test_accuracy=judge_accuracy, rows=rows), f, indent=2)
+    common.write_json(args.output, dict(settings=vars(args), judge_test_accuracy=judge_accuracy, rows=rows))
     print(f"wrote {args.output}")
 
 

@@ -28,13 +28,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bench import common  # noqa: E402
+
+common.prepare()  # before TensorFlow is imported
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from trainers import configs, train  # noqa: E402
 from vdm_tf import datasets, likelihood  # noqa: E402
@@ -58,22 +58,6 @@ def restore_demo(model_dir):
     fields["fourier_exponents"] = tuple(fields["fourier_exponents"])
     config = configs.Config(**fields)
     return train.restore_for_inference(model_dir, config), config
-
-
-def machine():
-    """The machine and its load (the CPU is shared with other jobs; the timings depend on it)."""
-    return {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "load_average_1min": os.getloadavg()[0],
-        "tensorflow": tf.__version__,
-    }
-
-
-def timed(function, *args, **kwargs):
-    """(function(*args, **kwargs), its wall time in seconds)."""
-    start = time.perf_counter()
-    result = function(*args, **kwargs)
-    return result, time.perf_counter() - start
 
 
 def mean_and_se(values):
@@ -104,13 +88,13 @@ def parse_args():
 
 def main():
     args = parse_args()
-    load_before = machine()
+    load_before = common.machine()
     start = time.perf_counter()
     model, config = restore_demo(args.model_dir)
     x = datasets.digits_arrays("test")[: args.num_images]
 
     model.elbo(x[:1], seed=args.seed, num_time_samples=args.time_samples)  # warm-up: traces
-    terms, seconds = timed(model.elbo, x, seed=args.seed, num_time_samples=args.time_samples)
+    terms, seconds = common.timed(model.elbo, x, seed=args.seed, num_time_samples=args.time_samples)
     vlb = terms["bpd"].numpy().astype(np.float64)
     rows = [summary("VLB", vlb, vlb, seconds, time_samples=args.time_samples)]
     rows[0].update({name: float(np.mean(terms[name])) for name in ("diffusion", "prior", "reconstruction")})
@@ -120,9 +104,9 @@ def main():
             subset = x[: args.exact_images] if exact else x
             options = {"rtol": tolerance, "atol": tolerance, "exact_divergence": exact}
             # Both dequantisations share one traced solver: a 1-image call traces it.
-            _, warmup = timed(likelihood.ode_bpd, model, subset[:1], seed=args.seed, **options)
+            _, warmup = common.timed(likelihood.ode_bpd, model, subset[:1], seed=args.seed, **options)
             for dequantization in DEQUANTIZATIONS:
-                out, seconds = timed(
+                out, seconds = common.timed(
                     likelihood.ode_bpd, model, subset, seed=args.seed, dequantization=dequantization, **options
                 )
                 rows.append(
@@ -165,9 +149,7 @@ def main():
         "total_seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    common.write_json(args.out, result)
     print(f"wrote {args.out} ({result['total_seconds']:.0f} s)")
 
 

@@ -22,17 +22,14 @@ Prints two tables and writes bench/results/multiscale.json.
 """
 
 import dataclasses
-import json
 import math
-import os
-import platform
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+from bench import common  # noqa: E402
+
+common.prepare()  # before TensorFlow is imported
 
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import vdm_tf  # noqa: E402
@@ -164,28 +161,25 @@ def main(argv):
             f"{r['terms']['prior']:>8.4f}{r['terms']['reconstruction']:>8.3f}{r['train_seconds']:>9.1f}"
             f"{r['seconds_per_step_after_the_first']:>8.3f}{r['parameters']:>9}"
         )
-    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(
-            {
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "tensorflow": tf.__version__},
-                "sampling": {
-                    "steps": FLAGS.sample_steps,
-                    "num_samples": FLAGS.num_samples,
-                    "network": {"n_layers": FLAGS.n_layers, "n_embd": FLAGS.n_embd, "shared_by_all_stages": True},
-                    "results": speeds,
-                },
-                "digits": {
-                    "train_steps": FLAGS.train_steps,
-                    "preset": "digits",
-                    "levels": 1,
-                    "end_times": list(configs.PRESETS["digits_multiscale"].multiscale_end_times),
-                    **likelihood,
-                },
+    common.write_json(
+        FLAGS.out,
+        {
+            "machine": common.machine(),
+            "sampling": {
+                "steps": FLAGS.sample_steps,
+                "num_samples": FLAGS.num_samples,
+                "network": {"n_layers": FLAGS.n_layers, "n_embd": FLAGS.n_embd, "shared_by_all_stages": True},
+                "results": speeds,
             },
-            f,
-            indent=2,
-        )
+            "digits": {
+                "train_steps": FLAGS.train_steps,
+                "preset": "digits",
+                "levels": 1,
+                "end_times": list(configs.PRESETS["digits_multiscale"].multiscale_end_times),
+                **likelihood,
+            },
+        },
+    )
     print(f"wrote {FLAGS.out}")
 
 

@@ -39,17 +39,15 @@ sampler is traced before its training for that reason).
 """
 
 import dataclasses
-import json
 import os
-import platform
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+from bench import common  # noqa: E402
+
+common.prepare()  # before TensorFlow is imported
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import vdm_tf  # noqa: E402
@@ -212,26 +210,18 @@ def paired_gap(per_image, reference):
 
 def write(results):
     """Writes --out (after every model, so a late failure keeps the curves trained so far)."""
-    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(
-            {
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "platform": platform.platform(),
-                    "tensorflow": tf.__version__,
-                    "load_average": os.getloadavg(),
-                },
-                "preset": PRESET,
-                "cpu_seconds": FLAGS.cpu_seconds,
-                "evals": FLAGS.evals,
-                "eval_time_samples": configs.PRESETS[PRESET].eval_time_samples,
-                "sampling": {"steps": FLAGS.sample_steps, "num_samples": FLAGS.num_samples, "repeats": FLAGS.repeats},
-                "models": {name: {k: v for k, v in r.items() if k != "per_image"} for name, r in results.items()},
-            },
-            f,
-            indent=2,
-        )
+    common.write_json(
+        FLAGS.out,
+        {
+            "machine": common.machine(),
+            "preset": PRESET,
+            "cpu_seconds": FLAGS.cpu_seconds,
+            "evals": FLAGS.evals,
+            "eval_time_samples": configs.PRESETS[PRESET].eval_time_samples,
+            "sampling": {"steps": FLAGS.sample_steps, "num_samples": FLAGS.num_samples, "repeats": FLAGS.repeats},
+            "models": {name: {k: v for k, v in r.items() if k != "per_image"} for name, r in results.items()},
+        },
+    )
 
 
 def variants():

@@ -28,16 +28,16 @@ The full test-set evaluation takes days on such a CPU (10,000 images x K evaluat
 """
 
 import argparse
-import json
 import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bench import common  # noqa: E402
+
+common.prepare()  # before TensorFlow is imported
 
 import numpy as np  # noqa: E402
 
-from bench.likelihood import machine, timed  # noqa: E402
 from vdm_tf import convert, datasets, evaluation, runs  # noqa: E402
 
 
@@ -66,8 +66,8 @@ def elbo_throughput(model, batch_size, num_time_samples, batches, seed):
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, (batch_size, *model.image_shape), dtype=np.uint8)
     bpd = lambda seed, images=x: model.elbo(images, seed=seed, num_time_samples=num_time_samples)["bpd"].numpy()
-    _, warmup = timed(bpd, seed, x[:1])  # traces the graph, which serves every batch size
-    seconds = sum(timed(bpd, seed + 1 + batch)[1] for batch in range(batches))
+    _, warmup = common.timed(bpd, seed, x[:1])  # traces the graph, which serves every batch size
+    seconds = sum(common.timed(bpd, seed + 1 + batch)[1] for batch in range(batches))
     return {
         "time_samples": num_time_samples,
         "batch_size": batch_size,
@@ -81,8 +81,8 @@ def elbo_throughput(model, batch_size, num_time_samples, batches, seed):
 def sampling_throughput(model, num_samples, num_steps, timing_steps, seed):
     """Images per second of `num_steps`-step ancestral sampling (timed on `timing_steps` steps)."""
     timing_steps = timing_steps or num_steps
-    _, warmup = timed(lambda: model.sample(1, num_steps=1, seed=seed).numpy())  # traces the graph
-    _, seconds = timed(lambda: model.sample(num_samples, num_steps=timing_steps, seed=seed).numpy())
+    _, warmup = common.timed(lambda: model.sample(1, num_steps=1, seed=seed).numpy())  # traces the graph
+    _, seconds = common.timed(lambda: model.sample(num_samples, num_steps=timing_steps, seed=seed).numpy())
     seconds_per_step = seconds / timing_steps
     return {
         "num_samples": num_samples,
@@ -100,7 +100,7 @@ def evaluate_test_set(model, args):
     batches = datasets.load(
         "cifar10", split, args.batch_size, shuffle=False, repeat=False, drop_remainder=False, data_dir=args.data_dir
     )
-    result, seconds = timed(
+    result, seconds = common.timed(
         evaluation.dataset_bpd, model, batches, num_time_samples=args.eval_time_samples, seed=args.seed
     )
     result.pop("per_image")
@@ -120,7 +120,7 @@ def main(argv=None):
     except ValueError as error:  # ConversionError included
         print(f"python -m bench.official: error: {error}", file=sys.stderr)
         return 1
-    load_before = machine()
+    load_before = common.machine()
     start = time.perf_counter()
     if args.checkpoint:
         model = convert.from_checkpoint(args.checkpoint, config)
@@ -158,9 +158,7 @@ def main(argv=None):
         )
     if "test_set" in results:
         print(f"  {evaluation.summary_line(results['test_set'])}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    common.write_json(args.out, results)
     print(f"wrote {args.out}")
     return 0
 

@@ -24,16 +24,17 @@ otherwise idle machine (see `other CPUs` in bench/train_throughput.py).
 import argparse
 import collections
 import glob
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bench import common  # noqa: E402
 
-from bench.train_throughput import CONFIGS, fit_model_and_data, machine  # noqa: E402
+common.prepare()  # before TensorFlow is imported
+
+from bench.train_throughput import CONFIGS, fit_model_and_data  # noqa: E402
 
 BOOKKEEPING = {"Start", "Done", "FunctionRun", "PartitionedCallOp", "ExecutorDoneCallback", "ReadVariableOp",
                "ParallelFor", "Identity", "IdentityN", "NoOp", "Const", "_Retval", "_Arg"}
@@ -127,9 +128,7 @@ def main(argv=None):
         print("  top op types:")
         for row in result["op_types"][:12]:
             print(f"    {row['op']:<40}{row['seconds'] * 1000:>9.1f} ms {row['share']:>7.1%}  x{row['per_step']}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"machine": machine(), "steps": args.steps, "results": results}, f, indent=2)
+    common.write_json(args.out, {"machine": common.machine(), "steps": args.steps, "results": results})
     print(f"\nwrote {args.out}")
 
 

@@ -26,16 +26,15 @@ run are kept from the existing `--out` file, so one preset's curve can be re-mea
 import dataclasses
 import json
 import os
-import platform
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+from bench import common  # noqa: E402
+
+common.prepare()  # before TensorFlow is imported
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import sklearn.datasets  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import vdm_tf  # noqa: E402
@@ -222,15 +221,7 @@ def main(argv):
             f"{name:>32}{result['bpd']:>10.3f}{result['train_seconds']:>9.0f}{result['seconds_per_step']:>8.3f}"
             f"{result['bpd_at_shortest_clock']:>10.3f}"
         )
-    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        machine = {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "tensorflow": tf.__version__,
-            "load_average": os.getloadavg(),
-        }
-        json.dump({"machine": machine, "peers": peer_results, "models": models}, f, indent=2)
+    common.write_json(FLAGS.out, {"machine": common.machine(), "peers": peer_results, "models": models})
     print(f"wrote {FLAGS.out}")
     draw(models, peer_results, FLAGS.figure)
 

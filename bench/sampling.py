@@ -28,16 +28,17 @@ minutes (more under heavier load), a quarter of it the 1000-step ancestral sampl
 """
 
 import argparse
-import json
 import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bench import common  # noqa: E402
+
+common.prepare()  # before TensorFlow is imported
 
 import numpy as np  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
-from bench.likelihood import machine, restore_demo, timed  # noqa: E402
+from bench.likelihood import restore_demo  # noqa: E402
 from vdm_tf import datasets, images, samplers  # noqa: E402
 
 
@@ -140,7 +141,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    load_before = machine()
+    load_before = common.machine()
     start = time.perf_counter()
     model, config = restore_demo(args.model_dir)
     quality = Quality()
@@ -156,8 +157,8 @@ def main():
         }
     ]
     for name, settings, call in sampler_calls(model, args):
-        _, warmup = timed(call, 2, args.seed, warm_up=True)
-        (samples, nfe), seconds = timed(call, args.num_samples, args.seed)
+        _, warmup = common.timed(call, 2, args.seed, warm_up=True)
+        (samples, nfe), seconds = common.timed(call, args.num_samples, args.seed)
         rows.append(
             {
                 "sampler": name,
@@ -205,9 +206,7 @@ def main():
         "total_seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    common.write_json(args.out, result)
     print(f"wrote {args.out} ({result['total_seconds']:.0f} s)")
 
 

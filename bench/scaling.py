@@ -14,14 +14,12 @@ Prints a table and writes bench/results/scaling.json.
 """
 
 import dataclasses
-import json
-import os
-import platform
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+from bench import common  # noqa: E402
+
+common.prepare()  # before TensorFlow is imported
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -122,18 +120,15 @@ def main(argv):
         f"{step_flops / 1e15:.2f} PFLOP per step at batch {imagenet64.batch_size}; TPU v3-8 at "
         f"{ASSUMED_UTILISATION:.0%} of {TPU_V3_8_PEAK_FLOPS / 1e12:.0f} TFLOP/s: {tpu_seconds:.1f} s per step"
     )
-    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(
-            {
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "tensorflow": tf.__version__},
-                "model": "digits preset",
-                "results": results,
-                "tpu_estimate": tpu,
-            },
-            f,
-            indent=2,
-        )
+    common.write_json(
+        FLAGS.out,
+        {
+            "machine": common.machine(),
+            "model": "digits preset",
+            "results": results,
+            "tpu_estimate": tpu,
+        },
+    )
     print(f"wrote {FLAGS.out}")
 
 

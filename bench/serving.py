@@ -17,14 +17,13 @@ bench/results/serving.json.
 """
 
 import concurrent.futures
-import json
 import os
-import platform
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+from bench import common  # noqa: E402
+
+common.prepare()  # before TensorFlow is imported
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -101,13 +100,10 @@ def main(argv):
         "time_samples": FLAGS.time_samples,
         "requests": FLAGS.requests,
         "concurrency": FLAGS.concurrency,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "tensorflow": tf.__version__,
+        "machine": common.machine(),
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(result, f, indent=2)
+    common.write_json(FLAGS.out, result)
     print(f"wrote {FLAGS.out}")
 
 

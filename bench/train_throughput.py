@@ -40,13 +40,14 @@ run (so `--configs=paper --rounds=2` refreshes only the paper rows).
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from bench import common
 
 START = time.time()  # a worker's process start (imports included in the time to first step)
 
@@ -248,24 +249,6 @@ def measure(command):
     return json.loads(lines[-1]) | {"other_cpus": round(other / (time.time() - start), 3)}
 
 
-def machine():
-    model = "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    flags = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    return {
-        "cpu": model,
-        "cpus": os.cpu_count(),
-        "avx512_bf16": "avx512_bf16" in flags,
-        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") == "1",  # vdm_tf turns it on by default
-        "platform": platform.platform(),
-    }
-
-
 def summary(runs):
     keys = ("seconds_per_step", "first_step_seconds", "time_to_first_step", "other_cpus", "page_faults_per_step")
     return {key: statistics.median(run[key] for run in runs) for key in keys} | {"params": runs[0]["params"]}
@@ -332,11 +315,9 @@ def main(argv=None):
           f"TFLOP per step at batch {estimates['batch_size']}, {ASSUMED_UTILISATION:.0%} of peak):")
     for device, seconds in estimates["seconds_per_step"].items():
         print(f"  {device:<20} " + "  ".join(f"{dtype} {value:.3f} s/step" for dtype, value in seconds.items()))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     results = sorted(kept_rows(args.out, names) + results,  # read before the file is rewritten
                      key=lambda row: list(CONFIGS).index(row["config"]))
-    with open(args.out, "w") as f:
-        json.dump({"machine": machine(), "results": results, "accelerator_estimates": estimates}, f, indent=2)
+    common.write_json(args.out, {"machine": common.machine(), "results": results, "accelerator_estimates": estimates})
     print(f"wrote {args.out}")
 
 
@@ -346,7 +327,7 @@ def kept_rows(path, measured):
         return []
     with open(path) as f:
         earlier = json.load(f)
-    if earlier.get("machine", {}).get("cpu") != machine()["cpu"]:
+    if earlier.get("machine", {}).get("cpu") != common.machine()["cpu"]:
         return []
     return [row for row in earlier["results"] if row["config"] not in measured and "rounds" in row]
 
