@@ -1,4 +1,4 @@
-"""Models and images for tests/test_compression.py."""
+"""Models, images and helpers for the compression tests (tests/test_compression*.py)."""
 
 import math
 
@@ -6,6 +6,10 @@ import numpy as np
 from gaussian import BIN_CENTRES, GaussianData, GaussianDenoiser
 
 from vdm_tf import VDM, datasets, networks, schedules
+from vdm_tf import cli as vdm_cli
+from vdm_tf.compression import BitsBackCodec
+from vdm_tf.compression import cli as compression_cli
+from vdm_tf.compression.tiles import _tile_plan
 
 IMAGE_SHAPE = (8, 8, 1)
 GAMMA_0, GAMMA_1 = -10.0, 8.0
@@ -70,3 +74,21 @@ def edge_and_digit_images():
             datasets.digits_arrays("test")[:6],
         ]
     ).astype(np.uint8)
+
+
+class FixedBatchesCodec(BitsBackCodec):
+    """A codec that codes `batch_size` tiles per batch from the first, as format versions 1 and 2
+    did (no ramp, no budget): the tests relabel its files as those versions, and its initial bits
+    are those of one full batch."""
+
+    def _encode_plan(self, sizes, seed_rows, budget):
+        return _tile_plan(sizes, self.image_shape, seed_rows, self.batch_size, ramp=False)
+
+
+def run_command_line(argv):
+    """`python -m vdm_tf.compression ARGV` in this process; its exit status (`vdm_tf.cli.run`)."""
+    try:
+        vdm_cli.run(compression_cli.main, argv, prog=compression_cli.PROG)
+    except SystemExit as status:
+        return status.code
+    raise AssertionError("vdm_tf.cli.run returned without exiting")

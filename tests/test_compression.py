@@ -5,20 +5,23 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import zlib
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from compression_helpers import (
+    FixedBatchesCodec,
     discrete_elbo_per_image,
     edge_and_digit_images,
     gaussian_model_and_data,
     random_denoiser_model,
+    run_command_line,
 )
 from PIL import Image
 
-from vdm_tf import compression
+from vdm_tf import compression, image_files
 from vdm_tf.compression import BitsBackCodec, CompressionError, ModelMismatchError, decoded_file_names, read_header
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,8 +82,8 @@ def test_net_codelength_is_the_discrete_time_negative_elbo():
     model, data = gaussian_model_and_data()
     num_steps, batch_size = 50, 256
     x = data.sample(1024, seed=1)
-    codec = BitsBackCodec(model, num_steps=num_steps, batch_size=batch_size, seed=False, fallback=False)
-    codec._ramp = False  # full batches from the first: the initial bits below are those of one full batch
+    # Full batches from the first: the initial bits below are those of one full batch.
+    codec = FixedBatchesCodec(model, num_steps=num_steps, batch_size=batch_size, seed=False, fallback=False)
     encoded = codec.encode(x)
     header = read_header(encoded)
     assert header.num_steps == num_steps
@@ -177,9 +180,7 @@ def _as_version(data, version, block):
 @pytest.fixture(scope="module")
 def fixed_batches(model, images):
     """The 15 images coded as format versions 1 and 2 did: no seed, batches of 6 from the first."""
-    codec = BitsBackCodec(model, num_steps=4, batch_size=6, seed=False, fallback=False)
-    codec._ramp = False
-    return codec.encode(images, names=NAMES)
+    return FixedBatchesCodec(model, num_steps=4, batch_size=6, seed=False, fallback=False).encode(images, names=NAMES)
 
 
 def test_names_are_front_coded_and_deflated_and_version_1_and_2_files_still_decode(model, images, fixed_batches):
@@ -262,7 +263,7 @@ def test_command_line_decodes_in_another_process_to_png_with_the_encoded_pixels(
     assert not np.array_equal(pixels[0], images[3, ..., 0])  # JPEG is lossy: what is read is what counts
     out = str(tmp_path / "images.vdmz")
     args = ["encode", f"--model={model_file}", *paths, "-o", out, "--steps=2", "--elbo_samples=0", "--no-fallback"]
-    assert compression.main(args) == 0
+    assert run_command_line(args) == 0
     summary = capsys.readouterr().out
     assert "8 images 1x1x1, 7x13x1, 8x8x1 (tiles 8x8x1), T=2" in summary and "net" in summary, summary
     header = read_header((tmp_path / "images.vdmz").read_bytes())
@@ -294,7 +295,7 @@ def test_command_line_round_trips_images_of_any_size(channels, fallback, rgb_mod
     """Grey and RGB images of odd sizes in one message: bits-back (tiles 8x8, border crops at their
     own size, batched across images by shape) or, with the fallback, the smaller conventional code."""
     model, path = rgb_model_file[channels]
-    monkeypatch.setattr(compression, "load_model", lambda path: model)
+    monkeypatch.setattr(compression.cli, "load_model", lambda path: model)
     paths = []
     for name, image in _odd_images(channels).items():
         paths.append(str(tmp_path / name))
@@ -302,12 +303,12 @@ def test_command_line_round_trips_images_of_any_size(channels, fallback, rgb_mod
     out = str(tmp_path / "rgb.vdmz")
     flag = "--fallback" if fallback else "--no-fallback"
     assert (
-        compression.main(["encode", f"--model={path}", *paths, "-o", out, "--steps=2", "--elbo_samples=0", flag]) == 0
+        run_command_line(["encode", f"--model={path}", *paths, "-o", out, "--steps=2", "--elbo_samples=0", flag]) == 0
     )
     header = read_header(open(out, "rb").read())
     # The untrained model loses to PNG on these images: the fallback stores PNG/WebP files.
     assert header.mode == (compression.CONVENTIONAL if fallback else compression.BITS_BACK)
-    assert compression.main(["decode", f"--model={path}", out, "-o", str(tmp_path / "out")]) == 0
+    assert run_command_line(["decode", f"--model={path}", out, "-o", str(tmp_path / "out")]) == 0
     capsys.readouterr()
     for name, image in _odd_images(channels).items():
         with Image.open(tmp_path / "out" / name) as picture:
@@ -363,27 +364,27 @@ def test_command_line_elbo_samples_are_the_time_samples_of_the_printed_elbo(
     figure and standard error `tiles_elbo_bpd` computes with K = 3 (805.018 +- 16.756 for this
     untrained model), to the printed digits; K = 8, the default, gives 753.158 +- 83.905 and K = 1
     808.606 +- 423.158."""
-    monkeypatch.setattr(compression, "load_model", lambda path: model)
+    monkeypatch.setattr(compression.cli, "load_model", lambda path: model)
     x = [images[i] for i in (3, 9, 12)]
     paths = [str(tmp_path / f"{i}.png") for i in range(3)]
     for path, image in zip(paths, x):
         _save(path, image)
     argv = ["encode", f"--model={model_file}", *paths, "-o", str(tmp_path / "out.vdmz"), "--steps=3"]
-    assert compression.main([*argv, "--elbo_samples=3"]) == 0
+    assert run_command_line([*argv, "--elbo_samples=3"]) == 0
     summary = capsys.readouterr().out
     elbo = compression.tiles_elbo_bpd(model, x, 3, num_time_samples=3)
     assert ELBO_LINE.search(summary).groups() == (f"{elbo['bpd']:.3f}", f"{elbo['stderr']:.3f}", "3"), summary
 
 
 def test_one_image_round_trip_prints_no_standard_error(model, model_file, images, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(compression, "load_model", lambda path: model)
+    monkeypatch.setattr(compression.cli, "load_model", lambda path: model)
     Image.fromarray(images[5, ..., 0]).save(tmp_path / "one.png")
     out = str(tmp_path / "one.vdmz")
     args = ["encode", f"--model={model_file}", str(tmp_path / "one.png"), "-o", out, "--steps=2", "--elbo_samples=2"]
-    assert compression.main(args) == 0
+    assert run_command_line(args) == 0
     summary = capsys.readouterr().out
     assert "-ELBO(T)" in summary and "+-" not in summary and "nan" not in summary, summary
-    assert compression.main(["decode", f"--model={model_file}", out, "-o", str(tmp_path / "out")]) == 0
+    assert run_command_line(["decode", f"--model={model_file}", out, "-o", str(tmp_path / "out")]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "one.png")), images[5, ..., 0])
 
 
@@ -393,15 +394,16 @@ def test_a_failed_write_keeps_the_decoded_images(
 ):
     """Writing fails after decoding (disk full, say) while saving the 3rd file or moving the 6th
     into place: every image is still on disk, in the output directory or in a rescue directory."""
-    monkeypatch.setattr(compression, "load_model", lambda path: model)
-    monkeypatch.setattr(compression.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(compression.cli, "load_model", lambda path: model)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     os.makedirs(tmp_path / "tmp")
     calls = {"save": 0, "replace": 0}
     output = str(tmp_path / "out")
 
     def fail_on_call(kind, number, function):
         def wrapped(path, *args):
-            if path.startswith(output):
+            # A save inside the output directory (its staging directory); a move into it.
+            if os.path.dirname(args[0]) == output if kind == "replace" else path.startswith(output):
                 calls[kind] += 1
                 if calls[kind] == number:
                     raise OSError(28, "No space left on device")
@@ -410,11 +412,11 @@ def test_a_failed_write_keeps_the_decoded_images(
         return wrapped
 
     if failing == "save":
-        monkeypatch.setattr(compression, "_save_png", fail_on_call("save", 3, compression._save_png))
+        monkeypatch.setattr(image_files, "write_image", fail_on_call("save", 3, image_files.write_image))
     else:
-        monkeypatch.setattr(compression.os, "replace", fail_on_call("replace", 6, os.replace))
+        monkeypatch.setattr(os, "replace", fail_on_call("replace", 6, os.replace))
     (tmp_path / "images.vdmz").write_bytes(encoded)
-    assert compression.main(["decode", f"--model={model_file}", str(tmp_path / "images.vdmz"), "-o", output]) == 1
+    assert run_command_line(["decode", f"--model={model_file}", str(tmp_path / "images.vdmz"), "-o", output]) == 1
     error = capsys.readouterr().err
     assert "No space left on device" in error and len(error.strip().splitlines()) == 1, error
     (rescue,) = os.listdir(tmp_path / "tmp")
@@ -471,9 +473,9 @@ def bad_inputs(tmp_path_factory, encoded):
 ENCODE = ["encode", "--model={model}", "{good}", "-o", "{dir}/out.vdmz"]
 DECODE = ["decode", "--model={model}", "{vdmz}", "-o", "{dir}/decoded"]
 ERRORS = {  # name: (argv, what the message says)
-    "missing input": (ENCODE[:2] + ["{missing}"] + ENCODE[3:], "No such file"),
-    "non-image file": (ENCODE[:2] + ["{text}"] + ENCODE[3:], "not an image file"),
-    "empty file": (ENCODE[:2] + ["{empty}"] + ENCODE[3:], "an empty file"),
+    "missing input": (ENCODE[:2] + ["{missing}"] + ENCODE[3:], "missing.png: no such file"),
+    "non-image file": (ENCODE[:2] + ["{text}"] + ENCODE[3:], "not a readable image file"),
+    "empty file": (ENCODE[:2] + ["{empty}"] + ENCODE[3:], "the file is empty"),
     "truncated image": (ENCODE[:2] + ["{truncated}"] + ENCODE[3:], "expected an L image (the model's channels)"),
     "palette PNG": (ENCODE[:2] + ["{palette}"] + ENCODE[3:], "got mode P;"),
     "grey+alpha PNG": (ENCODE[:2] + ["{grey_alpha}"] + ENCODE[3:], "got mode LA;"),
@@ -481,7 +483,7 @@ ERRORS = {  # name: (argv, what the message says)
     "RGBA PNG": (ENCODE[:2] + ["{rgba}"] + ENCODE[3:], "got mode RGBA; expected an L image"),
     "grey and RGB, no --model": (["encode", "{good}", "{rgb}"] + ENCODE[3:], "mix grey (L) and RGB images"),
     "RGBA, no --model": (["encode", "{rgba}"] + ENCODE[3:], "got mode RGBA; expected an L or RGB image"),
-    "directory as input": (ENCODE[:2] + ["{dir}"] + ENCODE[3:], "Is a directory"),
+    "directory as input": (ENCODE[:2] + ["{dir}"] + ENCODE[3:], "is a directory; expected an L image"),
     "newline in a name": (ENCODE[:2] + ["{newline}"] + ENCODE[3:], "without newlines; got 'new\\nline.png'"),
     "encode output is a directory": (ENCODE[:4] + ["{dir}"], "is a directory; expected the name"),
     "encode output under a file": (ENCODE[:4] + ["{good}/out.vdmz"], "is a file, not a directory"),
@@ -514,10 +516,10 @@ def test_command_line_rejects_bad_input_in_one_line_before_loading_the_model(
 ):
     """Exit status 1, one line naming what was expected, no traceback, and the model (seconds to
     load, TensorFlow's runtime) never loaded: every input is checked first."""
-    monkeypatch.setattr(compression, "load_model", lambda path: pytest.fail("loaded the model before checking"))
+    monkeypatch.setattr(compression.cli, "load_model", lambda path: pytest.fail("loaded the model before checking"))
     template, expected = ERRORS[case]
     argv = [part.format_map(dict(bad_inputs, model=model_file)) for part in template]
-    assert compression.main(argv) == 1
+    assert run_command_line(argv) == 1
     out, error = capsys.readouterr()
     assert out == "" and "Traceback" not in error and len(error.strip().splitlines()) == 1, error
     assert expected in error, error
@@ -533,7 +535,7 @@ def test_command_line_reports_a_model_that_does_not_load_in_one_line(bad_inputs,
     with zipfile.ZipFile(broken, "w") as archive:
         archive.writestr("config.json", '{"class_name": "NoSuchModel", "config": {"image_shape": [8, 8, 1]}}')
     argv = ["encode", f"--model={broken}", bad_inputs["good"], "-o", str(tmp_path / "out.vdmz")]
-    assert compression.main(argv) == 1
+    assert run_command_line(argv) == 1
     out, error = capsys.readouterr()
     assert "Traceback" not in error and len(error.strip().splitlines()) == 1, error
     assert f"--model={broken}: could not load the model" in error, error

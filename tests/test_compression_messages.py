@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
-from compression_helpers import random_denoiser_model
+from compression_helpers import random_denoiser_model, run_command_line
 from PIL import Image
 
 from vdm_tf import compression, datasets
@@ -111,7 +111,7 @@ def test_grey_images_round_trip_through_the_command_line_without_model(tmp_path,
         Image.fromarray(pixels, "L").save(tmp_path / name)
     out = str(tmp_path / "grey.vdmz")
     argv = ["encode", *(str(tmp_path / name) for name in images), "-o", out, "--steps=2", "--elbo_samples=0"]
-    assert compression.main([*argv, "--no-fallback"]) == 0
+    assert run_command_line([*argv, "--no-fallback"]) == 0
     assert "(tiles 32x32x1), T=2" in capsys.readouterr().out
     header = read_header(open(out, "rb").read())
     assert header.mode == compression.BITS_BACK and header.image_shape == (32, 32, 1)
@@ -130,8 +130,8 @@ def test_decode_without_model_names_the_bundled_model_that_does_not_fit(tmp_path
     data = BitsBackCodec(random_denoiser_model(seed=0), num_steps=1).encode(np.zeros((1, 8, 8, 1), np.uint8))
     path = tmp_path / "digits.vdmz"
     path.write_bytes(data)
-    monkeypatch.setattr(compression, "load_model", lambda path: pytest.fail("loaded the model before checking"))
-    assert compression.main(["decode", str(path), "-o", str(tmp_path / "out")]) == 1
+    monkeypatch.setattr(compression.cli, "load_model", lambda path: pytest.fail("loaded the model before checking"))
+    assert run_command_line(["decode", str(path), "-o", str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err
     assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
     assert "was coded with a model of 8x8x1 images; the bundled model codes 32x32x1 images: pass the encoder's" in error
