@@ -24,6 +24,9 @@ setup(
         # TensorFlow Probability refuses to import without tf-keras, even though vdm_tf uses Keras 3.
         "tf-keras==2.21.0",
         "tensorflow-datasets==4.9.10",
+        # tensorflow-datasets imports it to prepare (download) any data set, e.g. cifar10, but declares it
+        # only for Python < 3.9 (tensorflow/datasets#11212): without it, "No module named 'importlib_resources'".
+        "importlib_resources==7.1.0",
         "absl-py==2.5.1",
         "numpy==2.4.6",
         "scikit-learn==1.9.1",

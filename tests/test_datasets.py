@@ -6,6 +6,10 @@ and configs but replaces the reading of the prepared files by generated examples
 builder's own feature spec.
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import sklearn.datasets
@@ -15,6 +19,8 @@ from tfds_mocks import FakeDownsampledImagenet
 from tfds_mocks import mock_tfds as _mock_tfds
 
 from vdm_tf import datasets
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture
@@ -250,3 +256,81 @@ def test_imagenet_rejects_images_of_the_wrong_size():
         dataset = datasets.load("imagenet32", "train", 4)
         with pytest.raises(tf.errors.InvalidArgumentError):
             _take(dataset, 1)
+
+
+# ------------------------------------------------------- what the install brings for the data
+
+
+def _tfds_data_sets_of_the_presets():
+    """The data sets of every preset (trainers.main's and trainers.classifier's) that TFDS builds."""
+    from trainers import classifier, configs
+
+    names = {config.dataset for config in [*configs.PRESETS.values(), *classifier.PRESETS.values()]}
+    return sorted(name for name in names if datasets.info(name).tfds_name is not None)
+
+
+# Run in a fresh interpreter of the test environment (the project's .venv, installed from
+# constraints.txt): the modules come from the install alone, not from what other tests imported.
+PREPARE_AND_READ = """
+import sys, tempfile
+import tensorflow_datasets as tfds
+from tfds_mocks import DownloadReached, mock_any, stopped_at_the_download
+from vdm_tf import datasets
+
+for name in sys.argv[1:]:
+    info = datasets.info(name)
+    tfds.builder(info.tfds_name)  # the builder's module
+    with tempfile.TemporaryDirectory() as data_dir, stopped_at_the_download():
+        try:
+            datasets.load(name, "train", 2, data_dir=data_dir)  # not prepared: tfds.load prepares it
+        except DownloadReached:
+            pass
+        else:
+            raise AssertionError(f"{name}: an empty data_dir was read without preparing it")
+    with mock_any(name):  # reading, as from prepared files
+        batch = next(iter(datasets.load(name, info.test_split, 2)))
+    assert batch.shape == (2, *info.image_shape), (name, batch.shape)
+    print("prepared up to the download and read:", name)
+"""
+
+
+def test_the_install_prepares_and_reads_every_tfds_data_set_of_the_presets():
+    """tfds imports `importlib_resources` only to prepare a data set (its checksums file), not to
+    read one, so `mock_data` alone never needed it: the preparation runs here up to its download."""
+    names = _tfds_data_sets_of_the_presets()
+    assert {"mnist", "cifar10", "imagenet32", "imagenet64"} <= set(names)
+    completed = subprocess.run(
+        [sys.executable, "-c", PREPARE_AND_READ, *names], cwd=TESTS_DIR, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    done = [line.split(": ")[1] for line in completed.stdout.splitlines() if line.startswith("prepared up to")]
+    assert done == names
+
+
+MISSING_MODULE = """
+import runpy, sys, tempfile
+sys.modules["importlib_resources"] = None  # as in an install without it: importing it fails
+from vdm_tf import datasets
+
+with tempfile.TemporaryDirectory() as data_dir:
+    try:
+        datasets.load("cifar10", "train", 2, data_dir=data_dir)
+    except datasets.IncompleteInstallError as error:
+        print(error)
+    sys.argv = ["trainers.main", "--config=cifar10", f"--model_dir={data_dir}/run", f"--data_dir={data_dir}"]
+    runpy.run_module("trainers.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_module_missing_from_the_install_is_named_in_one_line_not_as_a_failed_download():
+    completed = subprocess.run(
+        [sys.executable, "-c", MISSING_MODULE], cwd=TESTS_DIR, capture_output=True, text=True, timeout=600
+    )
+    message = (
+        "the module 'importlib_resources', which TensorFlow Datasets needs, is not installed; "
+        "reinstall: make / pip install -c constraints.txt -e ."
+    )
+    assert message in completed.stdout.splitlines()  # the library's IncompleteInstallError
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert completed.stderr.strip().splitlines()[-1] == f"python -m trainers.main: error: {message}"
+    assert "Traceback" not in completed.stderr and "could not be downloaded" not in completed.stderr

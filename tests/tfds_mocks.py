@@ -1,6 +1,7 @@
 """Mocks of TensorFlow Datasets for the tests: the real `tfds.load` code, no downloads."""
 
 import contextlib
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
@@ -41,6 +42,28 @@ class FakeDownsampledImagenet:
         return tf.data.Dataset.from_generator(generate, output_signature=signature)
 
 
+class DownloadReached(Exception):
+    """Raised where a builder would start downloading, under `stopped_at_the_download`."""
+
+
+@contextlib.contextmanager
+def stopped_at_the_download():
+    """Runs the real preparation of a data set (`download_and_prepare`) up to its first download.
+
+    The builders of vdm_tf's data sets fetch their files with `DownloadManager.download` or
+    `download_and_extract`; both raise `DownloadReached` instead. Everything before them (the
+    builder's module, its configs, the download manager, which reads the builder's checksums
+    file) runs for real, so a module the preparation needs and the install lacks shows up here.
+    """
+
+    def stop(manager, url_or_urls):
+        raise DownloadReached(url_or_urls)
+
+    with (
+        mock.patch.object(tfds.download.DownloadManager, "download", stop),
+        mock.patch.object(tfds.download.DownloadManager, "download_and_extract", stop),
+    ):
+        yield
 
 
 @contextlib.contextmanager

@@ -25,6 +25,11 @@ Known data sets (see `info(name)` for each one's shape and split names):
 Every data set goes through the same steps once it is a `tf.data.Dataset` of uint8 images
 (`_batched`): shuffle with a seed, repeat, batch, prefetch.
 
+Preparing a TensorFlow Datasets data set (its download) imports modules that reading a prepared
+one does not (`importlib_resources`, a pinned dependency of ours since tfds itself declares it
+only for Python < 3.9). If one is missing, `load` raises `IncompleteInstallError`, whose one-line
+message names the module and the reinstall command, rather than tfds's long traceback.
+
 Multi-device training: pass the `tf.distribute.InputContext` that
 `strategy.distribute_datasets_from_function` hands to its function. Each input pipeline then
 reads its own contiguous part of the split (`tfds.even_splits` semantics, so the parts
@@ -39,6 +44,11 @@ import numpy as np
 import sklearn.datasets
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from vdm_tf import cli
+
+# What installs the pinned dependencies again (the Makefile's install step, or pip itself).
+REINSTALL = "make / pip install -c constraints.txt -e ."
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_NUM_TRAIN = 1500
@@ -80,18 +90,49 @@ class DatasetInfo:
     pixel_values: tuple[int, ...] | None = None
 
 
+class IncompleteInstallError(cli.Failure, ImportError):
+    """A module the TensorFlow Datasets code needs is not installed: the install is incomplete.
+
+    No download and no data directory mends that; reinstalling with the pinned versions does, so
+    the message is that one line. It is a `cli.Failure` (the user's to fix, said in one line by
+    every command line) and an `ImportError` (what it is to a program).
+
+    Args:
+        module: the name of the missing module.
+    """
+
+    def __init__(self, module):
+        super().__init__(
+            f"the module {module!r}, which TensorFlow Datasets needs, is not installed; reinstall: {REINSTALL}",
+            name=module,
+        )
+
+
 _DATASETS = {
     info.name: info
     for info in [
         DatasetInfo(
-            "digits", None, (8, 8, 1), "train", "test", DIGITS_NUM_TRAIN, DIGITS_NUM_TEST, 10,
+            "digits",
+            None,
+            (8, 8, 1),
+            "train",
+            "test",
+            DIGITS_NUM_TRAIN,
+            DIGITS_NUM_TEST,
+            10,
             pixel_values=tuple(round(k * 255 / 16) for k in range(17)),  # the 0..16 of scikit-learn, scaled
         ),
         DatasetInfo(
             "photos", None, (PHOTOS_PATCH, PHOTOS_PATCH, 3), "train", "test", PHOTOS_NUM_TRAIN, PHOTOS_NUM_TEST, None
         ),
         DatasetInfo(
-            "photos_grey", None, (PHOTOS_PATCH, PHOTOS_PATCH, 1), "train", "test", PHOTOS_NUM_TRAIN, PHOTOS_NUM_TEST,
+            "photos_grey",
+            None,
+            (PHOTOS_PATCH, PHOTOS_PATCH, 1),
+            "train",
+            "test",
+            PHOTOS_NUM_TRAIN,
+            PHOTOS_NUM_TEST,
             None,
         ),
         DatasetInfo("mnist", "mnist", (28, 28, 1), "train", "test", 60_000, 10_000, 10),
@@ -268,6 +309,7 @@ def load(
     Raises:
         ValueError: for an unknown name, an unknown digits split, or `with_labels` on a data set
             without labels.
+        IncompleteInstallError: TensorFlow Datasets needs a module that is not installed.
 
     Example:
         Training (random batches forever) and evaluation (every test image exactly once):
@@ -312,13 +354,16 @@ def _tfds_examples(dataset_info, split, with_labels, shuffle, seed, data_dir, in
     """A TensorFlow Datasets split (this input pipeline's part of it) as a dataset of examples."""
     if input_context is not None:
         split = tfds.even_splits(split, input_context.num_input_pipelines)[input_context.input_pipeline_id]
-    examples = tfds.load(
-        dataset_info.tfds_name,
-        split=split,
-        data_dir=data_dir,
-        shuffle_files=shuffle,
-        read_config=tfds.ReadConfig(shuffle_seed=seed),
-    )
+    try:
+        examples = tfds.load(
+            dataset_info.tfds_name,
+            split=split,
+            data_dir=data_dir,
+            shuffle_files=shuffle,
+            read_config=tfds.ReadConfig(shuffle_seed=seed),
+        )
+    except ModuleNotFoundError as error:  # tfds imports some modules only when it prepares the data
+        raise IncompleteInstallError(error.name) from error
 
     def convert(example):
         # The downsampled_imagenet builders declare images of shape [None, None, 3].

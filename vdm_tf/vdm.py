@@ -16,6 +16,7 @@ antithetic over the batch, `t_i = (u + i / N) mod 1` (low-discrepancy sampler, V
 """
 
 import math
+import operator
 
 import keras
 import tensorflow as tf
@@ -26,6 +27,25 @@ from vdm_tf.sde import ScheduleSDE
 
 TERMS = ("bpd", "diffusion", "prior", "reconstruction")
 DROPOUT_STREAM = 7  # folded into a step's seed for its dropout masks (`VDM._seed_dropout`)
+
+
+def check_count(name, value, minimum=0):
+    """A count argument (`num_samples`, `num_steps`) as a Python int >= `minimum`.
+
+    Takes what `operator.index` takes (Python and NumPy integers, integer scalar tensors); not
+    bools, floats or strings, so 2.5 images are an error rather than 2.
+
+    Raises:
+        ValueError: for anything else, naming the expected form ("expected an integer
+            num_samples >= 0; got 2.5.").
+    """
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < minimum:
+        raise ValueError(f"expected an integer {name} >= {minimum}; got {value!r}.")
+    return count
 
 
 def ancestral_update(z_t, eps_hat, gamma_s, gamma_t, noise):
@@ -192,9 +212,7 @@ class VDM(keras.Model):
         if training and self.augmentation is not None:
             x, conditioning = self.augmentation(x, augmentation_seed, example_index)
         f = images.encode(x)
-        diffusion, gammas = self._diffusion_loss(
-            f, diffusion_seed, training, example_index, num_examples, conditioning
-        )
+        diffusion, gammas = self._diffusion_loss(f, diffusion_seed, training, example_index, num_examples, conditioning)
         nats = {
             "diffusion": diffusion,
             "prior": self._prior_loss(f),
@@ -373,18 +391,26 @@ class VDM(keras.Model):
         """Ancestral sampling with `num_steps` equal time steps from z_1 ~ N(0, I) to x.
 
         Args:
-            num_samples: how many images.
-            num_steps: T, the number of denoiser evaluations.
+            num_samples: how many images, an integer >= 0.
+            num_steps: T >= 1, the number of denoiser evaluations.
             seed: int or shape-[2] seed.
             argmax: decode z_0 to the most likely pixel values instead of sampling p(x | z_0).
 
         Returns:
-            uint8 images [num_samples, H, W, C].
+            uint8 images [num_samples, H, W, C]; for 0 an empty batch, as NumPy gives, without
+            running the network (on an empty batch TensorFlow's oneDNN convolution returns its
+            input's shape, [0, 8, 8, 5] where [0, 8, 8, 32] is due, and the next op fails).
+
+        Raises:
+            ValueError: a count that is not an integer, num_samples < 0 or num_steps < 1.
         """
-        if int(num_samples) < 0 or int(num_steps) < 1:
-            raise ValueError(f"num_samples must be >= 0 and num_steps >= 1; got {num_samples}, {num_steps}.")
+        num_samples = check_count("num_samples", num_samples)
+        num_steps = check_count("num_steps", num_steps, minimum=1)
+        seed = seeding.as_seed(seed)
+        if num_samples == 0:
+            return tf.zeros((0, *self.image_shape), tf.uint8)
         return self.sample_graph(
-            tf.constant(num_samples, tf.int32), tf.constant(num_steps, tf.int32), seeding.as_seed(seed), bool(argmax)
+            tf.constant(num_samples, tf.int32), tf.constant(num_steps, tf.int32), seed, bool(argmax)
         )
 
     def _sample(self, num_samples, num_steps, seed, argmax):
