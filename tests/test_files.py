@@ -87,6 +87,9 @@ def test_atomic_directory(tmp_path):
         assert os.path.isdir(temporary) and not path.exists()
         open(os.path.join(temporary, "saved_model.pb"), "wb").close()
     assert (path / "saved_model.pb").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask  # as os.makedirs makes it, not mkdtemp's 0700
     with pytest.raises(ValueError):
         with files.atomic_path(tmp_path / "export" / "2", directory=True) as temporary:
             open(os.path.join(temporary, "saved_model.pb"), "wb").close()

@@ -77,8 +77,8 @@ def atomic_path(path, directory=False):
         raise _failure(path, error, existed) from None
     try:
         yield temporary
-        if not directory:
-            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would make outputs private
+        # mkstemp's 0600 and mkdtemp's 0700 would make outputs private: give them open()'s modes.
+        os.chmod(temporary, (0o777 if directory else 0o666) & ~_umask())
         os.replace(temporary, path)
     except BaseException as error:
         _remove(temporary)
