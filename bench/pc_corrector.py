@@ -40,11 +40,6 @@ SETTINGS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise cli.Failure(f"{message} (see --help)")
-
-
 def positive_integers(text, expected="comma-separated integers >= 1"):
     """An argparse type: comma-separated integers >= 1."""
     try:
@@ -65,7 +60,7 @@ def positive_integer(text):
 
 
 def parse_args(argv):
-    parser = _Parser(prog="python -m bench.pc_corrector", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m bench.pc_corrector", description=__doc__.split("\n")[0])
     parser.add_argument("--num_samples", type=positive_integer, default=4000)
     parser.add_argument("--steps", type=positive_integers, default=[500, 1000], help="predictor steps, e.g. 500,1000")
     parser.add_argument("--reference_samples", type=positive_integer, default=200_000)

@@ -26,6 +26,7 @@ Any other exception is a bug in vdm_tf and keeps its traceback. Outputs are writ
 `vdm_tf.files`, so a command that ends early leaves no file half-written.
 """
 
+import argparse
 import os
 import sys
 
@@ -36,9 +37,33 @@ class Failure(Exception):
     """A command line's input is wrong; the message (one line) says what was expected."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (a `Failure`: exit 1 through `run`), not usage + message, exit 2.
+
+    The line ends with the usage where it is short, else with "(see --help)".
+    """
+
+    def error(self, message):
+        usage = one_line(self.format_usage()).removeprefix("usage: ")
+        raise Failure(f"{message} ({'usage: ' + usage if len(usage) <= 100 else 'see --help'})")
+
+
 def start():
     """Prepares the process (`vdm_tf.prepare_process`) and imports TensorFlow: call it after the checks."""
     _startup.prepare_process()
+
+
+def progress_bar(target, verbose=True, **kwargs):
+    """A `keras.utils.Progbar` that redraws itself on a terminal and writes one plain line elsewhere.
+
+    Keras takes every POSIX stdout for a terminal, so a log file or a pipe would otherwise fill
+    with its carriage returns and ANSI styles; redirected, the bar prints only its final line.
+    `kwargs` are Progbar's (`unit_name`, `stateful_metrics`, ...).
+    """
+    import keras
+
+    mode = (1 if sys.stdout.isatty() else 2) if verbose else 0
+    return keras.utils.Progbar(target, verbose=mode, **kwargs)
 
 
 def one_line(message):

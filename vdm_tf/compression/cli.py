@@ -174,14 +174,6 @@ def write_pngs(x, names, directory):
 # Arguments, checked without TensorFlow.
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`vdm_tf.cli.Failure`, exit 1) that ends with the usage."""
-
-    def error(self, message):
-        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
-        raise vdm_cli.Failure(f"{message} (usage: {usage})")
-
-
 def _integer_in(minimum, maximum=None):
     """An argparse type: an integer in minimum..maximum."""
     expected = f"an integer >= {minimum}" if maximum is None else f"an integer in {minimum}..{maximum}"
@@ -199,8 +191,8 @@ def _integer_in(minimum, maximum=None):
 
 
 def _parser():
-    parser = _Parser(prog=PROG, description="Lossless compression of images with a VDM (bits-back ANS).")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = vdm_cli.ArgumentParser(prog=PROG, description="Lossless compression of images with a VDM (bits-back ANS).")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=vdm_cli.ArgumentParser)
     # Short usage lines: the one-line errors end with them.
     encode = commands.add_parser(
         "encode",

@@ -83,7 +83,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from vdm_tf import images, samplers
+from vdm_tf import cli, images, samplers
 from vdm_tf.compression import container
 from vdm_tf.compression.ans import (
     _INITIAL_SEED,
@@ -436,7 +436,7 @@ class BitsBackCodec:
         # Enough initial words for two layers of worst-case pops of a full batch, and more.
         random_words = _initial_words(math.ceil(3 * _PRECISION_BITS * self.batch_size * self.num_dims / 32) + 4)
         coder = constriction.stream.stack.AnsCoder(np.concatenate([random_words, _seed_stack_words(seed)]))
-        progress = keras.utils.Progbar(len(plan) * (self.num_steps + 1), verbose=int(verbose), unit_name="step")
+        progress = cli.progress_bar(len(plan) * (self.num_steps + 1), verbose, unit_name="step")
         start_bits, coded_dims = coder.num_bits(), 0
         total_dims = sum(math.prod(batch.shape) * len(batch.tiles) for batch in plan) * self.channels
         projection = {"bits": None, "tiles": 0, "total": sum(len(batch.tiles) for batch in plan)}
@@ -518,7 +518,7 @@ class BitsBackCodec:
         if words[-1] == 0:
             raise CompressionError("Corrupted data: an ANS stack never ends in a zero word.")
         coder = constriction.stream.stack.AnsCoder(words)
-        progress = keras.utils.Progbar(len(plan) * (header.num_steps + 1), verbose=int(verbose), unit_name="step")
+        progress = cli.progress_bar(len(plan) * (header.num_steps + 1), verbose, unit_name="step")
         xs = [np.zeros(shape, np.uint8) for shape in shapes]
         try:
             for number in reversed(range(len(plan))):
