@@ -27,18 +27,25 @@ Requests that fail because the server cannot be reached (UNAVAILABLE) or is slow
 says what happened and how to start a server. A request the server rejects (INVALID_ARGUMENT,
 NOT_FOUND) is not retried: `ServingError` carries the server's message.
 
-The command line checks its files (present, non-empty, grey or RGB images of one size, a mask of
-their size) before it connects and before TensorFlow starts: TensorFlow and the serving protos
-are imported on first use, inside the functions that need them.
+The command line checks its flags, its files (present, non-empty, single grey or RGB images of
+one size, a mask of their size; `vdm_tf.image_files.read_image`) and its outputs' places before
+it connects and before TensorFlow starts. The serving protos live in the `tensorflow` package,
+so any request imports TensorFlow: it is imported on first use, through
+`vdm_tf._startup.import_tensorflow` (without TensorFlow's start-up banners). The command line
+ends in one line (`vdm_tf.cli.run`: an error, exit 1; Ctrl-C, exit 130), and writes its PNG and
+`.npz` whole or not at all (`vdm_tf.files`).
 """
 
+import math
 import os
-import sys
+import re
 import time
 
 import grpc
 import numpy as np
 from absl import app, flags
+
+from vdm_tf import _startup, cli, files, image_files
 
 # The export's default limits per request (`export.saved_model.ServingModule` uses these).
 MAX_IMAGES_PER_REQUEST = 1024
@@ -124,6 +131,7 @@ class Client:
         max_batch_size=MAX_IMAGES_PER_REQUEST,
         max_num_samples=MAX_SAMPLES_PER_REQUEST,
     ):
+        _startup.import_tensorflow()  # the serving protos import TensorFlow: without its banners
         from tensorflow_serving.apis import prediction_service_pb2_grpc
 
         self.server = server
@@ -283,16 +291,22 @@ USAGE = (
 )
 
 
-class InputError(ValueError):
-    """A command line the client refuses before it connects."""
+PROG = "python -m export.client"
+IMAGE_FILE = "expected a grey (mode L) or RGB image file"
+MASK_FILE = "expected a mask: a bilevel (mode 1), grey (mode L) or RGB image file"
+# HOST:PORT of a gRPC server: a host name, an IPv4 address or a bracketed IPv6 address.
+ADDRESS = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?):(?P<port>[0-9]{1,5})")
 
 
 def define_flags():
     flags.DEFINE_string("server", "localhost:8500", "TF-Serving gRPC address, HOST:PORT.")
     flags.DEFINE_string("model", "vdm", "Model name on the server.")
-    flags.DEFINE_integer("version", None, "Model version (default: the latest).")
-    flags.DEFINE_float("timeout", 60.0, "Seconds per attempt.")
-    flags.DEFINE_integer("retries", 3, "Retries when the server is unreachable or times out.")
+    flags.DEFINE_integer("version", None, "Model version (default: the latest).", lower_bound=0)
+    flags.DEFINE_float("timeout", 60.0, "Seconds per attempt (> 0).")
+    flags.register_validator(
+        "timeout", lambda value: math.isfinite(value) and value > 0, "--timeout must be a number of seconds > 0"
+    )
+    flags.DEFINE_integer("retries", 3, "Retries when the server is unreachable or times out.", lower_bound=0)
     flags.DEFINE_integer("seed", 0, "Seed of the request.")
     flags.DEFINE_integer("num", 16, "sample: number of images.", lower_bound=1)
     flags.DEFINE_integer("steps", 256, "sample (ancestral, pc) and inpaint: number of steps.", lower_bound=1)
@@ -302,27 +316,12 @@ def define_flags():
     flags.DEFINE_integer("resample", 1, "inpaint: RePaint's tries per step.", lower_bound=1)
 
 
-def read_image(path, modes=("L", "RGB")):
-    """One image file as uint8 [H, W, C] (C = 1 for grey), refused unless its mode is in `modes`.
-
-    Nothing is converted: a palette (P), grey + alpha (LA) or RGBA image is refused with its
-    mode named, as `python -m vdm_tf.compression` does.
-    """
-    from PIL import Image
-
-    expected = "expected a grey (mode L) or RGB image file"
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: {'is a directory' if os.path.isdir(path) else 'no such file'}; {expected}.")
-    if os.path.getsize(path) == 0:
-        raise InputError(f"{path}: the file is empty; {expected}.")
+def read_image(path, modes=("L", "RGB"), expected=IMAGE_FILE):
+    """One image file as uint8 [H, W, C] (`vdm_tf.image_files.read_image`); cli.Failure if refused."""
     try:
-        with Image.open(path) as image:
-            if image.mode not in modes:
-                raise InputError(f"{path}: {expected}; got mode {image.mode}.")
-            array = np.asarray(image).astype(np.uint8)
-    except OSError as error:  # not an image (UnidentifiedImageError), truncated, unreadable
-        raise InputError(f"{path}: not a readable image ({type(error).__name__}); {expected}.") from None
-    return array.reshape(array.shape[0], array.shape[1], -1)
+        return image_files.read_image(path, modes, expected)[0]
+    except image_files.ImageFileError as error:
+        raise cli.Failure(str(error)) from None
 
 
 def read_images(paths):
@@ -330,42 +329,64 @@ def read_images(paths):
     arrays = [read_image(path) for path in paths]
     shapes = sorted({a.shape for a in arrays})
     if len(shapes) > 1:
-        raise InputError(f"expected images of one size; got shapes {shapes}.")
+        raise cli.Failure(f"expected images of one size; got shapes {shapes}.")
     return np.stack(arrays)
 
 
 def read_mask(path, images):
     """The inpainting mask [H, W, 1 or C] of `images`: a grey, RGB or 1-bit image of their size."""
-    mask = read_image(path, modes=("1", "L", "RGB"))
+    mask = read_image(path, ("1", "L", "RGB"), MASK_FILE)
     height, width, channels = images.shape[1:]
     if mask.shape[:2] != (height, width) or mask.shape[2] not in (1, channels):
         layers = "1 channel" if channels == 1 else f"1 or {channels} channels"
-        raise InputError(
+        raise cli.Failure(
             f"{path}: expected a mask of the images' size {height}x{width} with {layers}; "
             f"got {mask.shape[0]}x{mask.shape[1]} with {mask.shape[2]}."
         )
     return mask
 
 
+def npz_path(path):
+    """The .npz written beside the PNG `path` (grid.png -> grid.npz)."""
+    return os.path.splitext(path)[0] + ".npz"
+
+
 def check_output_path(path):
+    """--out: a .png path in an existing, writable directory; neither it nor its .npz is a directory."""
+    if not path.lower().endswith(".png"):
+        raise cli.Failure(f"--out: expected a .png file path; got {path!r}.")
+    for output in (path, npz_path(path)):
+        if os.path.isdir(output):
+            raise cli.Failure(f"--out: {output} is a directory; the command writes {path} and {npz_path(path)}.")
     directory = os.path.dirname(path) or "."
-    if not path.lower().endswith(".png") or os.path.isdir(path):
-        raise InputError(f"--out: expected a .png file path; got {path!r}.")
-    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        raise InputError(f"--out: the directory {directory!r} does not exist or is not writable.")
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+        raise cli.Failure(f"--out: the directory {directory!r} does not exist or is not writable.")
+
+
+def check_flags():
+    """The flags absl cannot check by itself: the server's address and the model's name."""
+    address = ADDRESS.fullmatch(FLAGS.server)
+    if not address or not 1 <= int(address["port"]) <= 65535:
+        raise cli.Failure(
+            f"--server: expected HOST:PORT of TF-Serving's gRPC endpoint (e.g. localhost:8500, [::1]:8500), "
+            f"port 1..65535; got {FLAGS.server!r}."
+        )
+    if not FLAGS.model.strip():
+        raise cli.Failure("--model: expected the model's name on the server (its MODEL_NAME); got ''.")
 
 
 def parse_command(args):
-    """(command, paths, images, mask) from the positional arguments, every file read and checked."""
+    """(command, paths, images, mask) from the positional arguments, every flag, file and output checked."""
+    check_flags()
     if not args or args[0] not in COMMANDS:
-        raise InputError(f"expected a command; got {' '.join(args) or 'none'}. {USAGE}")
+        raise cli.Failure(f"expected a command; got {' '.join(args) or 'none'}. {USAGE}")
     command, paths = args[0], args[1:]
     if command in IMAGE_COMMANDS and not paths:
-        raise InputError(f"{command} needs at least one image file.")
+        raise cli.Failure(f"{command} needs at least one image file.")
     if command not in IMAGE_COMMANDS and paths:
-        raise InputError(f"{command} takes no files; got {' '.join(paths)}.")
+        raise cli.Failure(f"{command} takes no files; got {' '.join(paths)}.")
     if command == "inpaint" and not FLAGS.mask:
-        raise InputError("inpaint needs --mask=MASK.png (non-zero where a pixel is known).")
+        raise cli.Failure("inpaint needs --mask=MASK.png (non-zero where a pixel is known).")
     if command in ("sample", "inpaint"):
         check_output_path(FLAGS.out)
     images = read_images(paths) if paths else None
@@ -374,12 +395,13 @@ def parse_command(args):
 
 
 def write_images(batch, path):
-    """A grid PNG at `path` and the images in an .npz beside it."""
+    """A grid PNG at `path` and the images in an .npz beside it, each whole or not at all."""
     from vdm_tf import images as image_utils
 
-    image_utils.save_grid(batch, path)
-    npz = path.rsplit(".", 1)[0] + ".npz"
-    np.savez_compressed(npz, images=batch)
+    npz = npz_path(path)
+    with files.atomic_path(path) as grid_file, files.atomic_path(npz) as npz_file:
+        image_utils.save_grid(batch, grid_file)  # PNG: the temporary keeps the .png extension
+        np.savez_compressed(npz_file, images=batch)
     print(f"wrote {path} and {npz}: {batch.shape[0]} images of {batch.shape[1:]}")
 
 
@@ -415,23 +437,29 @@ def run_command(client, command, paths, images, mask):
 
 
 def main(argv):
-    """Exit code 0; 2 for a command line refused before connecting; 1 for a failed request."""
-    try:
-        checked = parse_command(argv[1:])
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    """absl's main: the command line `argv`, ended through `vdm_tf.cli.run` (exit 0, 1 or 130).
+
+    Every flag, file and output path is checked before TensorFlow starts and before the client
+    connects; a refused command line or a failed request is one line on stderr and exit 1. It
+    calls `cli.run` itself, so that it ends the same way under any caller's `app.run` (the
+    tests run many command lines in one process so), not only as `python -m export.client`.
+    """
+    cli.run(_main, argv, prog=PROG)
+
+
+def _main(argv):
+    checked = parse_command(argv[1:])
+    cli.start()
     with Client(FLAGS.server, FLAGS.model, FLAGS.version, FLAGS.timeout, FLAGS.retries) as client:
         try:
             run_command(client, *checked)
         except ServingError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+            raise cli.Failure(str(error)) from None
     return 0
 
 
 def _describe(name, tensor_info):
-    import tensorflow as tf
+    import tensorflow as tf  # imported already, by the request
 
     dtype = tf.dtypes.as_dtype(tensor_info.dtype).name
     if tensor_info.tensor_shape.unknown_rank:
@@ -442,4 +470,4 @@ def _describe(name, tensor_info):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(app.run, main, prog=PROG)

@@ -45,6 +45,7 @@ deliberately loose (any shape): a tight spec would make TensorFlow's loader refu
 with a Python TypeError before the graph runs, and TF-Serving does not check shapes at all.
 """
 
+import errno
 import os
 import subprocess
 import sys
@@ -52,7 +53,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from vdm_tf import cdm, conditional, likelihood, samplers, seeding
+from vdm_tf import cdm, conditional, files, likelihood, samplers, seeding
 
 LIKELIHOOD_OUTPUTS = ("bpd", "diffusion_bpd", "prior_bpd", "reconstruction_bpd")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
@@ -271,18 +272,32 @@ def export_model(model, export_dir, name="vdm", version=None, warmup=True, **ser
     final_path = os.path.join(base_path, str(version))
     if tf.io.gfile.exists(final_path):
         raise FileExistsError(f"{final_path} exists; choose another version or delete it.")
-    temporary_path = os.path.join(base_path, f".tmp-{version}")
-    if tf.io.gfile.exists(temporary_path):
-        tf.io.gfile.rmtree(temporary_path)
     module = ServingModule(model, **serving_options)
     signatures = {"serving_default": module.likelihood, "likelihood": module.likelihood, "sample": module.sample}
     signatures.update(module.optional_signatures)
-    # Serving needs no gradients; saving the ODE solver's custom (adjoint) gradient would cost
-    # minutes and gigabytes.
-    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
-    tf.saved_model.save(module, temporary_path, signatures=signatures, options=options)
-    if warmup:
-        write_warmup_requests(temporary_path, name, module.image_shape, signatures)
+
+    def write(path):
+        # Serving needs no gradients; saving the ODE solver's custom (adjoint) gradient would cost
+        # minutes and gigabytes.
+        options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+        try:
+            tf.saved_model.save(module, path, signatures=signatures, options=options)
+            if warmup:
+                write_warmup_requests(path, name, module.image_shape, signatures)
+        except tf.errors.OpError as error:  # a full disk, a permission: an OSError, one line
+            raise files.io_error(error) or OSError(errno.EIO, " ".join(error.message.split())[:200]) from None
+
+    if "://" not in final_path:
+        # A hidden temporary beside the version (`.1-partial-k2j3`: not a version number, so
+        # TF-Serving skips it), renamed when complete and removed on any failure.
+        with files.atomic_path(final_path, directory=True) as temporary:
+            write(temporary)
+        return final_path
+    # An object store (gs://): written under a temporary name, then renamed.
+    temporary_path = os.path.join(base_path, f".tmp-{version}")
+    if tf.io.gfile.exists(temporary_path):
+        tf.io.gfile.rmtree(temporary_path)
+    write(temporary_path)
     tf.io.gfile.rename(temporary_path, final_path)
     return final_path
 

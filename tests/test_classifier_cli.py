@@ -34,7 +34,6 @@ FORKED_RUNS = textwrap.dedent(
     import json, os, runpy, sys, tempfile, traceback
     import vdm_tf
     import keras
-    from trainers import train
 
     def refuse(*args, **kwargs):
         raise SystemExit("error: work started before the inputs were checked")
@@ -46,7 +45,7 @@ FORKED_RUNS = textwrap.dedent(
         if pid == 0:
             os.dup2(out.fileno(), 1)
             os.dup2(err.fileno(), 2)
-            vdm_tf.datasets.load = keras.saving.load_model = train.restore_for_inference = refuse
+            vdm_tf.datasets.load = keras.saving.load_model = vdm_tf.runs.restore_for_inference = refuse
             sys.argv = ["trainers.classifier", *arguments]
             status = 0
             try:
@@ -134,7 +133,7 @@ def results(workspace):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_flags_are_one_line_errors_before_any_work(case, results, workspace):
-    """Non-zero exit, at most two lines (absl's flag errors add a hint line), no traceback, the
+    """Non-zero exit, one or two lines, no traceback, the
     message, and neither the data, a classifier nor the diffusion run loaded."""
     status, stdout, stderr = results[case]
     output = stdout + stderr
@@ -183,3 +182,8 @@ def test_train_two_steps_then_sample_guided_images(workspace, tmp_path):
         np.testing.assert_array_equal(np.asarray(written), np.asarray(expected_grid))
     other = classifier.guided_samples(model_dir, str(workspace / "run"), 5, 30.0, 2, "ancestral", 2, seed=4)
     assert not np.array_equal(other, samples), "the label must change the samples for this check to mean something"
+
+
+def test_the_sampler_flag_names_the_library_samplers():
+    """The flag's choices are written out (the library's list imports TensorFlow): they must stay equal."""
+    assert classifier.SAMPLERS == vdm_tf.samplers.SAMPLERS

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import vdm_tf
 from export import saved_model
-from vdm_tf import convert, runs
+from vdm_tf import cli, convert, runs
 from vdm_tf.compression import BitsBackCodec
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "official_vdm")
@@ -202,9 +202,12 @@ def test_checkpoint_given_as_file_prefix_or_clu_directory(tmp_path):
 
 
 def run_cli(capsys, *args):
-    status = convert.main(list(args))
-    captured = capsys.readouterr()
-    return status, captured.err.strip()
+    """(exit status, its line) of `convert.main` as `cli.run` ends it: a Failure is status 1."""
+    try:
+        convert.main(list(args))
+    except cli.Failure as failure:
+        return 1, str(failure)
+    return 0, capsys.readouterr().err.strip()
 
 
 def test_command_line_writes_a_keras_file_and_a_run_directory(converted, tmp_path, capsys):
@@ -212,8 +215,11 @@ def test_command_line_writes_a_keras_file_and_a_run_directory(converted, tmp_pat
     model, oracle = converted["dev_nnet_attention"]
     output, run_dir = str(tmp_path / "m.keras"), str(tmp_path / "run")
     status, err = run_cli(
-        capsys, f"--checkpoint={FIXTURES}/dev_nnet_attention/checkpoint", f"--output={output}",
-        f"--model_dir={run_dir}", f"--official_config={case_path('dev_nnet_attention', 'official_config.json')}",
+        capsys,
+        f"--checkpoint={FIXTURES}/dev_nnet_attention/checkpoint",
+        f"--output={output}",
+        f"--model_dir={run_dir}",
+        f"--official_config={case_path('dev_nnet_attention', 'official_config.json')}",
     )
     assert status == 0, err
     expected = model.elbo(oracle["images"], seed=1)["bpd"].numpy()
@@ -239,13 +245,16 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
         "not a flax checkpoint": (f"--checkpoint={text}", f"--official_config={scalar_config}"),
         # The preset has 32 layers of width 128; the checkpoint 1 layer of width 32.
         "sm_n_embd=128 in the config, but score_model/conv_in/kernel has shape (3, 3, 15, 32)": (
-            f"--checkpoint={checkpoint_of('dev_scalar')}", "--preset=cifar10",
+            f"--checkpoint={checkpoint_of('dev_scalar')}",
+            "--preset=cifar10",
         ),
         "with_attention=False in the config, but the checkpoint has attention blocks": (
-            f"--checkpoint={checkpoint_of('dev_nnet_attention')}", f"--official_config={no_attention}",
+            f"--checkpoint={checkpoint_of('dev_nnet_attention')}",
+            f"--official_config={no_attention}",
         ),
         "unknown gamma_type 'cosine'": (
-            f"--checkpoint={checkpoint_of('dev_scalar')}", f"--official_config={bad_gamma}",
+            f"--checkpoint={checkpoint_of('dev_scalar')}",
+            f"--official_config={bad_gamma}",
         ),
         "no such file": (f"--checkpoint={tmp_path / 'missing'}", "--preset=cifar10"),
     }
@@ -270,7 +279,10 @@ def test_command_line_fails_without_a_traceback(tmp_path):
         truncated.write_bytes(f.read()[:5000])
     result = subprocess.run(
         [sys.executable, "-m", "vdm_tf.convert", f"--checkpoint={truncated}", "--preset=cifar10", "--output=x.keras"],
-        capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
     )
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if "vdm_tf.convert" in line or "Traceback" in line]

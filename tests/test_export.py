@@ -241,3 +241,23 @@ def test_a_score_sde_model_exports_and_its_score_sde_graphs_use_its_own_sde(smal
     got = module.inpaint(*[tf.constant(inputs[k]) for k in ("images", "mask", "seed", "num_steps", "resample")])
     assert_outputs_equal(got, expected_outputs(model, "inpaint", inputs))
     np.testing.assert_array_equal(got["images"].numpy()[mask > 0], images[mask > 0])
+
+
+def test_a_failed_export_leaves_no_version_and_a_whole_one_is_readable(exported, tmp_path, monkeypatch):
+    """A full disk while an export is written: an OSError naming the version, and nothing in the
+    model directory that TF-Serving polls; a complete version is readable by others (0755)."""
+    model = exported[0]
+
+    def full_disk(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "tf_serving_warmup_requests; No space left on device")
+
+    monkeypatch.setattr(saved_model, "write_warmup_requests", full_disk)
+    with pytest.raises(OSError, match=r"writing .*vdm/1 failed: No space left on device; nothing was written"):
+        saved_model.export_model(model, str(tmp_path))
+    assert os.listdir(tmp_path / "vdm") == []
+    monkeypatch.undo()
+    path = saved_model.export_model(model, str(tmp_path), warmup=False)
+    assert os.listdir(tmp_path / "vdm") == ["1"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask

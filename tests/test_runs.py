@@ -110,3 +110,50 @@ def test_a_decoder_alphabet_is_built_saved_and_loaded(tmp_path):
     with_alphabet = model.elbo(x, seed=1)["reconstruction"].numpy()
     without = plain.elbo(x, seed=1)["reconstruction"].numpy()
     assert np.all(with_alphabet < without - 0.05), (with_alphabet, without)
+
+
+def test_the_configuration_side_of_a_run_imports_no_tensorflow():
+    """Config, its checks and config.json (vdm_tf.run_config, trainers.configs) load without TensorFlow,
+    and vdm_tf.runs re-exports the same names."""
+    code = (
+        "import sys\n"
+        "from vdm_tf import run_config\n"
+        "from trainers import configs, checks, distribute\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'imported TensorFlow'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from vdm_tf import run_config
+
+    assert runs.Config is run_config.Config and runs.saved_config is run_config.saved_config
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"dataset": "d\xedgits"}'.encode("latin-1"), r"config.json: not a UTF-8 text file"),
+        (b"{not json", r"config.json: not valid JSON \(Expecting property name"),
+        (b"[1, 2]", r"config.json: expected a JSON object of Config fields; got a list"),
+        (b'{"n_layers": "abc"}', r"config.json: n_layers must be an integer; got 'abc'"),
+        (b'{"n_layers": true}', r"config.json: n_layers must be an integer; got True"),
+        (b'{"dropout": 1}', r"config.json: dropout must be in \[0.0, 1.0\); got 1.0"),
+        (b'{"fourier_exponents": [7, "8"]}', r"config.json: fourier_exponents must be a list of numbers"),
+        (b'{"gamma_min": 5, "gamma_max": 5}', r"config.json: gamma_min must be below gamma_max; got 5.0 and 5.0"),
+    ],
+)
+def test_a_damaged_config_json_is_a_one_line_value_error(tmp_path, content, message):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        runs.saved_config(str(tmp_path))
+    assert "\n" not in str(error.value)
+
+
+def test_config_json_is_written_whole(tmp_path, monkeypatch):
+    """A failed write leaves the config.json that was there (the run's), and no temporary."""
+    runs.save_config(str(tmp_path), TINY)
+    before = (tmp_path / "config.json").read_bytes()
+    monkeypatch.setattr(os, "fsync", lambda descriptor: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="config.json failed: No space left on device; the file that was there"):
+        runs.save_config(str(tmp_path), dataclasses.replace(TINY, n_layers=2))
+    assert (tmp_path / "config.json").read_bytes() == before and os.listdir(tmp_path) == ["config.json"]
+    assert runs.saved_config(str(tmp_path)) == TINY

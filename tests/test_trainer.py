@@ -1,6 +1,7 @@
 """The training loop: resume position, NaN guard, kill-and-resume, EMA, optimiser, every configuration."""
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import textwrap
 
 import keras
 import numpy as np
+import PIL.Image
 import pytest
 import tensorflow as tf
 from absl import flags
@@ -18,7 +20,8 @@ from tfds_mocks import mock_any
 
 import export
 import vdm_tf
-from trainers import configs, main, train
+from trainers import configs, main, monitoring, train
+from vdm_tf import files
 
 TINY = dict(n_layers=1, n_embd=32, batch_size=8, jit_compile=False, learning_rate=1e-3, warmup_steps=1)
 
@@ -101,13 +104,23 @@ def test_killed_run_resumes_bit_for_bit_and_logs_each_step_once(tmp_path):
     """Kill after step 6 (checkpoint 4), resume to 8: the same weights as 8 steps without a kill."""
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     flags_ = [
-        "--train_steps=8", "--batch_size=8", "--config.n_layers=1", "--config.n_embd=32", "--config.dropout=0.3",
-        "--config.checkpoint_every=4", "--config.log_every=2", "--config.sample_every=1000",
-        "--config.eval_time_samples=1", "--config.sample_steps=2", "--config.num_samples=2",
+        "--train_steps=8",
+        "--batch_size=8",
+        "--config.n_layers=1",
+        "--config.n_embd=32",
+        "--config.dropout=0.3",
+        "--config.checkpoint_every=4",
+        "--config.log_every=2",
+        "--config.sample_every=1000",
+        "--config.eval_time_samples=1",
+        "--config.sample_steps=2",
+        "--config.num_samples=2",
     ]
     first = subprocess.Popen(
         [sys.executable, "-c", KILL_AFTER_LOGGING, "6", f"--model_dir={killed}", *flags_],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     # Meanwhile, the uninterrupted run in this process, from the configuration the flags make.
     flags.FLAGS.unparse_flags()
@@ -155,10 +168,20 @@ def event_tags(directory):
 @pytest.mark.parametrize("preset", ["mnist", "cifar10", "imagenet32", "imagenet64"])
 def test_every_preset_trains_samples_and_evaluates_on_mocked_data(preset, tmp_path, capsys):
     argv = [
-        "main", f"--config={preset}", f"--model_dir={tmp_path}", "--train_steps=2", "--batch_size=4",
-        "--config.n_layers=1", "--config.n_embd=32", "--config.jit_compile=false", "--config.checkpoint_every=2",
-        "--config.log_every=1", "--config.sample_every=2", "--config.eval_time_samples=1",
-        "--config.sample_steps=2", "--config.num_samples=2",
+        "main",
+        f"--config={preset}",
+        f"--model_dir={tmp_path}",
+        "--train_steps=2",
+        "--batch_size=4",
+        "--config.n_layers=1",
+        "--config.n_embd=32",
+        "--config.jit_compile=false",
+        "--config.checkpoint_every=2",
+        "--config.log_every=1",
+        "--config.sample_every=2",
+        "--config.eval_time_samples=1",
+        "--config.sample_steps=2",
+        "--config.num_samples=2",
     ]
     flags.FLAGS.unparse_flags()
     flags.FLAGS(argv)
@@ -188,9 +211,7 @@ def ema_of(trajectory, momentum=EMA):
     """Keras's EMA of per-step weights: e_1 = w_1, e_k = m e_(k-1) + (1 - m) w_k."""
     average = trajectory[0]
     for step_weights in trajectory[1:]:
-        average = [
-            np.float32(momentum) * a + np.float32(1 - momentum) * w for a, w in zip(average, step_weights)
-        ]
+        average = [np.float32(momentum) * a + np.float32(1 - momentum) * w for a, w in zip(average, step_weights)]
     return average
 
 
@@ -205,8 +226,15 @@ def assert_holds(actual, expected, other, name):
 def ema_run(tmp_path_factory):
     """Six steps with EMA momentum 0.5: the initial, raw and EMA weights all differ."""
     model_dir = tmp_path_factory.mktemp("ema")
-    config = tiny_config(train_steps=6, checkpoint_every=6, log_every=2, sample_every=1000, ema_momentum=EMA,
-                         learning_rate=1e-2, dropout=0.1)
+    config = tiny_config(
+        train_steps=6,
+        checkpoint_every=6,
+        log_every=2,
+        sample_every=1000,
+        ema_momentum=EMA,
+        learning_rate=1e-2,
+        dropout=0.1,
+    )
     trainer = train.Trainer(config, str(model_dir), tf.distribute.get_strategy(), verbose=False)
     initial, trajectory = weights(trainer.model.trainable_variables), []
     step_function = trainer._train_function
@@ -251,7 +279,11 @@ def test_export_holds_the_ema_weights(ema_run, tmp_path):
 @pytest.fixture(scope="module")
 def built():
     config = tiny_config(
-        train_steps=110, warmup_steps=10, learning_rate=1e-2, final_learning_rate_fraction=0.1, weight_decay=0.1,
+        train_steps=110,
+        warmup_steps=10,
+        learning_rate=1e-2,
+        final_learning_rate_fraction=0.1,
+        weight_decay=0.1,
         ema_momentum=0.0,
     )
     return config, configs.build_model(config)
@@ -361,8 +393,18 @@ def check_model(name, model):
 def test_configuration_builds_and_trains_two_steps(name, tmp_path):
     fields = dict(CONFIGURATIONS[name])
     preset = configs.PRESETS[fields.pop("preset")]
-    small = dict(n_layers=1, n_embd=16, batch_size=8, jit_compile=False, train_steps=2, checkpoint_every=2,
-                 log_every=1, sample_every=1000, learning_rate=1e-3, warmup_steps=1)
+    small = dict(
+        n_layers=1,
+        n_embd=16,
+        batch_size=8,
+        jit_compile=False,
+        train_steps=2,
+        checkpoint_every=2,
+        log_every=1,
+        sample_every=1000,
+        learning_rate=1e-3,
+        warmup_steps=1,
+    )
     config = dataclasses.replace(preset, **{**small, **fields})
     with mock_any(config.dataset):
         trainer = train.Trainer(config, str(tmp_path), tf.distribute.get_strategy(), verbose=False)
@@ -390,15 +432,17 @@ def test_configuration_builds_and_trains_two_steps(name, tmp_path):
 def test_keras_fit_ends_with_the_ema_weights():
     """`model.fit` with use_ema=True writes the averaged weights into the model at its end."""
     keras.utils.set_random_seed(0)
-    model = vdm_tf.VDM(vdm_tf.networks.ScoreUNet(n_layers=1, n_embd=16, dropout=0.0),
-                       vdm_tf.schedules.LearnedLinear(), (8, 8, 1))
+    model = vdm_tf.VDM(
+        vdm_tf.networks.ScoreUNet(n_layers=1, n_embd=16, dropout=0.0), vdm_tf.schedules.LearnedLinear(), (8, 8, 1)
+    )
     model.compile(optimizer=keras.optimizers.SGD(0.05, use_ema=True, ema_momentum=EMA))
     initial, trajectory = weights(model.trainable_variables), []
     record = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: trajectory.append(weights(model.trainable_variables))
     )
-    model.fit(vdm_tf.datasets.load("digits", "train", 16, seed=0), steps_per_epoch=5, epochs=1, verbose=0,
-              callbacks=[record])
+    model.fit(
+        vdm_tf.datasets.load("digits", "train", 16, seed=0), steps_per_epoch=5, epochs=1, verbose=0, callbacks=[record]
+    )
     raw, ema = trajectory[-1], ema_of(trajectory)
     assert max(np.abs(e - i).max() for e, i in zip(ema, initial)) > 1e-3
     assert_holds(weights(model.trainable_variables), ema, raw, "model.fit's end state")
@@ -413,3 +457,91 @@ def test_multiscale_presets_build_their_levels_and_stage_networks(preset, levels
     staged = configs.build_model(dataclasses.replace(config, multiscale_stage_networks=True))
     assert len(staged.denoiser.networks) == levels + 1  # one denoiser per stage
     assert len(staged.trainable_variables) > len(model.trainable_variables)
+
+
+def metrics_lines(model_dir):
+    """metrics.jsonl without the throughput (which depends on the machine's load)."""
+    lines = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k != "images_per_second"} for line in lines]
+
+
+def test_a_resumed_run_logs_the_averages_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Checkpoints every 3 steps, logs every 2: the window of the line at step 4 (steps 3 and 4)
+    spans the resume point 3. Ctrl-C right after step 4 is logged, then a rerun: every line as
+    without the interruption. A `ckpt-N_temp/` a killed checkpoint write left is removed."""
+    config = tiny_config(train_steps=6, checkpoint_every=3, log_every=2, sample_every=1000)
+    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
+    train.Trainer(config, str(whole), tf.distribute.get_strategy(), verbose=False).train()
+
+    scalars = monitoring.RunLog.scalars
+
+    def scalars_then_ctrl_c(self, step, values):
+        scalars(self, step, values)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(monitoring.RunLog, "scalars", scalars_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train.Trainer(config, str(interrupted), tf.distribute.get_strategy(), verbose=False).train()
+    monkeypatch.undo()
+    assert [line["step"] for line in metrics_lines(interrupted)] == [2, 4]
+    stale = interrupted / "checkpoints" / "ckpt-6_temp"
+    stale.mkdir()
+    (stale / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"half a checkpoint")
+    resumed = train.Trainer(config, str(interrupted), tf.distribute.get_strategy(), verbose=False)
+    assert not stale.exists()
+    resumed.train()
+    assert metrics_lines(interrupted) == metrics_lines(whole)
+    assert [line["step"] for line in metrics_lines(whole)] == [2, 4, 6]
+
+
+def test_a_failed_checkpoint_write_says_which_checkpoints_are_intact(tmp_path, monkeypatch):
+    """A full disk while checkpoint 4 is written: one line that names it and the intact step 2;
+    what the failed write left (`ckpt-4_temp/`) is removed and ckpt-2 stays the latest."""
+    config = tiny_config(train_steps=6, checkpoint_every=2, log_every=2, sample_every=1000)
+    trainer = train.Trainer(config, str(tmp_path), tf.distribute.get_strategy(), verbose=False)
+    save = trainer.checkpoints.save
+
+    def save_on_a_full_disk(checkpoint_number=None, **kwargs):
+        if checkpoint_number == 4:
+            (tmp_path / "checkpoints" / "ckpt-4_temp").mkdir()
+            message = f"{tmp_path}/checkpoints/ckpt-4_temp/part-00000-of-00001.data; No space left on device"
+            raise tf.errors.ResourceExhaustedError(None, None, message)
+        return save(checkpoint_number=checkpoint_number, **kwargs)
+
+    monkeypatch.setattr(trainer.checkpoints, "save", save_on_a_full_disk)
+    with pytest.raises(files.OutputError) as error:
+        trainer.train()
+    assert str(error.value) == (
+        "writing checkpoint 4 failed: No space left on device; checkpoints up to step 2 are intact, rerun to resume"
+    )
+    assert isinstance(error.value, OSError)  # what vdm_tf.cli.run says in one line
+    assert not (tmp_path / "checkpoints" / "ckpt-4_temp").exists()
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-2")
+
+
+def test_sample_grids_and_metrics_are_written_whole(tmp_path, monkeypatch):
+    """A failed write of a sample grid leaves the grid that was there; a failed metrics line
+    leaves the lines before it, each whole."""
+    log = monitoring.RunLog(str(tmp_path))
+    log.scalars(2, {"bpd": 1.5})
+    grid = tmp_path / "grid.png"
+    images = np.zeros((4, 8, 8, 1), np.uint8)
+    vdm_tf.images.save_grid(images, str(grid))
+    before = grid.read_bytes()
+
+    def full_disk(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(PIL.Image.Image, "save", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        vdm_tf.images.save_grid(images + 255, str(grid))
+    assert grid.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["grid.png", "metrics.jsonl", "tensorboard"]
+
+    monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+    with pytest.raises(OSError, match="nothing was written there|is unchanged"):
+        log.scalars(4, {"bpd": 1.25})
+    monkeypatch.undo()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2]

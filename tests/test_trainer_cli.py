@@ -1,11 +1,16 @@
 """The command line: `python -m trainers.main` trains, samples and evaluates; flags override the preset."""
 
+import dataclasses
+import errno
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from concurrent import futures
 
 import numpy as np
@@ -15,6 +20,7 @@ from absl import flags
 
 import vdm_tf
 from trainers import configs, main, train
+from vdm_tf import _startup, cli
 
 SUMMARY = re.compile(r"test bpd: (\d+\.\d+) \+- (\d+\.\d+) \((\d+) images, (\d+) time samples each\)")
 QUICK = [
@@ -73,10 +79,12 @@ def test_train_then_eval_sample_and_export_from_the_run_directory(tmp_path, caps
     # test images of each image's bound (K = 2 time samples, batches of 256 // K, seed
     # fold_in(0, b) for batch b), and the standard error of that mean.
     test = vdm_tf.datasets.digits_arrays("test")
-    per_image = np.concatenate([
-        model.elbo(test[i : i + 128], seed=vdm_tf.seeding.fold_in(0, b), num_time_samples=2)["bpd"].numpy()
-        for b, i in enumerate(range(0, len(test), 128))
-    ]).astype(np.float64)
+    per_image = np.concatenate(
+        [
+            model.elbo(test[i : i + 128], seed=vdm_tf.seeding.fold_in(0, b), num_time_samples=2)["bpd"].numpy()
+            for b, i in enumerate(range(0, len(test), 128))
+        ]
+    ).astype(np.float64)
     bpd, stderr = per_image.mean(), per_image.std(ddof=1) / math.sqrt(per_image.size)
     assert SUMMARY.search(out).group(0) == f"test bpd: {bpd:.3f} +- {stderr:.3f} (297 images, 2 time samples each)"
     # Evaluation of the saved run is deterministic: the same line again, in this process.
@@ -113,7 +121,7 @@ def test_eval_and_sample_apply_inference_overrides_and_refuse_the_others(tmp_pat
             config = main.inference_config(configs.PRESETS["digits"], "eval")
             assert (config.num_samples, config.sample_steps, config.eval_time_samples) == (3, 2, 1)
         else:
-            with pytest.raises(SystemExit, match=r"--mode=eval uses the trained run as it was saved: --"):
+            with pytest.raises(cli.Failure, match=r"--mode=eval uses the trained run as it was saved: --"):
                 main.inference_config(configs.PRESETS["digits"], "eval")
     finally:
         flags.FLAGS.unparse_flags()
@@ -144,3 +152,113 @@ def test_a_failed_start_removes_only_a_run_directory_it_created(tmp_path, monkey
     finally:
         flags.FLAGS.unparse_flags()
     assert model_dir.exists() == existed
+
+
+# TensorFlow's start-up banners (vdm_tf/_startup.py), which no command line may print.
+BANNERS = _startup._BANNERS
+# A C++ notice TensorFlow logs at ERROR level when the first int32 op runs on a CPU without
+# AVX-512 (after start-up, so not among the banners `vdm_tf.cli.start` filters).
+ONEDNN_INT32_NOTICE = re.compile(r"^E\d{4} .*oneDNN supports DT_INT32 only on platforms with AVX-512")
+
+
+def test_ctrl_c_ends_training_in_one_line_and_the_same_command_resumes(tmp_path):
+    """SIGINT during training: exit 130, the one line `interrupted`, no banner, nothing half-written;
+    stdout (a pipe) has plain progress lines, no cursor movements. The same command again resumes
+    from the last checkpoint and finishes."""
+    model_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "trainers.main", f"--model_dir={model_dir}", "--train_steps=60", "--batch_size=8",
+        "--config.n_layers=1", "--config.n_embd=16", "--config.checkpoint_every=4", "--config.log_every=2",
+        "--config.eval_time_samples=1", "--config.sample_steps=2", "--config.num_samples=2",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = model_dir / "checkpoints" / "checkpoint"
+    deadline = time.monotonic() + 300
+    while not (state.exists() and "ckpt-8" in state.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip() and not ONEDNN_INT32_NOTICE.match(line)]
+    assert process.returncode == 130, stderr[-3000:]
+    assert lines == ["python -m trainers.main: interrupted"], stderr[-3000:]
+    assert "\x1b[" not in stdout and "\b" not in stdout and "\r" not in stdout
+    assert re.search(r"^step 2/60: bpd \d+\.\d{4}, diffusion .* images/s\)$", stdout, re.MULTILINE), stdout
+    left = [path.name for path in model_dir.rglob("*") if "partial" in path.name or "_temp" in path.name]
+    checkpoint = int(re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', state.read_text(), re.MULTILINE).group(1))
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from step {checkpoint} " in again.stdout and "test bpd:" in again.stdout
+    for line in (again.stderr + stderr).splitlines():
+        assert not any(banner.search(line) for banner in BANNERS), line
+    assert not [path for path in model_dir.rglob("*") if "partial" in path.name or "_temp" in path.name], left
+    steps = [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(2, 61, 2))
+
+
+def test_samples_npz_is_written_whole(tmp_path, monkeypatch):
+    """A failed write of samples.npz leaves the one that was there, and no temporary beside it."""
+
+    class Model:
+        def sample(self, num_samples, num_steps, seed):
+            return tf.zeros([num_samples, 8, 8, 1], tf.uint8)
+
+    config = dataclasses.replace(configs.PRESETS["digits"], num_samples=2, sample_steps=1)
+    main.sample(config, Model(), str(tmp_path))
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert sorted(before) == ["samples.npz", "samples.png"]
+
+    def full_disk(path, **arrays):
+        with open(path, "wb") as f:
+            f.write(b"PK half an archive")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez_compressed", full_disk)
+    with pytest.raises(OSError, match=r"samples.npz failed: No space left on device; the file that was there"):
+        main.sample(config, Model(), str(tmp_path))
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_checking_a_bad_flag_or_preset_imports_no_tensorflow():
+    """The checks run before TensorFlow starts (a fresh process: this one has imported it)."""
+    program = textwrap.dedent(
+        """
+        import sys
+        from absl import flags
+        from trainers import main
+        from vdm_tf import cli
+        for argv in (["main", "--config=nonexistent"], ["main", "--config.gamma_min=10", "--config.gamma_max=-10"]):
+            flags.FLAGS.unparse_flags()
+            flags.FLAGS(argv)
+            try:
+                main.check_input(["main"])
+            except cli.Failure as failure:
+                print(failure)
+        print("tensorflow" in sys.modules)
+        """
+    )
+    completed = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert completed.stdout.splitlines() == [
+        f"unknown --config=nonexistent; presets: {', '.join(configs.PRESETS)}.",
+        "gamma_min must be below gamma_max; got 10.0 and -10.0.",
+        "False",
+    ], completed.stderr[-3000:]
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_checkpoints_before_it(small_disk):
+    """A run on a 4 MB file system: checkpoint 2 (model 0.8 MB, data position 2.3 MB) fits, 4 does not."""
+    model_dir = os.path.join(small_disk(4000), "run")
+    command = [
+        sys.executable, "-m", "trainers.main", f"--model_dir={model_dir}", "--train_steps=8", "--batch_size=8",
+        "--config.n_layers=1", "--config.n_embd=16", "--config.checkpoint_every=2", "--config.log_every=2",
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    lines = [line for line in completed.stderr.splitlines() if not ONEDNN_INT32_NOTICE.match(line)]
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert lines == [
+        "python -m trainers.main: error: writing checkpoint 4 failed: No space left on device; "
+        "checkpoints up to step 2 are intact, rerun to resume"
+    ], completed.stderr[-3000:]
+    assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("ckpt-2")
+    left = [name for _, directories, names in os.walk(model_dir) for name in directories + names]
+    assert not [name for name in left if "_temp" in name or "partial" in name], left

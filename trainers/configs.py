@@ -2,22 +2,33 @@
 
 On the command line, `--config=PRESET` picks a preset and `--config.FIELD=VALUE` overrides one
 field (one flag is defined per field, from the dataclass, so there is one place to add a field).
+
+This module imports no TensorFlow: the command line checks a configuration before TensorFlow
+starts. The builders (`build_model`, `build_optimizer`, ...) are `vdm_tf.runs`'s, loaded on
+first use.
 """
 
 import dataclasses
+import importlib
 
 # The configuration dataclass and the model / optimiser it builds live in the library
-# (vdm_tf.runs), so that `vdm_tf.load` reads run directories without importing trainers/.
-from vdm_tf.runs import (  # noqa: F401  (re-exported for the trainer's modules)
+# (vdm_tf.run_config, vdm_tf.runs), so that `vdm_tf.load` reads run directories without importing trainers/.
+from vdm_tf.run_config import (  # noqa: F401  (re-exported for the trainer's modules)
     Config,
-    build_model,
-    build_optimizer,
-    build_schedule,
-    build_sde,
     config_path,
+    latest_checkpoint,
     save_config,
     saved_config,
 )
+
+_BUILDERS = ("build_model", "build_optimizer", "build_schedule", "build_sde")
+
+
+def __getattr__(name):
+    if name in _BUILDERS:
+        return getattr(importlib.import_module("vdm_tf.runs"), name)
+    raise AttributeError(f"module 'trainers.configs' has no attribute {name!r}")
+
 
 PRESETS = {
     # Small enough to train on a 2-core CPU in about four minutes (`make demo`). The digits
@@ -121,11 +132,27 @@ PRESETS["imagenet64_multiscale"] = dataclasses.replace(PRESETS["imagenet64"], mu
 # it is 1.01x (1.04-1.22x below; 2.22 bpd), and 1.5e-5 above the linear denoiser's at gamma 10.
 # CIFAR-10: the paper's T = 1000, cross-entropy weight 0.001 and last level.
 PRESETS["digits_cdm"] = dataclasses.replace(
-    PRESETS["digits"], model="cdm", n_layers=1, n_embd=32, head_channels=256, dropout=0.0, train_steps=3000,
-    jit_compile=False, sample_steps=1000, num_levels=1000, decoder_alphabet=False, gamma_min=-13.3, gamma_max=10.0,
+    PRESETS["digits"],
+    model="cdm",
+    n_layers=1,
+    n_embd=32,
+    head_channels=256,
+    dropout=0.0,
+    train_steps=3000,
+    jit_compile=False,
+    sample_steps=1000,
+    num_levels=1000,
+    decoder_alphabet=False,
+    gamma_min=-13.3,
+    gamma_max=10.0,
 )
 PRESETS["cifar10_cdm"] = dataclasses.replace(
-    PRESETS["cifar10"], model="cdm", head_channels=512, warmup_steps=5000, sample_steps=1000, num_levels=1000,
+    PRESETS["cifar10"],
+    model="cdm",
+    head_channels=512,
+    warmup_steps=5000,
+    sample_steps=1000,
+    num_levels=1000,
     gamma_max=10.0,
 )
 # The default RGB model of `python -m vdm_tf.compression` (vdm_tf/models/photos.keras): 32x32

@@ -1,10 +1,12 @@
-"""Choosing a tf.distribute strategy, and where this process sits in the cluster."""
+"""Choosing a tf.distribute strategy, and where this process sits in the cluster.
+
+TensorFlow is imported by the functions, not at the top: the command line names `STRATEGIES`
+in its flags before TensorFlow starts.
+"""
 
 import dataclasses
 import json
 import os
-
-import tensorflow as tf
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 
@@ -19,6 +21,8 @@ def make_strategy(name="auto", tpu=None):
             `multi_worker` (workers from `TF_CONFIG`) or `tpu`.
         tpu: TPU name or address for `TPUClusterResolver` ("local" on a TPU VM).
     """
+    import tensorflow as tf
+
     if name not in STRATEGIES:
         raise ValueError(f"Unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}.")
     if name == "auto":
@@ -58,6 +62,8 @@ class ClusterInfo:
 
 def cluster_info(strategy):
     """Workers, this worker's index and its replicas, for any strategy."""
+    import tensorflow as tf
+
     resolver = getattr(strategy, "cluster_resolver", None)
     num_workers, worker_index = 1, 0
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and resolver.cluster_spec().as_dict():

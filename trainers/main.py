@@ -14,29 +14,27 @@ from its last checkpoint with the configuration saved there (flags given again o
 `--mode=eval|sample|export` use the trained run as it is: of the overrides only those of
 `INFERENCE_FIELDS` (how many samples, steps, time samples, the seed) apply; others are refused.
 
-Bad input (a flag value, a missing run or data set, an existing export version) ends the
-command with a one-line error and exit code 1 before any model is built or data is read.
+Bad input (a flag value, a missing run or data set, an existing export version, a directory
+it cannot write to) ends the command with a one-line error and exit code 1; everything that can
+be checked without TensorFlow is checked before TensorFlow starts (`check_input`). Ctrl-C ends
+it with exit code 130 (`vdm_tf.cli.run`); every output is written whole or not at all, and a
+rerun resumes from the last checkpoint.
 """
 
 import dataclasses
+import functools
 import os
-import shutil
 import sys
 import typing
 
+from absl import app, flags
+
+from trainers import checks, configs, distribute
+from vdm_tf import cli, run_config
+
+# TensorFlow's C++ INFO and WARNING lines (a full disk's RESOURCE_EXHAUSTED, twice) repeat what the
+# one-line error says; set before `cli.start()` imports TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # before TensorFlow is imported: see vdm_tf/__init__.py
-
-import vdm_tf  # noqa: E402  (before anything that imports TensorFlow: it filters the start-up banners)
-
-# isort: split
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-import export  # noqa: E402
-from trainers import configs, distribute, train  # noqa: E402
-
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
     "mode", "train", ["train", "eval", "sample", "export"], "train (then sample and eval), eval, sample or export."
@@ -82,34 +80,45 @@ def _define_config_flags():
 _define_config_flags()
 
 
-def _number(text):
-    """'7' -> 7, '0.5' -> 0.5."""
-    return int(text) if text.strip().lstrip("-").isdigit() else float(text)
+def _number(text, flag):
+    """'7' -> 7, '0.5' -> 0.5; anything else is a one-line error naming `flag`."""
+    try:
+        return int(text) if text.strip().lstrip("-").isdigit() else float(text)
+    except ValueError:
+        raise cli.Failure(f"{flag} takes comma-separated numbers; got {text!r}.") from None
 
 
 def overrides_from_flags():
     """{field: value} of every `--config.FIELD` and shortcut flag given on the command line."""
     overrides = {}
     for field in dataclasses.fields(configs.Config):
-        value = FLAGS[f"config.{field.name}"].value
+        name = f"config.{field.name}"
+        value = FLAGS[name].value
         if value is not None:
-            overrides[field.name] = tuple(_number(v) for v in value) if field.type is tuple else value
+            overrides[field.name] = tuple(_number(v, f"--{name}") for v in value) if field.type is tuple else value
     for name in _SHORTCUTS:
         if FLAGS[name].value is not None:
             overrides[name] = FLAGS[name].value
     return overrides
 
 
+def preset():
+    """The `Config` of the preset named by --config, or a one-line error."""
+    if FLAGS.config not in configs.PRESETS:
+        raise cli.Failure(f"unknown --config={FLAGS.config}; presets: {', '.join(configs.PRESETS)}.")
+    return configs.PRESETS[FLAGS.config]
+
+
 def config_from_flags(base=None):
     """`base` (default: the preset named by --config) with every given override applied.
 
-    Raises ValueError for an unknown preset or a value `Config` rejects.
+    Raises:
+        cli.Failure: an unknown preset or a value `Config` rejects.
     """
-    if base is None:
-        if FLAGS.config not in configs.PRESETS:
-            raise ValueError(f"unknown --config={FLAGS.config}; presets: {', '.join(configs.PRESETS)}.")
-        base = configs.PRESETS[FLAGS.config]
-    return dataclasses.replace(base, **overrides_from_flags())
+    try:
+        return dataclasses.replace(base or preset(), **overrides_from_flags())
+    except ValueError as error:
+        raise cli.Failure(error) from None
 
 
 def inference_config(saved, mode):
@@ -120,43 +129,103 @@ def inference_config(saved, mode):
         refused.insert(0, "config")
     if refused:
         given = ", ".join(f"--{name}" if name in _SHORTCUTS + ("config",) else f"--config.{name}" for name in refused)
-        train.fail(
+        raise cli.Failure(
             f"--mode={mode} uses the trained run as it was saved: {given} cannot change it "
             f"(only {', '.join('--config.' + name for name in INFERENCE_FIELDS)} apply)."
         )
-    return dataclasses.replace(saved, **overrides)
+    return config_from_flags(saved)
+
+
+def _exists(path):
+    if run_config.is_remote(path):
+        import tensorflow as tf
+
+        return tf.io.gfile.exists(path)
+    return os.path.lexists(path)
+
+
+def _is_directory(path):
+    if run_config.is_remote(path):
+        import tensorflow as tf
+
+        return tf.io.gfile.isdir(path)
+    return os.path.isdir(path)
 
 
 def checked_config(model_dir, mode):
-    """The run's configuration from the flags (and config.json), or a one-line error."""
-    if tf.io.gfile.exists(model_dir) and not tf.io.gfile.isdir(model_dir):
-        train.fail(f"--model_dir={model_dir} is a file; expected a run directory (new or existing).")
+    """The run's configuration from the flags (and config.json), or a one-line error.
+
+    No TensorFlow for a local `model_dir`.
+    """
+    if _exists(model_dir) and not _is_directory(model_dir):
+        raise cli.Failure(f"--model_dir={model_dir} is a file; expected a run directory (new or existing).")
     try:
         saved = configs.saved_config(model_dir)
-        if mode == "train":
-            return config_from_flags(saved)
-    except ValueError as error:  # an unknown preset, a bad value, a config.json of a newer version
-        train.fail(error)
+    except ValueError as error:  # not JSON, not UTF-8, unknown fields, a bad value
+        raise cli.Failure(f"{error} Fix or remove it, or choose another --model_dir.") from None
+    if mode == "train":
+        return config_from_flags(saved)
     if saved is None:
-        train.fail(f"{model_dir} holds no run (no config.json); train one first: --mode=train --model_dir={model_dir}")
-    try:
-        config = inference_config(saved, mode)
-    except ValueError as error:  # e.g. --config.num_samples=0
-        train.fail(error)
-    if tf.train.latest_checkpoint(vdm_tf.runs.checkpoint_dir(model_dir)) is None:
-        train.fail(f"{model_dir} holds no checkpoint yet: train (or resume) it first with --mode=train.")
+        raise cli.Failure(
+            f"{model_dir} holds no run (no config.json); train one first: --mode=train --model_dir={model_dir}"
+        )
+    config = inference_config(saved, mode)
+    if run_config.latest_checkpoint(model_dir) is None:
+        raise cli.Failure(f"{model_dir} holds no checkpoint yet: train (or resume) it first with --mode=train.")
     return config
 
 
 def export_path(model_dir):
     """The export directory (EXPORT_DIR/NAME/VERSION goes in it); fails if --export_version exists."""
-    export_dir = FLAGS.export_dir or os.path.join(model_dir, "export")
+    export_dir = os.path.join(model_dir, "export") if FLAGS.export_dir is None else FLAGS.export_dir
+    checks.path_flag("export_dir", export_dir, "the directory of exported models")
+    name = FLAGS.export_name
+    if not name or name.strip() != name or "/" in name or name in (".", ".."):
+        raise cli.Failure(f"--export_name={name!r}: expected a model name (a non-empty directory name, no '/').")
     if FLAGS.export_version is None:
         return export_dir
-    path = os.path.join(export_dir, FLAGS.export_name, str(FLAGS.export_version))
-    if tf.io.gfile.exists(path):
-        train.fail(f"{path} exists: choose another --export_version (or leave it out for the next free one).")
+    if FLAGS.export_version < 0:
+        raise cli.Failure(f"--export_version must be >= 0 (TF-Serving's versions); got {FLAGS.export_version}.")
+    path = os.path.join(export_dir, name, str(FLAGS.export_version))
+    if _exists(path):
+        raise cli.Failure(f"{path} exists: choose another --export_version (or leave it out for the next free one).")
     return export_dir
+
+
+def check_input(argv):
+    """Every check of the command line that needs neither a model nor data: (config, export_dir).
+
+    Local paths need no TensorFlow; a remote `--model_dir` or `--export_dir` (gs://) starts it
+    for `tf.io.gfile`, after the checks of the flags themselves.
+    """
+    checks.no_extra_arguments(argv)
+    mode = FLAGS.mode
+    model_dir = checks.path_flag("model_dir", FLAGS.model_dir, "a run directory")
+    if mode == "train" or FLAGS["config"].present:
+        preset()
+    overrides_from_flags()  # a list flag that is not numbers
+    exporting = mode == "export" or (mode == "train" and FLAGS.export)
+    export_dir = FLAGS.export_dir if exporting else None
+    if any(run_config.is_remote(path) for path in (model_dir, export_dir or "")):
+        cli.start()
+    config = checked_config(model_dir, mode)
+    export_dir = export_path(model_dir) if exporting else None
+    if mode in ("train", "sample"):
+        checks.writable_directory(model_dir, "--model_dir", "a run directory")
+    if exporting:
+        checks.writable_directory(export_dir, "--export_dir", "a directory for exports")
+    return config, export_dir
+
+
+def make_strategy():
+    """The strategy of --strategy / --tpu; a TPU that cannot be reached is a one-line error."""
+    try:
+        return distribute.make_strategy(FLAGS.strategy, FLAGS.tpu)
+    except Exception as error:  # noqa: BLE001  the TPU resolver fails with URLError, ValueError, RuntimeError...
+        if FLAGS.strategy != "tpu" and not FLAGS.tpu:
+            raise
+        reason = cli.one_line(f"{type(error).__name__}: {error}")[:200]
+        raise cli.Failure(f"--tpu={FLAGS.tpu}: cannot connect to the TPU ({reason}).") from None
 
 
 def run_training(model_dir, strategy, config):
@@ -164,17 +233,21 @@ def run_training(model_dir, strategy, config):
 
     If the start fails, the run directory is removed again when this call created it.
     """
+    import shutil
+
+    from trainers import train
+
     try:
         train.check_batch_size(config.batch_size, strategy)
     except ValueError as error:
-        train.fail(error)
-    created = not tf.io.gfile.exists(model_dir)
+        raise cli.Failure(error) from None
+    created = not _exists(model_dir)
     try:
         trainer = train.Trainer(config, model_dir, strategy, FLAGS.data_dir)
         if trainer.cluster.is_chief:
             configs.save_config(model_dir, config)
     except BaseException:
-        if created:
+        if created and not run_config.is_remote(model_dir):
             shutil.rmtree(model_dir, ignore_errors=True)
         raise
     try:
@@ -186,6 +259,8 @@ def run_training(model_dir, strategy, config):
 
 
 def evaluate(config, model, data_dir=None):
+    import vdm_tf
+
     test_split = vdm_tf.datasets.info(config.dataset).test_split
     batch_size = max(1, 256 // config.eval_time_samples)  # elbo scores K copies of each image at once
     test_data = vdm_tf.datasets.load(
@@ -209,14 +284,23 @@ def evaluate(config, model, data_dir=None):
 
 
 def sample(config, model, model_dir):
+    """Writes samples.png (a grid) and samples.npz (the uint8 images) into the run directory, each whole."""
+    import numpy as np
+
+    import vdm_tf
+    from vdm_tf import files
+
     samples = model.sample(config.num_samples, num_steps=config.sample_steps, seed=config.seed).numpy()
     png, npz = os.path.join(model_dir, "samples.png"), os.path.join(model_dir, "samples.npz")
     vdm_tf.images.save_grid(samples, png)
-    np.savez_compressed(npz, images=samples)
+    with files.atomic_path(npz) as temporary:
+        np.savez_compressed(temporary, images=samples)
     print(f"wrote {png} and {npz} ({len(samples)} samples, {config.sample_steps} steps)")
 
 
 def export_model(config, model, export_dir):
+    import export
+
     path = export.export_model(
         model,
         export_dir,
@@ -230,32 +314,38 @@ def export_model(config, model, export_dir):
 
 
 def main(argv):
-    if len(argv) > 1:
-        train.fail(f"unexpected arguments {' '.join(argv[1:])}; flags take the form --name=value.")
-    train.quiet_info_logs()
     model_dir, mode = FLAGS.model_dir, FLAGS.mode
-    # Every check of the input before any model is built or data is read.
-    config = checked_config(model_dir, mode)
-    exporting = mode == "export" or (mode == "train" and FLAGS.export)
-    export_dir = export_path(model_dir) if exporting else None
+    config, export_dir = check_input(argv)  # no TensorFlow yet (for local paths)
+    cli.start()
+    from trainers import train
+
+    train.quiet_info_logs()
     if mode in ("train", "eval"):
         try:
             train.prepare_data(config.dataset, FLAGS.data_dir)
         except train.DataNotPreparedError as error:
-            train.fail(error)
+            raise cli.Failure(error) from None
     if mode == "train":
-        strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.tpu)
+        strategy = make_strategy()
         config = run_training(model_dir, strategy, config)
         if not distribute.cluster_info(strategy).is_chief:
             return
     model = train.restore_for_inference(model_dir, config)
     if mode in ("train", "sample"):
         sample(config, model, model_dir)
-    if exporting:
+    if export_dir is not None:
         export_model(config, model, export_dir)
     if mode in ("train", "eval"):
         evaluate(config, model, FLAGS.data_dir)
 
 
+def parse_flags(argv):
+    """absl's flag parsing, a wrong flag (`--batch_size=1.5`, `--mode=bogus`) made a `cli.Failure`."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        raise cli.Failure(f"{error} (--helpshort lists the flags)") from None
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(functools.partial(app.run, flags_parser=parse_flags), main, prog="python -m trainers.main")

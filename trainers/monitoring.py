@@ -1,5 +1,16 @@
-"""What a training run reports: TensorBoard scalars and images, a metrics log, sample grids."""
+"""What a training run reports: TensorBoard scalars and images, a metrics log, sample grids.
 
+Nothing it writes is ever half-written. `metrics.jsonl` gets whole lines (`files.append_line`:
+a failed append cuts the file back) and sample grids are written beside their name and renamed
+(`vdm_tf.images.save_grid`). TensorBoard's event files are append-only streams of records,
+each with its own length and checksums, which TensorBoard reads up to the last whole one: the
+writer is flushed after every logged step, and a failed write (a full disk) stops the run with
+one line (`files.OutputError`); the events before it are intact, and the rerun resumes from the
+last checkpoint (TensorBoard shows the steps a resumed run logs again in place of the old ones).
+"""
+
+import contextlib
+import errno
 import io
 import json
 import os
@@ -13,6 +24,7 @@ import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import vdm_tf  # noqa: E402
+from vdm_tf import files  # noqa: E402
 
 
 def snr_curve(schedule):
@@ -50,7 +62,8 @@ class RunLog:
     """
 
     def __init__(self, model_dir):
-        self.writer = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard"))
+        self.tensorboard_dir = os.path.join(model_dir, "tensorboard")
+        self.writer = tf.summary.create_file_writer(self.tensorboard_dir)
         self.metrics_path = os.path.join(model_dir, "metrics.jsonl")
         self.samples_dir = os.path.join(model_dir, "samples")
 
@@ -65,20 +78,38 @@ class RunLog:
             lines = f.read().splitlines()
         kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
         if len(kept) < len(lines):
-            with open(self.metrics_path, "w") as f:
-                f.write("".join(line + "\n" for line in kept))
+            files.write_bytes(self.metrics_path, "".join(line + "\n" for line in kept).encode("utf-8"))
 
     def scalars(self, step, values):
-        with self.writer.as_default(step=step):
-            for name, value in values.items():
-                tf.summary.scalar(name, value)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+        """One line of metrics.jsonl and the same scalars in TensorBoard."""
+        with self._events():
+            with self.writer.as_default(step=step):
+                for name, value in values.items():
+                    tf.summary.scalar(name, value)
+            self.writer.flush()
+        line = {"step": int(step), **{name: float(value) for name, value in values.items()}}
+        files.append_line(self.metrics_path, json.dumps(line))
 
     def pictures(self, step, schedule, samples):
-        os.makedirs(self.samples_dir, exist_ok=True)
         vdm_tf.images.save_grid(samples, os.path.join(self.samples_dir, f"step_{step:08d}.png"))
-        with self.writer.as_default(step=step):
-            tf.summary.image("snr_curve", snr_curve(schedule))
-            tf.summary.image("samples", vdm_tf.images.grid(samples)[None])
-        self.writer.flush()
+        with self._events():
+            with self.writer.as_default(step=step):
+                tf.summary.image("snr_curve", snr_curve(schedule))
+                tf.summary.image("samples", vdm_tf.images.grid(samples)[None])
+            self.writer.flush()
+
+    @contextlib.contextmanager
+    def _events(self):
+        """Turns a failed TensorBoard write into a one-line `files.OutputError`."""
+        try:
+            yield
+        except (tf.errors.OpError, OSError) as error:
+            if isinstance(error, files.OutputError):
+                raise
+            reason = getattr(error, "message", None) or getattr(error, "strerror", None) or str(error)
+            reason = next((os.strerror(c) for c in (errno.ENOSPC, errno.EDQUOT) if os.strerror(c) in reason), reason)
+            raise files.OutputError(
+                errno.EIO,
+                f"writing TensorBoard events in {self.tensorboard_dir} failed: {vdm_tf.cli.one_line(reason)[:200]}; "
+                "the events before it are intact, and the checkpoints too: rerun to resume",
+            ) from None

@@ -11,14 +11,26 @@ r * b .. (r + 1) * b - 1 of the global batch, as `VDM._step_randomness` assumes.
 
 Files in the run directory:
     config.json              the configuration (a rerun resumes with it)
-    checkpoints/             model, optimizer (with the EMA weights) and step; written by the chief
+    checkpoints/             model, optimizer (with the EMA weights), step and the running sums of
+                             the logged metrics; written by the chief
     data/worker_<i>/         each worker's data-iterator position, saved with the same step number
     metrics.jsonl, tensorboard/, samples/   monitoring (chief)
+
+What a stopped run leaves (a kill, Ctrl-C, a full disk): `tf.train.CheckpointManager` writes a
+checkpoint into `ckpt-N_temp/` and renames it into place, and its `checkpoint` state file is
+replaced atomically, so every listed checkpoint is whole; a `ckpt-N_temp/` a killed write left
+behind is never a valid checkpoint and is removed when the run starts again. The metrics
+window (the running sums since the last logged step) is part of the checkpoint, so a resumed
+run logs the same averages as an uninterrupted one, whatever its resume point.
 """
 
+import contextlib
+import errno
+import glob
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -28,9 +40,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import flags
 from absl import logging as absl_logging
+from tensorflow_datasets.core.download import downloader as tfds_downloader
 
 import vdm_tf
 from trainers import distribute, monitoring
+from vdm_tf import files
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,18 +55,13 @@ class DataNotPreparedError(RuntimeError):
     """A TensorFlow Datasets data set is not on disk and could not be downloaded."""
 
 
-def fail(message):
-    """Ends a trainer command with `error: MESSAGE` on stderr and exit code 1, no traceback."""
-    raise SystemExit(f"error: {message}")
-
-
 def quiet_info_logs():
     """Hides the INFO lines of TensorFlow's and absl's Python loggers; warnings still show.
 
     Saving a checkpoint or a SavedModel logs lines such as "Sharding callback duration",
     "Function `likelihood` contains input name(s) ... with unsupported characters" and "Assets
     written to"; they say nothing to a user of the command lines. `--verbosity=0` (absl's flag)
-    shows them again. TensorFlow's C++ start-up banners are filtered by `import vdm_tf`.
+    shows them again. TensorFlow's C++ start-up banners are filtered by `vdm_tf.cli.start()`.
     """
     if flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present:
         return
@@ -66,6 +75,8 @@ def prepare_data(name, data_dir=None):
     Raises:
         DataNotPreparedError: they are missing and the download failed (no network, a data
             set whose download URLs are gone); the message says how to prepare them.
+        vdm_tf.datasets.IncompleteInstallError: TFDS needs a module to prepare them that is not
+            installed; the message names it and the reinstall command.
     """
     info = vdm_tf.datasets.info(name)
     if info.tfds_name is None:  # digits: bundled with scikit-learn
@@ -79,15 +90,57 @@ def prepare_data(name, data_dir=None):
         absl_logging.set_verbosity(verbosity)
     if prepared:
         return
+    root = os.path.expanduser(data_dir or "~/tensorflow_datasets")
+    existing = set(os.listdir(root)) if os.path.isdir(root) else None
     try:
-        builder.download_and_prepare()
-    except Exception as error:  # whatever stopped the download, the user's remedy is the same
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:160]
-        raise DataNotPreparedError(
-            f"the {name} data set is not prepared in {data_dir or '~/tensorflow_datasets'} and could not be "
-            f"downloaded ({reason}).\nPrepare it on a machine with network access: tfds build {info.tfds_name} "
-            "--data_dir=DIR, then pass --data_dir=DIR."
-        ) from None
+        with _quiet_download():
+            builder.download_and_prepare()
+    except BaseException as error:  # nothing half-downloaded stays behind: remove what this attempt made
+        if existing is not None and os.path.isdir(root):
+            for entry in set(os.listdir(root)) - existing:
+                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+        elif existing is None:
+            shutil.rmtree(root, ignore_errors=True)
+        _data_not_prepared(name, info, data_dir, error)
+
+
+@contextlib.contextmanager
+def _quiet_download():
+    """A TFDS download that fails in seconds and in one line where there is no network.
+
+    TFDS retries each file 10 times with exponential back-off (3.5 minutes before it gives up
+    without network), logging every retry and drawing progress bars on stderr; here each file is
+    tried 3 times, retries are not logged and the bars are off (TFDS still prints its one line
+    "Downloading and preparing dataset ...").
+    """
+    urllib3_logger = logging.getLogger("urllib3")
+    retries, level = tfds_downloader.MAX_RETRIES, urllib3_logger.level
+    tfds_downloader.MAX_RETRIES = 2
+    urllib3_logger.setLevel(logging.ERROR)
+    tfds.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tfds_downloader.MAX_RETRIES = retries
+        tfds.display_progress_bar(True)
+    # Only after a success: on a failure, the other files' download threads go on retrying (and
+    # logging) after the first one has raised.
+    urllib3_logger.setLevel(level)
+
+
+def _data_not_prepared(name, info, data_dir, error):
+    """Raises the one-line error of a data set that could not be prepared (KeyboardInterrupt passes)."""
+    if isinstance(error, ModuleNotFoundError):  # an incomplete install, which no download mends
+        raise vdm_tf.datasets.IncompleteInstallError(error.name) from None
+    if not isinstance(error, Exception):
+        raise error
+    # Whatever stopped the download, the user's remedy is the same.
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:160]
+    raise DataNotPreparedError(
+        f"the {name} data set is not prepared in {data_dir or '~/tensorflow_datasets'} and could not be "
+        f"downloaded ({reason}).\nPrepare it on a machine with network access: tfds build {info.tfds_name} "
+        "--data_dir=DIR, then pass --data_dir=DIR."
+    ) from None
 
 
 def check_batch_size(batch_size, strategy):
@@ -108,7 +161,8 @@ class Trainer:
         model_dir: the run directory.
         strategy: a tf.distribute strategy (see `trainers.distribute.make_strategy`).
         data_dir: TensorFlow Datasets data directory.
-        verbose: show a Keras progress bar.
+        verbose: show the progress: a Keras progress bar on a terminal, a plain line per logged
+            step when stdout is a file or a pipe (no cursor movements in a log).
     """
 
     def __init__(self, config, model_dir, strategy, data_dir=None, verbose=True):
@@ -125,8 +179,11 @@ class Trainer:
         self.data_checkpointable = True
         self._train_function = self._make_train_function()
 
+        # The model checkpoint of `vdm_tf.runs.model_checkpoint` plus the metrics window: the
+        # running sums (total, count) of the logged terms since the last logged step.
+        window = {f"{name}_{v.name}": v.value for name, t in self.model.term_trackers.items() for v in t.variables}
         self.checkpoints = tf.train.CheckpointManager(
-            vdm_tf.runs.model_checkpoint(self.model),
+            tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer, metrics_window=window),
             self._write_dir("checkpoints"),
             max_to_keep=config.keep_checkpoints,
         )
@@ -137,6 +194,7 @@ class Trainer:
             max_to_keep=config.keep_checkpoints,
         )
         self.log = monitoring.RunLog(model_dir) if self.cluster.is_chief else None
+        self._remove_unfinished_checkpoints()
 
     # ------------------------------------------------------------------------------------------
 
@@ -146,6 +204,21 @@ class Trainer:
             return os.path.join(self.model_dir, name)
         return os.path.join(self.model_dir, name, f".worker_{self.cluster.worker_index}")
 
+    def _remove_unfinished_checkpoints(self):
+        """Removes the `ckpt-N_temp/` directories of checkpoint writes that never finished.
+
+        `CheckpointManager.save` writes a checkpoint there and renames it into place; what a
+        kill or a full disk left behind there is never a valid checkpoint, and nothing reads it.
+        """
+        directories = [self.data_checkpoints.directory]
+        if self.cluster.is_chief:
+            directories.append(self.checkpoints.directory)
+        for directory in directories:
+            if vdm_tf.run_config.is_remote(directory):
+                continue
+            for stale in glob.glob(os.path.join(glob.escape(directory), "ckpt-*_temp*")):
+                shutil.rmtree(stale, ignore_errors=True)
+
     def _worker_dataset(self, data_dir):
         """This worker's shard, in chunks of `steps_per_execution` worker batches."""
         workers = self.cluster.num_workers
@@ -153,7 +226,11 @@ class Trainer:
         # and batch the worker's share of the global batch.
         context = tf.distribute.InputContext(workers, self.cluster.worker_index, workers)
         batches = vdm_tf.datasets.load(
-            self.config.dataset, "train", self.config.batch_size, seed=self.config.seed, data_dir=data_dir,
+            self.config.dataset,
+            "train",
+            self.config.batch_size,
+            seed=self.config.seed,
+            data_dir=data_dir,
             input_context=context,
         )
         return batches.batch(self.steps_per_execution, drop_remainder=True).prefetch(1)
@@ -203,16 +280,38 @@ class Trainer:
         return step
 
     def save(self):
-        """Saves data position and then the model (the model checkpoint marks the step as done)."""
+        """Saves data position and then the model (the model checkpoint marks the step as done).
+
+        Raises:
+            files.OutputError: a write failed (a full disk, a permission); the message says up
+                to which step the checkpoints are intact. What the failed write left is removed.
+        """
         step = self.step
-        if self.data_checkpointable:
-            try:
-                self.data_checkpoints.save(checkpoint_number=step)
-            except tf.errors.FailedPreconditionError as error:  # e.g. a pipeline with a Python generator
-                self.data_checkpointable = False
-                print(f"warning: the input pipeline cannot be checkpointed ({error.message.strip()}); "
-                      "a resumed run will restart it", file=sys.stderr)
-        self.checkpoints.save(checkpoint_number=step)
+        intact = self.checkpoints.latest_checkpoint
+        try:
+            if self.data_checkpointable:
+                try:
+                    self.data_checkpoints.save(checkpoint_number=step)
+                except tf.errors.FailedPreconditionError as error:  # e.g. a pipeline with a Python generator
+                    if files.io_error(error):
+                        raise
+                    self.data_checkpointable = False
+                    print(
+                        f"warning: the input pipeline cannot be checkpointed ({error.message.strip()}); "
+                        "a resumed run will restart it",
+                        file=sys.stderr,
+                    )
+            self.checkpoints.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as error:
+            self._remove_unfinished_checkpoints()
+            kept = (
+                f"checkpoints up to step {_checkpoint_step(intact)} are intact, rerun to resume"
+                if intact
+                else "no checkpoint had been written yet"
+            )
+            cause = files.io_error(error)
+            reason = cause.strerror if cause else vdm_tf.cli.one_line(getattr(error, "message", None) or error)[:200]
+            raise files.OutputError(errno.EIO, f"writing checkpoint {step} failed: {reason}; {kept}") from None
         if not self.cluster.is_chief:
             shutil.rmtree(self.checkpoints.directory, ignore_errors=True)
 
@@ -233,15 +332,16 @@ class Trainer:
         checkpoint_every = _round_up(config.checkpoint_every, k)
         log_every = _round_up(config.log_every, k)
         sample_every = _round_up(config.sample_every, k)
-        start = self.restore()
+        self._reset_metrics()
+        start = self.restore()  # restores the metrics window of the checkpoint too
         if start:
             print(f"resumed from step {start} ({self.checkpoints.latest_checkpoint or 'checkpoint'})")
         if self.log:
             self.log.drop_after(start)  # lines a killed run logged after its last checkpoint
+        terminal = self.verbose and sys.stdout.isatty()
         progress = keras.utils.Progbar(
-            config.train_steps, verbose=1 if self.verbose else 0, stateful_metrics=list(self.model.term_trackers)
+            config.train_steps, verbose=1 if terminal else 0, stateful_metrics=list(self.model.term_trackers)
         )
-        self._reset_metrics()
         window_start, window_steps, values = time.perf_counter(), 0, {}
         step = start
         while step < config.train_steps:
@@ -252,8 +352,7 @@ class Trainer:
             if not all(math.isfinite(v) for v in values.values()):
                 latest = self.checkpoints.latest_checkpoint
                 kept = (
-                    f"the last good checkpoint ({latest}) is intact" if latest
-                    else "no checkpoint had been written yet"
+                    f"the last good checkpoint ({latest}) is intact" if latest else "no checkpoint had been written yet"
                 )
                 raise NonFiniteLossError(
                     f"Training stopped at step {step}: the loss is not finite ({values}). Nothing was saved "
@@ -263,9 +362,12 @@ class Trainer:
             # Every worker takes part in the same metric, checkpoint and EMA operations (on
             # multi-worker strategies they are collective); only the chief writes logs.
             if step % log_every == 0 or step >= config.train_steps:
+                images_per_second = window_steps * config.batch_size / (time.perf_counter() - window_start)
                 if self.log:
-                    seconds = time.perf_counter() - window_start
-                    self.log.scalars(step, self._scalars(values, window_steps * config.batch_size / seconds))
+                    self.log.scalars(step, self._scalars(values, images_per_second))
+                if self.verbose and not terminal:
+                    terms = ", ".join(f"{name} {value:.4f}" for name, value in values.items())
+                    print(f"step {step}/{config.train_steps}: {terms} ({images_per_second:.0f} images/s)", flush=True)
                 self._reset_metrics()
                 window_start, window_steps = time.perf_counter(), 0
             if step % checkpoint_every == 0 or step >= config.train_steps:
@@ -289,6 +391,11 @@ class Trainer:
             if self.log:
                 samples = self.model.sample(self.config.num_samples, self.config.sample_steps, seed=self.config.seed)
                 self.log.pictures(step, self.model.schedule, samples.numpy())
+
+
+def _checkpoint_step(path):
+    """.../ckpt-200 -> 200."""
+    return int(re.search(r"ckpt-(\d+)$", path).group(1))
 
 
 # The trained model of a run directory, EMA weights in (eval, sample, export): one helper in the library.

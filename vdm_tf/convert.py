@@ -34,32 +34,38 @@ The official sampler decodes `z_0` with an argmax (`sample_softmax=False`): use
 `model.sample(..., argmax=True)` for the same samples' distribution.
 """
 
-import argparse
+import contextlib
 import json
+import math
+import numbers
 import os
 import re
-import sys
+import shutil
 from typing import NamedTuple
 
 import msgpack
 import numpy as np
 
-from vdm_tf import datasets, runs
+from vdm_tf import cli, dataset_table, files
+from vdm_tf.run_config import Config, config_path
 
-OFFICIAL_FIELDS = (
-    "vocab_size",
-    "sample_softmax",
-    "antithetic_time_sampling",
-    "with_fourier_features",
-    "with_attention",
-    "gamma_type",
-    "gamma_min",
-    "gamma_max",
-    "sm_n_timesteps",
-    "sm_n_embd",
-    "sm_n_layer",
-    "sm_pdrop",
-)
+# The fields of the official `VDMConfig` (model_vdm.py) and their types; float fields take
+# integers too (JSON's 5 for 5.0), int fields take no booleans.
+FIELD_TYPES = {
+    "vocab_size": int,
+    "sample_softmax": bool,
+    "antithetic_time_sampling": bool,
+    "with_fourier_features": bool,
+    "with_attention": bool,
+    "gamma_type": str,
+    "gamma_min": float,
+    "gamma_max": float,
+    "sm_n_timesteps": int,
+    "sm_n_embd": int,
+    "sm_n_layer": int,
+    "sm_pdrop": float,
+}
+OFFICIAL_FIELDS = tuple(FIELD_TYPES)
 GAMMA_TYPES = {"learnable_scalar": "learned_linear", "learnable_nnet": "learned_monotonic", "fixed": "fixed_linear"}
 
 _CIFAR10 = dict(
@@ -237,44 +243,130 @@ def flatten(tree, prefix=""):
 
 
 def official_config(source):
-    """The official `VDMConfig` fields from a preset name, a dict or a JSON file.
+    """The official `VDMConfig` fields from a preset name, a dict or a JSON file, type-checked.
 
-    A JSON file may hold the fields themselves or a whole official config with them under
-    `model`. Fields that only change how the official code *trains* (`antithetic_time_sampling`)
-    or samples (`sample_softmax`) are accepted and do not change the converted model.
+    A JSON file (UTF-8) may hold the fields themselves or a whole official config with them
+    under `model`. Fields that only change how the official code *trains*
+    (`antithetic_time_sampling`) or samples (`sample_softmax`) are optional and do not change
+    the converted model; `sm_kernel_init` (an initializer) is ignored.
+
+    Raises:
+        ConversionError: an unreadable file, not UTF-8, not JSON (with its line and column),
+            not an object, unknown or missing fields, a field of the wrong type (a bool is not
+            an integer) or an impossible value; one line naming the file and the field.
     """
+    where = "official config"
     if isinstance(source, str) and source in PRESETS:
         fields = dict(PRESETS[source])
     elif isinstance(source, dict):
         fields = dict(source)
     else:
-        try:
-            with open(source) as f:
-                fields = json.load(f)
-        except OSError as error:
-            raise ConversionError(f"official config: {error.strerror}: {source}.") from None
-        except json.JSONDecodeError as error:
-            raise ConversionError(f"{source}: not JSON ({error}).") from None
+        where = f"official config {source}"
+        fields = _read_json(source)
         if isinstance(fields, dict) and isinstance(fields.get("model"), dict):
             fields = fields["model"]
         if not isinstance(fields, dict):
-            raise ConversionError(f"{source}: expected a JSON object of VDMConfig fields.")
+            raise ConversionError(f"{where}: expected a JSON object of VDMConfig fields; got {_json_kind(fields)}.")
     fields.pop("sm_kernel_init", None)  # an initializer: irrelevant to trained weights
     unknown = sorted(set(fields) - set(OFFICIAL_FIELDS))
     optional = ("sample_softmax", "antithetic_time_sampling")
     missing = [name for name in OFFICIAL_FIELDS if name not in fields and name not in optional]
     if unknown or missing:
         problem = f"unknown fields {', '.join(unknown)}" if unknown else f"missing fields {', '.join(missing)}"
-        raise ConversionError(f"official config: {problem}; the VDMConfig fields are {', '.join(OFFICIAL_FIELDS)}.")
+        raise ConversionError(f"{where}: {problem}; the VDMConfig fields are {', '.join(OFFICIAL_FIELDS)}.")
+    for name, value in fields.items():
+        if not _is_of_type(value, FIELD_TYPES[name]):
+            expected = _TYPE_NAMES[FIELD_TYPES[name]]
+            raise ConversionError(f"{where}: {name}: expected {expected}; got {_described(value)}.")
     if fields["gamma_type"] not in GAMMA_TYPES:
         raise ConversionError(
-            f"official config: unknown gamma_type {fields['gamma_type']!r}; expected {', '.join(GAMMA_TYPES)}."
+            f"{where}: unknown gamma_type {fields['gamma_type']!r}; expected {', '.join(GAMMA_TYPES)}."
         )
     if fields["vocab_size"] != 256:
-        raise ConversionError(f"official config: vocab_size={fields['vocab_size']}; vdm_tf models 8-bit images (256).")
+        raise ConversionError(f"{where}: vocab_size={fields['vocab_size']}; vdm_tf models 8-bit images (256).")
+    for name in ("gamma_min", "gamma_max"):
+        if not math.isfinite(fields[name]):
+            raise ConversionError(f"{where}: {name}: expected a finite number; got {fields[name]}.")
     if not fields["gamma_max"] > fields["gamma_min"]:
-        raise ConversionError("official config: gamma_max must exceed gamma_min.")
+        raise ConversionError(
+            f"{where}: gamma_max must exceed gamma_min; got {fields['gamma_max']} <= {fields['gamma_min']}."
+        )
+    for name, lowest in (("sm_n_timesteps", 0), ("sm_n_embd", 1), ("sm_n_layer", 0)):
+        if fields[name] < lowest:
+            raise ConversionError(f"{where}: {name}: expected an integer >= {lowest}; got {fields[name]}.")
+    if not 0 <= fields["sm_pdrop"] < 1:
+        raise ConversionError(f"{where}: sm_pdrop: expected a dropout rate in [0, 1); got {fields['sm_pdrop']}.")
     return fields
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _is_of_type(value, kind):
+    """JSON's types as the official config uses them: bool is not a number, an int is a float."""
+    if kind is bool:
+        return isinstance(value, bool | np.bool_)
+    if isinstance(value, bool | np.bool_):
+        return False
+    if kind is float:
+        return isinstance(value, numbers.Real)
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    return isinstance(value, kind)
+
+
+def _json_kind(value):
+    """What a decoded JSON value is, in JSON's words ("a string", "null", "an array", ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool | np.bool_):
+        return "a boolean"
+    kinds = {numbers.Integral: "an integer", numbers.Real: "a number", str: "a string", list | tuple: "an array"}
+    for kind, name in (kinds | {dict: "an object"}).items():
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _described(value, limit=40):
+    """A value as the user wrote it, and its JSON type: 'low' (a string), null, [1, 2] (an array)."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        text = repr(value)
+    else:
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError):
+            text = repr(value)
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{text} ({_json_kind(value)})"
+
+
+def _read_json(path):
+    """The JSON value of a UTF-8 file; ConversionError (one line, with line and column) otherwise."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise ConversionError(f"official config {path}: {error.strerror or error}.") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ConversionError(
+            f"official config {path}: not UTF-8 text (byte 0x{data[error.start]:02x} at line {line}, column {column}); "
+            "expected a JSON file of VDMConfig fields saved as UTF-8."
+        ) from None
+    if not text.strip():
+        raise ConversionError(f"official config {path}: the file is empty; expected a JSON object of VDMConfig fields.")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConversionError(
+            f"official config {path}: not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
+        ) from None
 
 
 class Weight(NamedTuple):
@@ -448,7 +540,7 @@ def run_config(config, dataset="cifar10"):
     b2 0.99, weight decay 0.01, EMA 0.9999, learning rate 2e-4). The schedule network trains on
     the VLB as in the official code (`minimize_variance=False`).
     """
-    return runs.Config(
+    return Config(
         dataset=dataset,
         n_layers=config["sm_n_layer"],
         n_embd=config["sm_n_embd"],
@@ -496,7 +588,9 @@ def convert(params, config, dataset="cifar10"):
     Returns:
         the model; its `runs.Config` is `run_config(config, dataset)`.
     """
-    channels = datasets.info(dataset).image_shape[-1]
+    from vdm_tf import runs  # TensorFlow: after the command line's checks
+
+    channels = dataset_table.info(dataset).image_shape[-1]
     check_params(params, config, channels)  # before building anything
     model = runs.build_model(run_config(config, dataset))
     flat = flatten(params)
@@ -537,14 +631,11 @@ def from_checkpoint(checkpoint, config, weights="ema_params", dataset="cifar10")
 # Command line.
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+PROG = "python -m vdm_tf.convert"
 
 
-def main(argv=None):
-    """`python -m vdm_tf.convert ...`; returns the exit status."""
-    parser = _Parser(prog="python -m vdm_tf.convert", description=__doc__.split("\n")[0])
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a .flax file, a clu prefix or a clu checkpoint directory")
     parser.add_argument("--output", required=True, help="the .keras file to write")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -552,31 +643,112 @@ def main(argv=None):
     source.add_argument("--official_config", help="JSON file with the official VDMConfig fields")
     parser.add_argument("--weights", choices=("ema_params", "params"), default="ema_params")
     parser.add_argument("--dataset", default="cifar10", help="the vdm_tf data set the model is for (image shape)")
-    parser.add_argument("--model_dir", help="also write a trainer run directory here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--model_dir", help="also write a trainer run directory here (new or empty)")
+    return parser.parse_args(argv)
+
+
+def check_outputs(output, model_dir):
+    """Refuses outputs that cannot be written, before any work: cli.Failure naming the flag."""
+    if not output.endswith(".keras"):
+        raise cli.Failure(f"--output must name a .keras file; got {output!r}.")
+    directory = os.path.dirname(os.path.abspath(output))
+    if os.path.isdir(output):
+        raise cli.Failure(f"--output={output} is a directory; expected the path of a .keras file to write.")
+    if not os.path.isdir(directory):
+        raise cli.Failure(f"--output={output}: no directory {directory} to write it in.")
+    if not model_dir:
+        return
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise cli.Failure(f"--model_dir={model_dir} is a file; expected a new or empty directory.")
+    if os.path.isdir(model_dir) and os.listdir(model_dir):
+        holds = "already holds a run (config.json)" if os.path.exists(config_path(model_dir)) else "is not empty"
+        raise cli.Failure(f"--model_dir={model_dir} {holds}; expected a new or empty directory.")
+    if os.path.abspath(model_dir) == os.path.abspath(output):
+        raise cli.Failure("--model_dir and --output name the same path.")
+
+
+@contextlib.contextmanager
+def written_together(output, model_dir):
+    """Yields (temporary .keras path, temporary run directory or None); both appear or neither does.
+
+    Each is written under a temporary name (`vdm_tf.files.atomic_path`; Keras chooses the format
+    by the `.keras` extension, which the temporary keeps) and renamed into place when the block
+    succeeds. If anything fails, Ctrl-C included, nothing is left: no temporary, no run
+    directory renamed just before the `.keras` file failed, no parent directories made for it.
+    """
+    made = _missing_parents(model_dir) if model_dir else []
+    renamed = False
     try:
-        if not args.output.endswith(".keras"):
-            raise ConversionError(f"--output must name a .keras file; got {args.output!r}.")
-        if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-            raise ConversionError(f"--output: no directory {os.path.dirname(os.path.abspath(args.output))}.")
-        if args.model_dir and os.path.exists(runs.config_path(args.model_dir)):
-            raise ConversionError(f"--model_dir: {args.model_dir} already holds a run (config.json).")
-        if args.dataset not in datasets.NAMES:
-            raise ConversionError(f"--dataset must be one of {', '.join(datasets.NAMES)}; got {args.dataset!r}.")
+        with files.atomic_path(output) as keras_file:
+            if not model_dir:
+                yield keras_file, None
+            else:
+                with files.atomic_path(model_dir, directory=True) as run_directory:
+                    yield keras_file, run_directory
+                renamed = True
+    except BaseException:
+        if renamed:
+            shutil.rmtree(model_dir, ignore_errors=True)
+        for directory in made:  # deepest first; only the ones made here, and only if empty
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
+
+
+def save_run(model_dir, config, model):
+    """`vdm_tf.runs.save_run`, with TensorFlow's checkpoint-writer errors (a full disk, a
+    permission) raised as the OSError they are, so the command line reports them in one line."""
+    import tensorflow as tf
+
+    from vdm_tf import runs
+
+    try:
+        runs.save_run(model_dir, config, model)
+    except tf.errors.OpError as error:  # "{{function_node ...}} PATH; No space left on device [Op:SaveV2]"
+        raise files.io_error(error) or OSError(
+            re.sub(r"\s*\[Op:\w+\]$", "", error.message).rsplit("; ", 1)[-1]
+        ) from None
+
+
+def _missing_parents(path):
+    """The directories above `path` that do not exist yet, deepest first."""
+    missing, parent = [], os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    return missing
+
+
+def main(argv=None):
+    """`python -m vdm_tf.convert ...`: everything checked before TensorFlow starts, then converted.
+
+    The arguments, the outputs' places, the official config and the whole checkpoint are read
+    and checked first (msgpack and NumPy only); then TensorFlow starts (`vdm_tf.cli.start`),
+    the model is built and the outputs are written whole or not at all (`written_together`).
+    Raises `cli.Failure` or `OSError` (one line each) for `cli.run` to report.
+    """
+    args = parse_args(argv)
+    check_outputs(args.output, args.model_dir)
+    if args.dataset not in dataset_table.NAMES:
+        raise cli.Failure(f"--dataset must be one of {', '.join(dataset_table.NAMES)}; got {args.dataset!r}.")
+    try:
         config = official_config(args.preset or args.official_config)
-        model = convert(read_weights(args.checkpoint, args.weights), config, args.dataset)
-        model.save(args.output)
-        if args.model_dir:
-            runs.save_run(args.model_dir, run_config(config, args.dataset), model)
-    except (ConversionError, OSError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 1
+        params = read_weights(args.checkpoint, args.weights)
+        check_params(params, config, dataset_table.info(args.dataset).image_shape[-1])
+        run = run_config(config, args.dataset)
+    except ValueError as error:  # ConversionError, or a value the run's Config refuses
+        raise cli.Failure(str(error)) from None
+    with written_together(args.output, args.model_dir) as (keras_file, run_directory):
+        cli.start()
+        model = convert(params, config, args.dataset)
+        model.save(keras_file)
+        if run_directory:
+            save_run(run_directory, run, model)
     count = sum(int(np.prod(v.shape)) for v in model.weights)
     print(f"{checkpoint_file(args.checkpoint)} ({args.weights}) -> {args.output}: {count:,} weights")
     if args.model_dir:
         print(f"run directory: {args.model_dir}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, prog=PROG)

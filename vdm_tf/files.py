@@ -23,6 +23,7 @@ written there").
 """
 
 import contextlib
+import errno
 import functools
 import os
 import shutil
@@ -85,6 +86,25 @@ def atomic_path(path, directory=False):
         if isinstance(error, OSError) and not isinstance(error, OutputError):
             raise _failure(path, error, existed) from None
         raise
+
+
+# The file-system failures TensorFlow's writers report in their message text.
+_IO_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+
+
+def io_error(error):
+    """The OSError behind a failed TensorFlow write (`tf.errors.OpError`: a checkpoint, a SavedModel), or None.
+
+    TensorFlow's C++ writers report a full disk or a permission only in their message text
+    ("...; No space left on device [Op:SaveV2]"); this finds the system's reason there, so a
+    command line can say it in one line like any other OSError. None where the message names
+    none: the error is not the file system's.
+    """
+    message = getattr(error, "message", None) or str(error)
+    for code in _IO_ERRNOS:
+        if os.strerror(code) in message:
+            return OSError(code, os.strerror(code))
+    return None
 
 
 def write_bytes(path, data):

@@ -31,6 +31,9 @@ multi-scale diffusion uses this transform).
 import numpy as np
 import tensorflow as tf
 
+# Checked before TensorFlow starts too (a run's configuration), so it lives in the TF-free module.
+from vdm_tf.run_config import check_haar_levels as check_levels
+
 # Rows: low, horizontal, vertical, diagonal; columns: the block's pixels in space_to_depth's
 # order (p00, p01, p10, p11). Orthogonal and symmetric: _MATRIX @ _MATRIX = I.
 # A NumPy array: a TensorFlow constant here would start TensorFlow's runtime at import time,
@@ -57,17 +60,6 @@ def inverse_haar_step(low, detail):
     coefficients = tf.concat([low[:, :, :, None], tf.reshape(detail, [-1, height, width, 3, channels])], axis=3)
     blocks = _mix(coefficients)  # the matrix is its own inverse
     return tf.nn.depth_to_space(tf.reshape(blocks, [-1, height, width, 4 * channels]), 2)
-
-
-def check_levels(image_shape, levels):
-    """Raises a clear error unless `levels` >= 0 Haar levels fit images of shape (H, W, C)."""
-    height, width = image_shape[:2]
-    factor = 2 ** max(int(levels), 0)
-    if int(levels) < 0 or height % factor or width % factor:
-        raise ValueError(
-            f"{levels} Haar levels need levels >= 0 and an image height and width divisible by 2^levels = "
-            f"{factor}; got images of shape {tuple(image_shape)}."
-        )
 
 
 def haar(x, levels):

@@ -215,10 +215,14 @@ def grid(batch, columns=None, padding=1):
 
 
 def save_grid(batch, path):
-    """Writes uint8 images [N, H, W, C] as one grid PNG, enlarged (sharp pixels) when small."""
+    """Writes uint8 images [N, H, W, C] as one grid PNG, enlarged (sharp pixels) when small.
+
+    The file is whole or absent (`vdm_tf.image_files.write_image`), whatever stops the write.
+    """
     from PIL import Image
 
-    picture = grid(batch)
-    picture = Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture)
+    from vdm_tf import image_files
+
+    picture = image_files.to_pil(np.asarray(grid(batch)))
     zoom = max(1, 256 // max(picture.size))
-    picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST).save(path)
+    image_files.write_image(path, picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST))

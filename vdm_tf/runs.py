@@ -6,185 +6,31 @@ A *run directory* is what `python -m trainers.main --model_dir=DIR` writes (and
     config.json      the `Config` of the run: which model, network, schedule and optimiser
     checkpoints/     model, optimizer (with the EMA weights) and step, `tf.train.Checkpoint`
 
-This module is the library's side of that format: the `Config` dataclass, the model and
+This module is the library's side of that format: the `Config` dataclass (defined, with the
+reading and writing of `config.json`, in the TensorFlow-free `vdm_tf.run_config`), the model and
 optimiser a configuration builds, and `load(path)` (`vdm_tf.load`), which gives back the trained
 model of a run directory (EMA weights) or of a `.keras` file. The trainer (`trainers/`) adds
 presets, flags and the training loop on top; the library imports nothing from it.
 """
 
 import contextlib
-import dataclasses
-import json
 import os
 
 import keras
 import tensorflow as tf
 
 from vdm_tf import augmentation as augmentation_lib
-from vdm_tf import cdm, haar, multiscale, networks, optimizers, schedules, score_model, sde
-from vdm_tf.datasets import info as dataset_info
-from vdm_tf.vdm import VDM
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything a training run needs to know.
-
-    Fields are grouped: data, denoiser (`vdm_tf.networks.ScoreUNet`), schedule and loss,
-    optimisation, evaluation and sampling.
-    """
-
-    dataset: str = "digits"
-    # Denoiser.
-    n_layers: int = 4
-    n_embd: int = 64
-    dropout: float = 0.1
-    fourier_features: bool = True
-    fourier_exponents: tuple = (7, 8)
-    attention: bool = False
-    # Schedule and loss. `sde=vdm` trains `schedule` (a VDM); vp | subvp | ve train a score model
-    # of that fixed SDE by likelihood-weighted denoising score matching (vdm_tf.score_model),
-    # which replaces schedule, gamma_min and gamma_max by the SDE's.
-    sde: str = "vdm"
-    beta_min: float = 0.1  # vp, subvp (Song et al.)
-    beta_max: float = 20.0
-    sigma_min: float = 0.01  # ve
-    sigma_max: float = 50.0  # ve; Song et al.: about the largest distance between two training images
-    schedule: str = "learned_monotonic"  # fixed_linear | learned_linear | learned_monotonic
-    gamma_min: float = -13.3
-    gamma_max: float = 5.0
-    minimize_variance: bool = True
-    timesteps: int = 0  # 0: continuous-time VLB
-    # Classification Diffusion Model (vdm_tf.cdm): `model=cdm` trains a noise-level classifier
-    # (NoiseLevelClassifier, the network fields above) on num_levels + 2 levels of the schedule
-    # FixedLinear(gamma_min, gamma_max); its eval reports the one-step bpd.
-    model: str = "vdm"  # vdm | cdm
-    num_levels: int = 1000
-    cross_entropy_weight: float = 1e-3
-    head_channels: int = 0  # 0: 2 * n_embd
-    # Multi-scale diffusion (vdm_tf.multiscale): L Haar levels, detail group d_k reaching noise at
-    # end time t_k (() = stages of equal length), one shared denoiser or one per stage.
-    multiscale_levels: int = 0  # 0: a uniform VDM
-    multiscale_end_times: tuple = ()
-    multiscale_stage_networks: bool = False
-    augment: bool = False  # flips, rotations (and channel swaps for RGB), denoiser conditioned on them
-    # The decoder p(x | z_0) puts its mass on the data set's pixel values (`DatasetInfo.pixel_values`,
-    # e.g. the digits' 17) instead of all 256, keeping a floor for the others (vdm_tf.images).
-    decoder_alphabet: bool = False
-    # Optimisation (VDM: AdamW, b1 0.9, b2 0.99, weight decay 0.01, EMA 0.9999).
-    optimizer: str = "adamw"  # or "sgd": same schedule, EMA and clipping; scale-sensitive (tests use it)
-    batch_size: int = 128
-    train_steps: int = 10_000
-    learning_rate: float = 2e-4
-    warmup_steps: int = 100
-    final_learning_rate_fraction: float = 1.0  # < 1: cosine decay to this fraction of the rate
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
-    ema_momentum: float = 0.9999  # 0: no EMA
-    clip_norm: float = 0.0  # 0: no gradient clipping
-    steps_per_execution: int = 1  # train steps per call into the compiled step function
-    # bfloat16: the denoiser's trunk computes in bfloat16 (Keras "mixed_bfloat16" policy; weights,
-    # schedule, z_t, Fourier features and the loss stay float32). For TPUs and bf16 GPUs.
-    mixed_precision: str = "float32"  # float32 | bfloat16
-    jit_compile: bool = True  # XLA; on 2-core CPUs the train step is faster without it
-    seed: int = 0
-    # Checkpoints and monitoring (intervals in steps; rounded up to steps_per_execution).
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    log_every: int = 100  # TensorBoard scalars and metrics.jsonl
-    sample_every: int = 10_000  # sample grid and SNR curve in TensorBoard
-    # Evaluation and sampling.
-    eval_time_samples: int = 8
-    export_time_samples: int = 8  # antithetic time samples per image in the exported `likelihood`
-    sample_steps: int = 256
-    num_samples: int = 64
-
-    def __post_init__(self):
-        """Rejects a value no run can use, with a message naming the field and what it takes.
-
-        So a bad flag of the trainer (`--batch_size=0`, `--dataset=foo`) fails before any work.
-        """
-        dataset_info(self.dataset)  # an unknown name raises, listing the known ones
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"Unknown {name} {getattr(self, name)!r}; expected {_one_of(choices)}.")
-        for name, lowest in _AT_LEAST.items():
-            if getattr(self, name) < lowest:
-                raise ValueError(f"{name} must be >= {lowest}; got {getattr(self, name)}.")
-        for name, low, high in (("dropout", 0.0, 1.0), ("ema_momentum", 0.0, 1.0)):
-            if not low <= getattr(self, name) < high:
-                raise ValueError(f"{name} must be in [{low}, {high}); got {getattr(self, name)}.")
-        if not 0.0 <= self.final_learning_rate_fraction <= 1.0:
-            raise ValueError(f"final_learning_rate_fraction must be in [0, 1]; got {self.final_learning_rate_fraction}")
-        for name in ("learning_rate", "weight_decay", "clip_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
-        # Fields that exclude each other (build_model relies on these checks).
-        if self.model == "cdm" and (self.sde != "vdm" or self.multiscale_levels):
-            raise ValueError("A CDM uses its own noise levels: set sde=vdm and multiscale_levels=0.")
-        if self.model == "cdm" and self.mixed_precision != "float32":
-            raise ValueError("mixed_precision=bfloat16 applies to the ScoreUNet denoiser: a CDM runs in float32.")
-        if self.multiscale_levels:
-            if self.timesteps or self.sde != "vdm":
-                raise ValueError("Multi-scale diffusion is a continuous-time VDM: set timesteps=0 and sde=vdm.")
-            haar.check_levels(dataset_info(self.dataset).image_shape, self.multiscale_levels)
-            if self.multiscale_end_times and len(self.multiscale_end_times) != self.multiscale_levels:
-                raise ValueError(
-                    f"multiscale_end_times needs one time per level ({self.multiscale_levels}); "
-                    f"got {self.multiscale_end_times}."
-                )
-
-
-# Config.mixed_precision -> the Keras dtype policy of the denoiser (`networks.ScoreUNet`).
-DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
-_CHOICES = {
-    "sde": ("vdm", "vp", "subvp", "ve"),
-    "schedule": ("fixed_linear", "learned_linear", "learned_monotonic"),
-    "model": ("vdm", "cdm"),
-    "optimizer": ("adamw", "sgd"),
-    "mixed_precision": tuple(DTYPE_POLICIES),
-}
-_AT_LEAST = dict(
-    n_layers=1, n_embd=1, timesteps=0, num_levels=1, head_channels=0, multiscale_levels=0, batch_size=1,
-    train_steps=0, warmup_steps=0, steps_per_execution=1, checkpoint_every=1, keep_checkpoints=1, log_every=1,
-    sample_every=1, eval_time_samples=1, export_time_samples=1, sample_steps=1, num_samples=1,
+from vdm_tf import cdm, multiscale, networks, optimizers, schedules, score_model, sde
+from vdm_tf.dataset_table import info as dataset_info
+from vdm_tf.run_config import (  # noqa: F401  (the configuration side of a run directory, TensorFlow-free)
+    DTYPE_POLICIES,
+    Config,
+    checkpoint_dir,
+    config_path,
+    save_config,
+    saved_config,
 )
-
-
-def _one_of(choices):
-    """("a", "b", "c") -> "a, b or c"."""
-    return ", ".join(choices[:-1]) + " or " + choices[-1]
-
-
-def config_path(model_dir):
-    return os.path.join(model_dir, "config.json")
-
-
-def checkpoint_dir(model_dir):
-    return os.path.join(model_dir, "checkpoints")
-
-
-def saved_config(model_dir):
-    """The `Config` saved in a run directory (`config.json`), or None if there is none."""
-    if not os.path.exists(config_path(model_dir)):
-        return None
-    with open(config_path(model_dir)) as f:
-        fields = json.load(f)
-    unknown = sorted(set(fields) - {field.name for field in dataclasses.fields(Config)})
-    if unknown:
-        raise ValueError(f"{config_path(model_dir)}: unknown fields {', '.join(unknown)} (written by a newer vdm_tf?)")
-    for name in ("fourier_exponents", "multiscale_end_times"):
-        if name in fields:
-            fields[name] = tuple(fields[name])
-    return Config(**fields)
-
-
-def save_config(model_dir, config):
-    """Writes `config` as the run directory's `config.json` (creating the directory)."""
-    os.makedirs(model_dir, exist_ok=True)
-    with open(config_path(model_dir), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
+from vdm_tf.vdm import VDM
 
 
 def build_model(config):
@@ -198,9 +44,7 @@ def build_model(config):
     image_shape = dataset_info(config.dataset).image_shape
     augmentation = augmentation_lib.Augmentation(channel_swaps=image_shape[-1] == 3) if config.augment else None
     process = build_sde(config)
-    gamma_min, gamma_max = (
-        score_model.gamma_range(process) if process else (config.gamma_min, config.gamma_max)
-    )
+    gamma_min, gamma_max = score_model.gamma_range(process) if process else (config.gamma_min, config.gamma_max)
 
     def network():
         return networks.ScoreUNet(
@@ -223,8 +67,14 @@ def build_model(config):
         if process or config.multiscale_levels:
             raise ValueError("A CDM uses its own noise levels: set sde=vdm and multiscale_levels=0.")
         classifier = networks.NoiseLevelClassifier(
-            config.num_levels, config.n_layers, config.n_embd, config.fourier_features, config.fourier_exponents,
-            config.attention, config.dropout, config.head_channels or None,
+            config.num_levels,
+            config.n_layers,
+            config.n_embd,
+            config.fourier_features,
+            config.fourier_exponents,
+            config.attention,
+            config.dropout,
+            config.head_channels or None,
         )
         schedule = schedules.FixedLinear(config.gamma_min, config.gamma_max)
         return cdm.CDM(
@@ -382,7 +232,9 @@ def restore_for_inference(model_dir, config=None):
     if latest is None:
         raise FileNotFoundError(f"No checkpoint in {checkpoint_dir(model_dir)}; train first.")
     model = compiled_model(config)
-    model_checkpoint(model).restore(latest).assert_existing_objects_matched()
+    status = model_checkpoint(model).restore(latest)
+    status.assert_existing_objects_matched()
+    status.expect_partial()  # the trainer's checkpoints also hold its metrics window, of no use here
     if model.optimizer.use_ema:
         model.optimizer.finalize_variable_values(model.trainable_variables)
     return model
