@@ -18,7 +18,7 @@ import time
 import zipfile
 
 from vdm_tf import cli as vdm_cli
-from vdm_tf import files, image_files
+from vdm_tf import dataset_table, files, image_files
 from vdm_tf.compression.container import CONVENTIONAL, CompressionError, ModelMismatchError, _check_names, read_header
 
 PROG = "python -m vdm_tf.compression"
@@ -52,11 +52,11 @@ def default_model_path(channels):
 
 
 def _model_image_shape(path):
-    """The image shape of the model at `path`, read without TensorFlow; None for a run directory.
+    """The image shape of the model at `path`, read without TensorFlow.
 
     A `.keras` file holds its model's `get_config` in `config.json` (VDM's has `image_shape`).
-    A run directory's `config.json` names its data set, whose shape `vdm_tf.datasets` knows
-    (TensorFlow): `_run_image_shape` reads it after the start. Raises ValueError for anything else.
+    A run directory's `config.json` names its data set, whose shape `vdm_tf.dataset_table`
+    knows. Raises ValueError for anything else.
     """
     path = os.fspath(path)
     if os.path.isfile(path) and path.endswith(".keras"):
@@ -73,23 +73,13 @@ def _model_image_shape(path):
                 dataset = json.load(f)["dataset"]
             if not isinstance(dataset, str):
                 raise TypeError(f"dataset is {dataset!r}")
+            return tuple(dataset_table.info(dataset).image_shape)
         except (OSError, KeyError, TypeError, ValueError) as error:
             raise ValueError(f"--model={path}: unreadable run configuration config.json: {error}") from None
-        return None
     raise ValueError(
         f"--model must be a .keras file written by model.save or a trainer run directory (with config.json); "
         f"got {path!r}."
     )
-
-
-def _run_image_shape(path):
-    """The image shape of a trainer run directory's data set (imports TensorFlow: after the start)."""
-    from vdm_tf import datasets, runs
-
-    try:
-        return tuple(datasets.info(runs.saved_config(path).dataset).image_shape)
-    except (OSError, TypeError, ValueError) as error:
-        raise vdm_cli.Failure(f"--model={path}: unreadable run configuration config.json: {error}") from None
 
 
 def _shape_text(shape):
@@ -348,25 +338,6 @@ def _use_threads(threads):
             print(f"warning: could not switch TensorFlow to {threads} intra-op threads", file=sys.stderr)
 
 
-def _resolve_run_shape(args):
-    """For a run directory given as --model: its image shape, and the checks that need it."""
-    if args.image_shape is not None:
-        return
-    args.image_shape = _run_image_shape(args.model)
-    channels = args.image_shape[-1]
-    if args.command == "decode":
-        try:
-            _check_decode_shape(args)
-        except ValueError as error:
-            raise vdm_cli.Failure(f"decode: {vdm_cli.one_line(error)}") from None
-        return
-    for path, image in zip(args.images, args.x):
-        if image.shape[-1] != channels:
-            raise vdm_cli.Failure(
-                f"encode: {path}: got mode {_MODE_NAMES[image.shape[-1]]}; {_channels_expected(channels, True)}."
-            )
-
-
 def _encode(args):
     from vdm_tf.compression import elbo
     from vdm_tf.compression.codec import BitsBackCodec
@@ -444,7 +415,6 @@ def main(argv=None, op_determinism=False):
     if op_determinism:
         tf.config.experimental.enable_op_determinism()
     tf.get_logger().setLevel("ERROR")  # one traced function per tile shape: not a retracing problem
-    _resolve_run_shape(args)
     (_encode if args.command == "encode" else _decode)(args)
     return 0
 
