@@ -208,12 +208,13 @@ def test_run_keeps_the_traceback_of_a_bug_and_the_status_of_main():
         cli.run(lambda: 1 / 0, prog="prog")
 
 
-def test_a_redirected_progress_bar_writes_one_plain_line(capsys):
+def test_a_redirected_progress_bar_writes_plain_lines(capsys):
     progress = cli.progress_bar(50, unit_name="step")
     for step in range(1, 51):
         progress.update(step)
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1 and out.startswith("50/50") and "\r" not in out and "\x1b" not in out, repr(out)
+    lines = capsys.readouterr().out.splitlines(keepends=True)
+    assert [line.split()[0] for line in lines] == [f"{5 * k}/50" for k in range(1, 11)], lines  # one each tenth
+    assert not any("\r" in line or "\x1b" in line for line in lines), lines
     quiet = cli.progress_bar(50, verbose=False)
     quiet.update(50)
     assert capsys.readouterr().out == ""

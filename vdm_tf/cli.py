@@ -29,6 +29,7 @@ Any other exception is a bug in vdm_tf and keeps its traceback. Outputs are writ
 import argparse
 import os
 import sys
+import time
 
 from vdm_tf import _startup
 
@@ -54,16 +55,35 @@ def start():
 
 
 def progress_bar(target, verbose=True, **kwargs):
-    """A `keras.utils.Progbar` that redraws itself on a terminal and writes one plain line elsewhere.
+    """A `keras.utils.Progbar` on a terminal; elsewhere (a log file, a pipe) plain lines, one each tenth.
 
     Keras takes every POSIX stdout for a terminal, so a log file or a pipe would otherwise fill
-    with its carriage returns and ANSI styles; redirected, the bar prints only its final line.
-    `kwargs` are Progbar's (`unit_name`, `stateful_metrics`, ...).
+    with its carriage returns and ANSI styles. `kwargs` are Progbar's (`unit_name`, ...); the
+    plain lines read `900/9009 steps, 12 s`.
     """
+    if verbose and not sys.stdout.isatty():
+        return _ProgressLines(target, kwargs.get("unit_name", "step"))
     import keras
 
-    mode = (1 if sys.stdout.isatty() else 2) if verbose else 0
-    return keras.utils.Progbar(target, verbose=mode, **kwargs)
+    return keras.utils.Progbar(target, verbose=int(bool(verbose)), **kwargs)
+
+
+class _ProgressLines:
+    """Progress as plain lines: one each time a further tenth of `target` is done (`update`, `add`)."""
+
+    def __init__(self, target, unit_name):
+        self.target, self.unit_name = target, unit_name
+        self.current, self.tenths, self.start = 0, 0, time.monotonic()
+
+    def update(self, current, values=None, finalize=None):
+        self.current = current
+        tenths = min(10, int(10 * current / self.target)) if self.target else 10
+        if tenths > self.tenths:
+            self.tenths = tenths
+            print(f"{current}/{self.target} {self.unit_name}s, {time.monotonic() - self.start:.0f} s", flush=True)
+
+    def add(self, n, values=None):
+        self.update(self.current + n, values)
 
 
 def one_line(message):
