@@ -5,10 +5,7 @@ is a one-line `cli.Failure` within a fraction of a second. Remote paths (`gs://.
 to the object store: they are checked through `tf.io.gfile` once TensorFlow runs.
 """
 
-import os
-import tempfile
-
-from vdm_tf import cli, run_config
+from vdm_tf import cli, files, run_config
 
 
 def no_extra_arguments(argv):
@@ -27,22 +24,16 @@ def path_flag(name, value, expected="a directory"):
 def writable_directory(path, flag, expected="a directory"):
     """Fails unless the directory `path` exists and takes new files, or can be created.
 
-    The test is the real one: a temporary file is created (and removed at once) in `path` or in
-    its nearest existing ancestor, so a read-only file system, a permission or a full inode
-    table fail here, before any work, as they would later. Nothing is left behind.
+    The test is the real one (`vdm_tf.files.unwritable`): nothing is left behind.
     """
     if run_config.is_remote(path):
         return
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
+    problem = files.unwritable(path)
+    if problem is None:
+        return
+    existing, reason = problem
+    if reason == "a file":
         raise cli.Failure(f"{flag}={path}: {existing} is a file; expected {expected}.")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise cli.Failure(
-            f"{flag}={path}: cannot write in {existing} ({error.strerror or error}); expected {expected} "
-            "this process can write to."
-        ) from None
+    raise cli.Failure(
+        f"{flag}={path}: cannot write in {existing} ({reason}); expected {expected} this process can write to."
+    )

@@ -107,6 +107,26 @@ def io_error(error):
     return None
 
 
+def unwritable(directory):
+    """Why no file could be created in `directory` (made first where it is missing), or None.
+
+    Returns (the nearest existing ancestor, the reason): "a file" where that ancestor is not a
+    directory, else the system's reason ("Read-only file system", "Permission denied"). The
+    test is the real one: a temporary file is created there and removed at once, so a read-only
+    mount, a permission or a full inode table show here, before any work, as they would later.
+    """
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return existing, "a file"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            return None
+    except OSError as error:
+        return existing, error.strerror or str(error)
+
+
 def write_bytes(path, data):
     """Writes `data` to `path` atomically (flushed to the disk before the rename)."""
     with atomic_path(path) as temporary, open(temporary, "wb") as f:

@@ -121,13 +121,13 @@ def decoded_file_names(names, count):
 
 def _check_can_create(path, what):
     """Raises ValueError unless `path` is a directory this process may write in, or can be made one."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
+    problem = files.unwritable(path)
+    if problem is None:
+        return
+    existing, reason = problem
+    if reason == "a file":
         raise ValueError(f"{what}: {existing} is a file, not a directory.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{what}: no permission to write in {existing}.")
+    raise ValueError(f"{what}: no permission to write in {existing} ({reason}).")
 
 
 def write_pngs(x, names, directory):
