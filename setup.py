@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["vdm_tf", "vdm_tf.*", "trainers", "trainers.*", "export", "export.*"]),
     include_package_data=True,
     # The bundled models of `python -m vdm_tf.compression` (photos.keras: the photos preset).
-    package_data={"vdm_tf": ["models/*.keras"]},
+    package_data={"vdm_tf.models": ["*.keras"]},
     install_requires=[
         "tensorflow==2.21.0",
         "keras==3.15.1",

@@ -26,6 +26,7 @@ _SUBMODULES = (
     "image_files",
     "images",
     "likelihood",
+    "models",
     "multiscale",
     "networks",
     "optimizers",
@@ -35,9 +36,10 @@ _SUBMODULES = (
     "score_model",
     "sde",
     "seeding",
+    "traced",
 )
 # Names defined in a submodule: name -> module.
-_NAMES = {"VDM": "vdm", "load": "runs", "prepare_process": "_startup"}
+_NAMES = {"VDM": "models", "load": "runs", "prepare_process": "_startup"}
 
 
 def __getattr__(name):

@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from vdm_tf import images, samplers, seeding
+from vdm_tf import images, samplers, seeding, traced
 from vdm_tf import sde as sdes
 
 # Columns: grey (1, 1, 1) / sqrt(3), then (-2, 1, 1) / sqrt(6) and (0, 1, -1) / sqrt(2).
@@ -94,7 +94,7 @@ def _run(model, known, mask, basis, num_steps, seed, resample):
         signature = [spec, spec, basis_spec, scalar, tf.TensorSpec([2], tf.int64), scalar]
         return tf.function(lambda *args: _replacement_sampler(model, *args), input_signature=signature)
 
-    run = samplers.compiled(model, ("inpaint",), build)
+    run = traced.compiled(model, ("inpaint",), build)
     x_hat = run(known, mask, basis, tf.cast(num_steps, tf.int32), seeding.as_seed(seed), tf.cast(resample, tf.int32))
     return images.decode(x_hat)
 
@@ -191,11 +191,11 @@ def class_conditional_sample(model, classifier, label, num_samples, scale=1.0, s
     """uint8 images of class `label`: `vdm_tf.samplers.sample` on a `ClassGuidedModel`.
 
     The guided model of each (classifier, label, scale) is kept with `model`, like the samplers'
-    traced functions (`samplers.compiled`), so a second call with the same setting runs the
+    traced functions (`vdm_tf.traced`), so a second call with the same setting runs the
     sampler traced by the first instead of tracing it again. The cache holds the classifier as
     long as `model` lives.
     """
-    guided = samplers.compiled(
+    guided = traced.compiled(
         model,
         ("class_guided", id(classifier), int(label), float(scale)),
         lambda: ClassGuidedModel(model, classifier, label, scale),

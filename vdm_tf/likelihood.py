@@ -28,7 +28,7 @@ import math
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from vdm_tf import images, samplers, seeding
+from vdm_tf import images, samplers, seeding, traced
 
 PROBES = ("rademacher", "gaussian")
 
@@ -105,7 +105,7 @@ def ode_log_likelihood(model, z0, seed=0, exact_divergence=False, probe="rademac
         return run
 
     key = ("ode_log_likelihood", bool(exact_divergence), probe, float(rtol), float(atol))
-    run = samplers.compiled(model, key, build)
+    run = traced.compiled(model, key, build)
     return run(tf.convert_to_tensor(z0, tf.float32), seeding.as_seed(seed))
 
 

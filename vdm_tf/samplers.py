@@ -34,14 +34,14 @@ and rounds to the nearest pixel value. Loops are `tf.while_loop`s inside one `tf
 (traced once per model and setting), and all randomness is stateless.
 """
 
-import weakref
+import operator
 
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 from vdm_tf import images, seeding
 from vdm_tf.sde import VESDE, per_example
-from vdm_tf.vdm import check_count
+from vdm_tf.traced import compiled
 
 PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral", "none")
 CORRECTORS = ("langevin", "annealed_langevin", "none")
@@ -52,15 +52,75 @@ PC_DEFAULTS = {
     "variance_exploding": {"predictor": "reverse_diffusion", "corrector": "langevin"},
 }
 
-_traced = weakref.WeakKeyDictionary()  # model -> {setting: tf.function}
+
+def check_count(name, value, minimum=0):
+    """A count argument (`num_samples`, `num_steps`) as a Python int >= `minimum`.
+
+    Takes what `operator.index` takes (Python and NumPy integers, integer scalar tensors); not
+    bools, floats or strings, so 2.5 images are an error rather than 2.
+
+    Raises:
+        ValueError: for anything else, naming the expected form ("expected an integer
+            num_samples >= 0; got 2.5.").
+    """
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < minimum:
+        raise ValueError(f"expected an integer {name} >= {minimum}; got {value!r}.")
+    return count
 
 
-def compiled(model, key, build):
-    """One traced function per (model, key): `build()` makes it on first use."""
-    functions = _traced.setdefault(model, {})
-    if key not in functions:
-        functions[key] = build()
-    return functions[key]
+# ------------------------------------------------------------------------------------------------
+# Ancestral sampling of a model's own discrete-time chain (VDM section 3.5, eq. 32-34).
+
+
+def ancestral_update(z_t, eps_hat, gamma_s, gamma_t, noise):
+    """z_s = mean + std * noise, a draw of q(z_s | z_t, x = x_hat(z_t)) for gamma_s <= gamma_t.
+
+    VDM eq. 32-34. With c = -expm1(gamma_s - gamma_t) = 1 - SNR(t) / SNR(s):
+    mean = alpha_s / alpha_t (z_t - sigma_t c eps_hat), variance = sigma_s^2 c.
+    """
+    c = -tf.math.expm1(gamma_s - gamma_t)
+    mean = tf.sqrt(tf.sigmoid(-gamma_s) / tf.sigmoid(-gamma_t)) * (z_t - tf.sqrt(tf.sigmoid(gamma_t)) * c * eps_hat)
+    return mean + tf.sqrt(tf.sigmoid(gamma_s) * c) * noise
+
+
+def ancestral_loop(step, z, first, last, times, loop_seed):
+    """Steps i = `last` .. `first` + 1 of a model's chain, one `tf.while_loop`.
+
+    Step i moves z from time t to s, `(s, t) = times(i)`, by `step(z, s, t, fold_in(loop_seed, i))`
+    (a model's `ancestral_step`), so every step draws its own noise, whatever the other steps are.
+    """
+
+    def body(i, z):
+        s, t = times(i)
+        return i - 1, step(z, s, t, seeding.fold_in(loop_seed, i))
+
+    return tf.while_loop(lambda i, z: i > first, body, (last, z))[1]
+
+
+def ancestral(model, num_samples, num_steps, seed, argmax):
+    """uint8 images by ancestral sampling: z_1 ~ N(0, I), `num_steps` steps of the model's chain, decoding.
+
+    The graph of `DiffusionModel.sample` (tensor arguments: int32 counts, int64 [2] seed, bool
+    argmax): `model.ancestral_step(z_t, s, t, seed)` is the step hook, `model.decode(z_0, seed,
+    argmax)` maps z_0 to pixels.
+    """
+    prior_seed, loop_seed, decoder_seed = seeding.split_seed(seed, 3)
+    z = tf.random.stateless_normal(tf.concat([[num_samples], model.image_shape], 0), prior_seed)
+    steps = tf.cast(num_steps, tf.float32)
+
+    def times(i):  # equal steps from t = 1 to 0
+        return tf.cast(i - 1, tf.float32) / steps, tf.cast(i, tf.float32) / steps
+
+    z_0 = ancestral_loop(model.ancestral_step, z, 0, num_steps, times, loop_seed)
+    return model.decode(z_0, decoder_seed, argmax)
+
+
+# ------------------------------------------------------------------------------------------------
+# Samplers of the SDE (Song et al. 2021).
 
 
 def denoised_mean(model, z, t):

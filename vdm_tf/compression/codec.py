@@ -83,7 +83,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from vdm_tf import cli, images, samplers
+from vdm_tf import cli, images, traced
 from vdm_tf.compression import container
 from vdm_tf.compression.ans import (
     _INITIAL_SEED,
@@ -108,7 +108,7 @@ from vdm_tf.compression.container import (
 )
 from vdm_tf.compression.conventional import FORMAT_NAMES, decode_lossless, lossless_bytes
 from vdm_tf.compression.tiles import _Budget, _tile_plan
-from vdm_tf.vdm import VDM
+from vdm_tf.models.vdm import VDM
 
 
 def intra_op_threads():
@@ -209,7 +209,7 @@ class BitsBackCodec:
             return eps_hat, probabilities, shape
 
         key = ("bits_back", batch_size) if shape[1:] == self.image_shape else ("bits_back", shape)
-        return samplers.compiled(model, key, build)
+        return traced.compiled(model, key, build)
 
     def weights_sha256(self):
         """SHA-256 of the model: class names, image shape and every weight's shape and bytes."""

@@ -6,7 +6,7 @@ import numpy as np
 
 from vdm_tf import evaluation
 from vdm_tf.compression.tiles import _tile_plan
-from vdm_tf.vdm import VDM
+from vdm_tf.models.vdm import VDM
 
 
 def _sharing_vdm(model, image_shape, timesteps):
