@@ -37,6 +37,7 @@ _SUBMODULES = (
     "sde",
     "seeding",
     "traced",
+    "vdm",
 )
 # Names defined in a submodule: name -> module.
 _NAMES = {"VDM": "models", "load": "runs", "prepare_process": "_startup"}
