@@ -4,8 +4,8 @@
     python -m bench.serving --requests=200
 
 The model is the digits preset's (untrained: speed does not depend on the weights), exported
-with `export.export_model` and served by the loopback PredictionService of `tests/` (official
-TF-Serving protos, TF's SavedModel loader), which stands in for `tensorflow/serving` here.
+with `export.export_model` and served by `export.loopback` (official TF-Serving protos, TF's
+SavedModel loader), which stands in for `tensorflow/serving` here.
 For each batch size it measures, after warm-up:
 
 - latency: `--requests` sequential requests, p50 and p99 in milliseconds;
@@ -30,8 +30,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from export import client as client_lib  # noqa: E402
-from export import saved_model  # noqa: E402
-from tests import loopback_serving  # noqa: E402
+from export import loopback, saved_model  # noqa: E402
 from trainers import configs  # noqa: E402
 
 flags.DEFINE_integer("requests", 100, "Requests per measurement.")
@@ -69,7 +68,7 @@ def main(argv):
     with tempfile.TemporaryDirectory() as export_dir:
         path = saved_model.export_model(model, export_dir, time_samples=FLAGS.time_samples)
         signature = tf.saved_model.load(path).signatures["likelihood"]
-        server, port = loopback_serving.serve(os.path.join(export_dir, "vdm"), "vdm")
+        server, port = loopback.serve(os.path.join(export_dir, "vdm"), "vdm")
         client = client_lib.Client(f"127.0.0.1:{port}", "vdm", retries=0)
         try:
             for batch in (1, 64):

@@ -6,7 +6,7 @@ The layout is TF-Serving's: `EXPORT_DIR/NAME/VERSION/` with a `saved_model.pb` (
 the variables and `assets.extra/tf_serving_warmup_requests`. Point the server's
 `--model_base_path` at `EXPORT_DIR/NAME`; it serves the highest version and picks up new ones.
 
-Signatures (all batch-first, see DESIGN.md "SavedModel contract"). Every input is required: no
+Signatures (all batch-first, see ARCHITECTURE.md, "SavedModel contract"). Every input is required: no
 signature relies on SignatureDef `defaults`, which some TF-Serving builds do not fill, so a
 request works when the server passes exactly the inputs the client sent. A variant that needs
 another input is another signature.

@@ -19,8 +19,7 @@ import tensorflow as tf
 
 import vdm_tf
 from export import client as client_lib
-from export import saved_model
-from tests import loopback_serving
+from export import loopback, saved_model
 from vdm_tf import cdm, conditional, likelihood, samplers, score_model
 from vdm_tf import sde as sdes
 
@@ -28,7 +27,7 @@ IMAGE_SHAPE = (8, 8, 1)
 TIME_SAMPLES = 4
 ODE_TOLERANCE = 1e-3  # an untrained network's ODE is stiff; keep the tests' solves short
 SMALL_NETWORK = {"n_layers": 1, "n_embd": 32, "fourier_exponents": (3, 4)}
-# The documented inputs of every signature (README, DESIGN.md): all required, no defaults.
+# The documented inputs of every signature (README, ARCHITECTURE.md "SavedModel contract"): all required, no defaults.
 SIGNATURE_INPUTS = {
     "likelihood": {"images", "seed"},
     "serving_default": {"images", "seed"},
@@ -134,9 +133,9 @@ def small_exports(tmp_path_factory):
 
 def _serve(model, model_base_path, loaded=None):
     """A namespace: `model`, `service`, `port` (gRPC), `rest_port`, `client` (no retries), `servers`."""
-    service = loopback_serving.PredictionService(model_base_path, "vdm", loaded)
-    grpc_server, port = loopback_serving.serve_grpc(service)
-    rest_server, rest_port = loopback_serving.serve_rest(service)
+    service = loopback.PredictionService(model_base_path, "vdm", loaded)
+    grpc_server, port = loopback.serve_grpc(service)
+    rest_server, rest_port = loopback.serve_rest(service)
     client = client_lib.Client(f"127.0.0.1:{port}", "vdm", timeout=300, retries=0)
     return types.SimpleNamespace(
         model=model, service=service, port=port, rest_port=rest_port, client=client, servers=(grpc_server, rest_server)

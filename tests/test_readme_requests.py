@@ -22,11 +22,11 @@ from exported_model import IMAGE_SHAPE, assert_outputs_equal, expected_outputs, 
 from PIL import Image
 
 import export.client
-from tests import loopback_serving
+from tests.client_commands import PROJECT_ROOT, run_client_commands
 
 # Session fixtures (conftest imports `exported` only).
 served, served_cdm, small_exports = exported_model.served, exported_model.served_cdm, exported_model.small_exports
-README = os.path.join(loopback_serving.PROJECT_ROOT, "README.md")
+README = os.path.join(PROJECT_ROOT, "README.md")
 CLIENT = "python -m export.client "
 CDM_COMMANDS = ("one_step_likelihood",)
 # Used only where curl is not installed: POSTs `-d DATA` or `-d @FILE` to the URL, prints the answer.
@@ -92,7 +92,7 @@ def test_every_client_command_of_the_readme_runs(served, served_cdm, tmp_path):
                 image = rng.integers(0, 256, IMAGE_SHAPE[:2], dtype=np.uint8)
                 inputs[path] = np.where(image < 128, 0, 255).astype(np.uint8) if "mask" in path else image
                 Image.fromarray(inputs[path]).save(tmp_path / path)
-    results = loopback_serving.run_client_commands(runs, cwd=tmp_path)
+    results = run_client_commands(runs, cwd=tmp_path)
     for args, result in zip(commands, results):
         assert result["code"] == 0 and "error" not in result["stderr"], (args, result)
         command, seed = command_of(args), int(flag_value(args, "seed", 0))

@@ -16,7 +16,8 @@ from PIL import Image
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from export import client as client_lib
-from tests import loopback_serving
+from export import loopback
+from tests.client_commands import run_client_commands
 
 # Session fixtures (conftest imports `exported` only).
 served, served_cdm, small_exports = exported_model.served, exported_model.served_cdm, exported_model.small_exports
@@ -99,9 +100,9 @@ def test_the_loopback_server_never_fills_signature_defaults(tmp_path):
 
     module = WithDefault()
     tf.saved_model.save(module, str(tmp_path / "m" / "1"), signatures={"serving_default": module.add})
-    service = loopback_serving.PredictionService(str(tmp_path / "m"), "m")
+    service = loopback.PredictionService(str(tmp_path / "m"), "m")
     assert set(service.signature_defs["serving_default"].defaults) == {"y"}
-    server, port = loopback_serving.serve_grpc(service)
+    server, port = loopback.serve_grpc(service)
     with client_lib.Client(f"127.0.0.1:{port}", "m", retries=0) as client:
         assert int(client.predict("serving_default", x=np.int32(2), y=np.int32(3))["sum"]) == 5
         with pytest.raises(client_lib.ServingError, match=r"Missing but required: \{y\}"):
@@ -253,7 +254,7 @@ class FailsFirst(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 def test_unavailable_is_retried_until_the_server_answers(served):
     servicer = FailsFirst(served.service, failures=2)
-    server, port = loopback_serving.serve_grpc(servicer)
+    server, port = loopback.serve_grpc(servicer)
     images = random_images(2, seed=8)
     with client_lib.Client(f"127.0.0.1:{port}", "vdm", retries=2, backoff=0.01) as client:
         np.testing.assert_array_equal(client.likelihood(images)["bpd"], served.client.likelihood(images)["bpd"])
@@ -370,7 +371,7 @@ def test_command_line_errors_are_one_line_and_found_before_connecting(served, tm
         cases["the server's limit"] = r"\(INVALID_ARGUMENT\): assertion failed: \[num_samples: .* in 1..64"
         commands.append([*unreachable, "metadata"])
         cases["no server"] = r"No answer from 127.0.0.1:\d+ after 1 attempts"
-        results = loopback_serving.run_client_commands(commands, cwd=tmp_path)
+        results = run_client_commands(commands, cwd=tmp_path)
     for (case, message), result in zip(cases.items(), results):
         output = result["stdout"] + result["stderr"]
         assert result["code"] not in (0, None), (case, result)

@@ -25,8 +25,9 @@ empty. A training step frees all its activations at its end, so when the input p
 threads run beside it (tf.data, as in every real training run) the next step faults the same
 memory in again, page by page: 77,000 page faults and 0.13-0.17 s of system CPU time per step of
 the paper network (about 3.8 CPU s) here. Keeping freed memory in the process, as tcmalloc and
-jemalloc do, leaves about 2,000. `VDM_TF_KEEP_FREED_MEMORY=0` leaves malloc as it is; compare
-with `python -m bench.train_throughput --configs=paper --paths=trainer` (column `faults/step`).
+jemalloc do, leaves about 2,000 (bench/results/train_throughput.json, `page_faults_per_step`).
+`VDM_TF_KEEP_FREED_MEMORY=0` leaves malloc as it is; compare with
+`python -m bench.train_throughput --configs=paper --paths=trainer` (column `faults/step`).
 """
 
 import ctypes

@@ -179,7 +179,7 @@ class ScheduleSDE(SDE):
 
     sigma_t^2 = sigmoid(gamma(t)) obeys d sigma^2 / dt = beta (1 - sigma^2) with
     beta(t) = sigmoid(gamma(t)) gamma'(t), so dz = -0.5 beta z dt + sqrt(beta) dw has exactly
-    the schedule's marginals m_t = alpha_t, s_t = sigma_t (DESIGN.md, math conventions).
+    the schedule's marginals m_t = alpha_t, s_t = sigma_t (ARCHITECTURE.md, "Math conventions").
 
     Args:
         schedule: a `vdm_tf.schedules.NoiseSchedule`.

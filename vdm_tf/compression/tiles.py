@@ -19,8 +19,9 @@ stack pay for: the seed's, plus what the batches before left (assumed to be the 
 dimension, at most half the first pops': the decoder must compute the same plan). When not
 even one tile fits, the next tile is cut into quarters (16x16, then 8x8, 4x4 for the 32x32
 models), coded first: a message of 32x32 patches starts with crops of its second patch, and
-batches grow from there instead of 1, 2, 4, ... whole tiles (version 3), whose first tile dug
-2-3 KB into the pseudo-random words.
+batches grow from there. The ramp of version 3 (and of a message without seed), 1, 2, 4, ...
+whole tiles, makes its first tile read 2-3 KB from the pseudo-random words, which the file
+then has to carry.
 """
 
 import dataclasses

@@ -28,10 +28,10 @@ def traced_once(function):
     captures nothing, the traced function serves every call with the same argument shapes and
     Python arguments: it is traced, and its gradient built, once per distinct block. The calls
     are marked `_noinline`, so that graph optimization (grappler) also sees each distinct block
-    once instead of 67 inlined copies: at the paper's size it took 31 s of the first step inlined
-    and 11 s so (the first call of the train step 51 s -> 17 s), for a step cost within the
-    machine's noise (CPU time per step 3.8-4.2 s either way, in interleaved runs). Under
-    XLA (`jit_compile=True`, TPUs) the calls are compiled into one program as before.
+    once rather than 67 inlined copies: at the paper's size the first call of the train step
+    takes about a third of the time it takes with the blocks inlined, and a step costs the same
+    CPU time either way (time to the first step: bench/results/train_throughput.json). Under
+    XLA (`jit_compile=True`, TPUs) the calls are compiled into one program, as inline code is.
     Eager calls run `function` op by op, as inline code does.
     """
     traced = tf.function(function, autograph=False, experimental_attributes={"_noinline": True})

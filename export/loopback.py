@@ -1,8 +1,10 @@
-"""A loopback TF-Serving stand-in: the official PredictionService protos over gRPC, TF's loader.
+"""A loopback TF-Serving stand-in: test a client without a TF-Serving binary.
 
-The `tensorflow/serving` binary cannot be installed here, so tests and `bench/serving.py` serve
-exports with this server instead. It follows TF-Serving's request handling where the client can
-see it (`tensorflow_serving/servables/tensorflow/predict_util.cc` and TensorFlow's
+The `tensorflow/serving` binary does not install with pip, so the tests, `bench/serving.py` and
+a developer who wants to try `export.client` or a REST request on their own machine serve an
+export with this server instead: the official PredictionService protos over gRPC, TensorFlow's
+own SavedModel loader. It follows TF-Serving's request handling where the client can see it
+(`tensorflow_serving/servables/tensorflow/predict_util.cc` and TensorFlow's
 `saved_model/util.cc` `GetInputValues`), as a build that does NOT fill SignatureDef `defaults`:
 
 - the model is looked up by name (NOT_FOUND otherwise) and its highest version is served;
@@ -19,15 +21,15 @@ see it (`tensorflow_serving/servables/tensorflow/predict_util.cc` and TensorFlow
 /v1/models/NAME[/versions/V]:predict` with a columnar `{"signature_name", "inputs"}` body; the
 answer is `{"outputs": ...}`, or `{"error": message}` with an HTTP error status).
 
-    server, port = loopback_serving.serve("runs/demo/export/vdm", "vdm")
+    from export import loopback
+    server, port = loopback.serve("runs/demo/export/vdm", "vdm")    # gRPC on 127.0.0.1:port
+    client = export.client.Client(f"127.0.0.1:{port}", "vdm")
     ...
     server.stop(grace=None)
 
 Both servers bind port 0 in this process, so the OS hands out a free port that nobody else can
-take between choosing and binding it.
-
-`run_client_commands` runs several `python -m export.client` command lines in one process (one
-TensorFlow start-up instead of one each).
+take between choosing and binding it. It is a development tool, not a server to deploy: one
+process, no batching, no model reloading.
 """
 
 import concurrent.futures
@@ -35,8 +37,6 @@ import http.server
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 
 import grpc
@@ -264,46 +264,3 @@ def serve_rest(service, port=0):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, server.server_address[1]
-
-
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Runs each command line as `python -m export.client` does (`define_flags(); app.run(main)`),
-# the flags reset in between; an exception that escapes is written to stderr as a traceback.
-CLIENT_DRIVER = r"""
-import contextlib, io, json, sys, traceback
-from absl import app
-from export import client
-client.define_flags()
-results = []
-for argv in json.loads(sys.argv[1]):
-    client.FLAGS.unparse_flags()
-    out, err, code = io.StringIO(), io.StringIO(), None
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            app.run(client.main, argv=["export/client.py", *argv])
-        except SystemExit as exit:
-            code = exit.code
-        except BaseException:
-            traceback.print_exc()
-            code = "exception"
-    results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
-print(json.dumps(results))
-"""
-
-
-def run_client_commands(commands, cwd, timeout=900):
-    """Runs `export.client` command lines (argument lists after `python -m export.client`) in `cwd`.
-
-    Returns one dict per command: `code` (the exit code), `stdout`, `stderr`.
-    """
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([PROJECT_ROOT, os.environ.get("PYTHONPATH", "")])}
-    completed = subprocess.run(
-        [sys.executable, "-c", CLIENT_DRIVER, json.dumps(commands)],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.splitlines()[-1])
