@@ -8,7 +8,7 @@ kept, TensorFlow's start-up banners filtered): the command lines make it, and so
 one's own, before it imports TensorFlow.
 """
 
-import importlib
+from vdm_tf import _lazy
 
 __version__ = "0.1.0"
 
@@ -43,16 +43,6 @@ _SUBMODULES = (
 _NAMES = {"VDM": "models", "load": "runs", "prepare_process": "_startup"}
 
 
-def __getattr__(name):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"vdm_tf.{name}")
-    if name in _NAMES:
-        return getattr(importlib.import_module(f"vdm_tf.{_NAMES[name]}"), name)
-    raise AttributeError(f"module 'vdm_tf' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_SUBMODULES) | set(_NAMES))
-
+__getattr__, __dir__ = _lazy.attributes(__name__, globals(), _SUBMODULES, _NAMES)
 
 __all__ = ["VDM", "load", "prepare_process", *_SUBMODULES]

@@ -30,7 +30,7 @@ Every public name is importable from here, `from vdm_tf.compression import BitsB
 modules load on first use (PEP 562), so the command line starts without TensorFlow.
 """
 
-import importlib
+from vdm_tf import _lazy
 
 # name -> the module that defines it
 _NAMES = {
@@ -52,16 +52,6 @@ _NAMES = {
 _MODULES = ("container", "ans", "tiles", "conventional", "codec", "elbo", "cli")
 
 
-def __getattr__(name):
-    if name in _MODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    if name in _NAMES:
-        return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_NAMES) | set(_MODULES))
-
+__getattr__, __dir__ = _lazy.attributes(__name__, globals(), _MODULES, _NAMES)
 
 __all__ = [name for name in _NAMES if not name.startswith("_")]
