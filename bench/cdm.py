@@ -70,17 +70,18 @@ def load_config(model_dir):
 
 def train_cdm(config):
     """The CDM of `config` trained on the digits train split; returns (model, training record)."""
-    model = vdm_tf.runs.compiled_model(config, seed=config.seed, steps_per_execution=10)
-    data = vdm_tf.datasets.load("digits", "train", batch_size=config.batch_size, seed=config.seed)
+    batch_size, trainer = config.data.batch_size, config.trainer
+    model = vdm_tf.runs.compiled_model(config, seed=trainer.seed, steps_per_execution=10)
+    data = vdm_tf.datasets.load("digits", "train", batch_size=batch_size, seed=trainer.seed)
     start, cpu_start = time.perf_counter(), time.process_time()
-    history = model.fit(data, steps_per_epoch=config.train_steps // 10, epochs=10, verbose=2).history
+    history = model.fit(data, steps_per_epoch=trainer.train_steps // 10, epochs=10, verbose=2).history
     record = {
-        "steps": 10 * (config.train_steps // 10),  # 10 epochs of train_steps // 10
-        "batch_size": config.batch_size,
+        "steps": 10 * (trainer.train_steps // 10),  # 10 epochs of train_steps // 10
+        "batch_size": batch_size,
         "seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - cpu_start,
         "load_average_1min": os.getloadavg()[0],
-        "jit_compile": config.jit_compile,
+        "jit_compile": trainer.jit_compile,
         "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
         "last_epoch_means": {name: values[-1] for name, values in history.items()},
     }
@@ -236,16 +237,16 @@ def main(argv):
     vdm = train.restore_for_inference(FLAGS.vdm_dir, vdm_config)
     config = configs.PRESETS["digits_cdm"]
     if FLAGS.steps is not None:
-        config = dataclasses.replace(config, train_steps=FLAGS.steps)
+        config = config.replace(train_steps=FLAGS.steps)
     cdm, training = train_cdm(config)
     train_images, test = vdm_tf.datasets.digits_arrays("train"), vdm_tf.datasets.digits_arrays("test")
     results = {
         "machine": common.machine(),
         "vdm": {"model_dir": FLAGS.vdm_dir, "config": dataclasses.asdict(vdm_config)},
         "cdm": {"preset": "digits_cdm", "config": dataclasses.asdict(config), "training": training},
-        "likelihood": likelihoods(cdm, vdm, test, config.seed),
-        "one_step_parts": one_step_parts(cdm, train_images, test, config.seed),
-        "denoising": denoising(cdm, vdm, train_images, test, config.seed),
+        "likelihood": likelihoods(cdm, vdm, test, config.trainer.seed),
+        "one_step_parts": one_step_parts(cdm, train_images, test, config.trainer.seed),
+        "denoising": denoising(cdm, vdm, train_images, test, config.trainer.seed),
     }
     print(
         f"\nCDM trained {training['steps']} steps (batch {training['batch_size']}) in {training['seconds']:.0f} s "

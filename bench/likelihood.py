@@ -25,7 +25,6 @@ tracing the two solver graphs (about 2.5 minutes each); the exact divergence add
 """
 
 import argparse
-import json
 import math
 import os
 import time
@@ -53,11 +52,17 @@ DEQUANTIZATION_NOTE = (
 
 def restore_demo(model_dir):
     """The trained model of a run directory (EMA weights) and its config."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        fields = json.load(f)
-    fields["fourier_exponents"] = tuple(fields["fourier_exponents"])
-    config = configs.Config(**fields)
+    config = configs.saved_config(model_dir)
     return train.restore_for_inference(model_dir, config), config
+
+
+def describe(model_dir, config):
+    """One line on the digits VDM of a run directory: network, schedule, decoder, length of training."""
+    return (
+        f"{model_dir}: digits VDM, {config.network.n_layers} x {config.network.n_embd} ScoreUNet, "
+        f"{config.schedule.kind} schedule, gamma_min {config.schedule.gamma_min:g}, "
+        f"decoder alphabet {'on' if config.model.decoder_alphabet else 'off'}, {config.trainer.train_steps} steps"
+    )
 
 
 def mean_and_se(values):
@@ -135,9 +140,7 @@ def main():
             + f"{(row['nfe'] if ode else '-'):>6}{row['seconds_per_image']:>8.3f}"
         )
     result = {
-        "model": f"{args.model_dir}: digits VDM, {config.n_layers} x {config.n_embd} ScoreUNet, "
-        f"{config.schedule} schedule, gamma_min {config.gamma_min:g}, "
-        f"decoder alphabet {'on' if config.decoder_alphabet else 'off'}, {config.train_steps} steps",
+        "model": describe(args.model_dir, config),
         "images": f"digits test split [:{args.num_images}]",
         "seed": args.seed,
         "probe": "rademacher",

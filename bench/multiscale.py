@@ -21,7 +21,6 @@
 Prints two tables and writes bench/results/multiscale.json.
 """
 
-import dataclasses
 import math
 import time
 
@@ -101,13 +100,14 @@ def speed(resolution):
 def train_and_evaluate(model_fields=None):
     """Trains the digits preset's model, with `model_fields` changed, on digits with the preset's
     optimizer for --train_steps; returns its test bpd and times."""
-    config = dataclasses.replace(configs.PRESETS["digits"], train_steps=FLAGS.train_steps, **(model_fields or {}))
-    model = vdm_tf.runs.compiled_model(config, seed=config.seed)
-    train = vdm_tf.datasets.load("digits", "train", config.batch_size, seed=config.seed)
+    config = configs.PRESETS["digits"].replace(train_steps=FLAGS.train_steps, model=model_fields or {})
+    trainer = config.trainer
+    model = vdm_tf.runs.compiled_model(config, seed=trainer.seed)
+    train = vdm_tf.datasets.load("digits", "train", config.data.batch_size, seed=trainer.seed)
     step_ends = []
     clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: step_ends.append(time.perf_counter()))
     start = time.perf_counter()
-    model.fit(train, steps_per_epoch=config.train_steps, epochs=1, verbose=0, callbacks=[clock])
+    model.fit(train, steps_per_epoch=trainer.train_steps, epochs=1, verbose=0, callbacks=[clock])
     seconds, first = time.perf_counter() - start, step_ends[0] - start
     test = vdm_tf.datasets.load("digits", "test", 128, shuffle=False, repeat=False, drop_remainder=False)
     result = vdm_tf.evaluation.dataset_bpd(model, test, num_time_samples=8)
@@ -117,15 +117,15 @@ def train_and_evaluate(model_fields=None):
         "terms": {name: result[name] for name in ("diffusion", "prior", "reconstruction")},
         "train_seconds": seconds,
         "first_step_seconds": first,
-        "seconds_per_step_after_the_first": (seconds - first) / max(config.train_steps - 1, 1),
+        "seconds_per_step_after_the_first": (seconds - first) / max(trainer.train_steps - 1, 1),
         "parameters": model.count_params(),
     }
 
 
 def multiscale_fields(stage_networks=False):
-    """The fields that make the digits preset's model the `digits_multiscale` preset's (one Haar
-    level: 8x8 and 4x4, the preset's end time): same network, schedule and decoder alphabet."""
-    preset = configs.PRESETS["digits_multiscale"]
+    """The model fields that make the digits preset's model the `digits_multiscale` preset's (one
+    Haar level: 8x8 and 4x4, the preset's end time): same network, schedule and decoder alphabet."""
+    preset = configs.PRESETS["digits_multiscale"].model
     fields = ("multiscale_levels", "multiscale_end_times")
     return {"multiscale_stage_networks": stage_networks, **{name: getattr(preset, name) for name in fields}}
 
@@ -175,7 +175,7 @@ def main(argv):
                 "train_steps": FLAGS.train_steps,
                 "preset": "digits",
                 "levels": 1,
-                "end_times": list(configs.PRESETS["digits_multiscale"].multiscale_end_times),
+                "end_times": list(configs.PRESETS["digits_multiscale"].model.multiscale_end_times),
                 **likelihood,
             },
         },

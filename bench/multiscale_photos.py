@@ -7,7 +7,7 @@
 
 1. Training. The `photos` preset (32x32x3 patches of scikit-image's photographs, 2 x 32 ScoreUNet,
    AdamW with warm-up, cosine decay and EMA) as a uniform VDM, and one multi-scale model per
-   `--end_times` value: `dataclasses.replace(PRESETS["photos"], multiscale_levels=L,
+   `--end_times` value: `PRESETS["photos"].replace(multiscale_levels=L,
    multiscale_end_times=value)`, L the number of times in the value (one denoiser shared by every
    stage, so the parameter count is the uniform model's), and one per `--stage_networks_end_times`
    value with one network per stage (`multiscale_stage_networks`). Same data order, seed, optimizer.
@@ -38,7 +38,6 @@ files when it traces, so editing vdm_tf/ during a run can break the later traces
 sampler is traced before its training for that reason).
 """
 
-import dataclasses
 import os
 import time
 
@@ -145,14 +144,14 @@ class CpuBudget(keras.callbacks.Callback):
 
 
 def training_data(config):
-    return vdm_tf.datasets.load(PRESET, "train", config.batch_size, seed=config.seed)
+    return vdm_tf.datasets.load(PRESET, "train", config.data.batch_size, seed=config.trainer.seed)
 
 
 def cpu_per_step(config, steps=10):
     """(CPU seconds of the first step, CPU seconds per later step) of a throw-away copy of the model."""
     ends = []
     clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(time.process_time()))
-    model = vdm_tf.runs.compiled_model(config, seed=config.seed)
+    model = vdm_tf.runs.compiled_model(config, seed=config.trainer.seed)
     start = time.process_time()
     model.fit(training_data(config), steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[clock])
     return ends[0] - start, (ends[-1] - ends[0]) / (len(ends) - 1)
@@ -163,7 +162,9 @@ def ema_test_bpd(test, config):
 
     def evaluate(model):
         with vdm_tf.runs.ema_weights(model):
-            result = vdm_tf.evaluation.dataset_bpd(model, test, config.eval_time_samples, seed=config.seed)
+            result = vdm_tf.evaluation.dataset_bpd(
+                model, test, config.trainer.eval_time_samples, seed=config.trainer.seed
+            )
         terms = {name: result[name] for name in ("bpd", "stderr", "diffusion", "prior", "reconstruction")}
         return {**terms, "per_image": result["per_image"]}
 
@@ -173,13 +174,13 @@ def ema_test_bpd(test, config):
 def train(name, config, test):
     """Trains `config` for --cpu_seconds of CPU; returns the model and its results."""
     first_step, per_step = cpu_per_step(config)
-    train_steps = max(int((FLAGS.cpu_seconds - first_step) / per_step), config.warmup_steps + 1)
-    config = dataclasses.replace(config, train_steps=train_steps)
+    train_steps = max(int((FLAGS.cpu_seconds - first_step) / per_step), config.optimizer.warmup_steps + 1)
+    config = config.replace(train_steps=train_steps)
     print(
         f"{name}: first step {first_step:.1f} cpu s, then {per_step:.3f} cpu s/step -> train_steps {train_steps}",
         flush=True,
     )
-    model = vdm_tf.runs.compiled_model(config, seed=config.seed)
+    model = vdm_tf.runs.compiled_model(config, seed=config.trainer.seed)
     # Trace the sampler now: autograph reads the source files when it traces, and a long run
     # should not depend on them staying unchanged until its end.
     model.sample(FLAGS.num_samples, FLAGS.sample_steps, seed=0)
@@ -189,8 +190,8 @@ def train(name, config, test):
     model.fit(training_data(config), steps_per_epoch=10 * train_steps + 100, epochs=1, verbose=0, callbacks=[budget])
     final = budget.points[-1]
     return model, {
-        "multiscale_levels": config.multiscale_levels,
-        "multiscale_end_times": list(config.multiscale_end_times),
+        "multiscale_levels": config.model.multiscale_levels,
+        "multiscale_end_times": list(config.model.multiscale_end_times),
         "train_steps_of_the_schedule": train_steps,
         "calibration": {"first_step_cpu_seconds": first_step, "cpu_seconds_per_step": per_step},
         "first_step": budget.first_step,
@@ -217,7 +218,7 @@ def write(results):
             "preset": PRESET,
             "cpu_seconds": FLAGS.cpu_seconds,
             "evals": FLAGS.evals,
-            "eval_time_samples": configs.PRESETS[PRESET].eval_time_samples,
+            "eval_time_samples": configs.PRESETS[PRESET].trainer.eval_time_samples,
             "sampling": {"steps": FLAGS.sample_steps, "num_samples": FLAGS.num_samples, "repeats": FLAGS.repeats},
             "models": {name: {k: v for k, v in r.items() if k != "per_image"} for name, r in results.items()},
         },
@@ -231,8 +232,8 @@ def variants():
     for flag, stage_networks, suffix in (("end_times", False, ""), ("stage_networks_end_times", True, " stage nets")):
         for value in FLAGS[flag].value:
             times = parse_end_times(value)
-            models[f"multiscale L={len(times)} t={value}{suffix}"] = dataclasses.replace(
-                base, multiscale_levels=len(times), multiscale_end_times=times, multiscale_stage_networks=stage_networks
+            models[f"multiscale L={len(times)} t={value}{suffix}"] = base.replace(
+                multiscale_levels=len(times), multiscale_end_times=times, multiscale_stage_networks=stage_networks
             )
     return models
 

@@ -125,7 +125,7 @@ class LearningCurve(keras.callbacks.Callback):
         self.train_seconds += time.perf_counter() - self.epoch_start
         with vdm_tf.runs.ema_weights(self.model):
             result = vdm_tf.evaluation.dataset_bpd(
-                self.model, self.test_data, self.config.eval_time_samples, seed=self.config.seed
+                self.model, self.test_data, self.config.trainer.eval_time_samples, seed=self.config.trainer.seed
             )
         step = int(self.model.optimizer.iterations.numpy())
         self.points.append(
@@ -143,13 +143,13 @@ class LearningCurve(keras.callbacks.Callback):
 def learning_curve(preset):
     config = configs.PRESETS[preset]
     if FLAGS.train_steps:
-        config = dataclasses.replace(config, train_steps=FLAGS.train_steps)
-    model = vdm_tf.runs.compiled_model(config, seed=config.seed)
-    train = vdm_tf.datasets.load("digits", "train", config.batch_size, seed=config.seed)
+        config = config.replace(train_steps=FLAGS.train_steps)
+    model = vdm_tf.runs.compiled_model(config, seed=config.trainer.seed)
+    train = vdm_tf.datasets.load("digits", "train", config.data.batch_size, seed=config.trainer.seed)
     test = vdm_tf.datasets.load("digits", "test", 32, shuffle=False, repeat=False, drop_remainder=False)
     curve = LearningCurve(config, test)
-    steps_per_eval = -(-config.train_steps // FLAGS.evals)
-    print(f"{preset}: {config.train_steps} steps, batch {config.batch_size}", flush=True)
+    steps_per_eval = -(-config.trainer.train_steps // FLAGS.evals)
+    print(f"{preset}: {config.trainer.train_steps} steps, batch {config.data.batch_size}", flush=True)
     model.fit(train, steps_per_epoch=steps_per_eval, epochs=FLAGS.evals, verbose=0, callbacks=[curve])
     final = curve.points[-1]
     return {

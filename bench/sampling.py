@@ -38,7 +38,7 @@ common.prepare()  # before TensorFlow is imported
 import numpy as np  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
-from bench.likelihood import restore_demo  # noqa: E402
+from bench.likelihood import describe, restore_demo  # noqa: E402
 from vdm_tf import datasets, images, samplers  # noqa: E402
 
 
@@ -193,8 +193,7 @@ def main():
         f"IS-like {reference['test_split']['inception_like']:.2f}"
     )
     result = {
-        "model": f"{args.model_dir}: digits VDM, {config.n_layers} x {config.n_embd} ScoreUNet, "
-        f"{config.schedule} schedule, {config.train_steps} steps",
+        "model": describe(args.model_dir, config),
         "num_samples": args.num_samples,
         "seed": args.seed,
         "notes": "FD on pixels / 255 (64-d) against the 297 test images; the 'data' row is the floor at this N. "

@@ -13,7 +13,6 @@ the backward pass) turns into an estimate of its step time on a TPU v3-8.
 Prints a table and writes bench/results/scaling.json.
 """
 
-import dataclasses
 import tempfile
 import time
 
@@ -38,7 +37,7 @@ ASSUMED_UTILISATION = 0.4
 
 
 def time_setting(strategy, steps_per_execution):
-    config = dataclasses.replace(configs.PRESETS["digits"], steps_per_execution=steps_per_execution)
+    config = configs.PRESETS["digits"].replace(steps_per_execution=steps_per_execution)
     with tempfile.TemporaryDirectory() as model_dir:
         trainer = train.Trainer(config, model_dir, strategy, verbose=False)
         calls = FLAGS.steps // steps_per_execution
@@ -54,9 +53,9 @@ def time_setting(strategy, steps_per_execution):
     return {
         "replicas": strategy.num_replicas_in_sync,
         "steps_per_execution": steps_per_execution,
-        "batch_size": config.batch_size,
+        "batch_size": config.data.batch_size,
         "seconds_per_step": seconds_per_step,
-        "images_per_second": config.batch_size / seconds_per_step,
+        "images_per_second": config.data.batch_size / seconds_per_step,
     }
 
 
@@ -66,20 +65,21 @@ def train_step_flops(config):
     Counts the 3x3 convolutions, the 1x1 shortcuts of the up path, and the attention products;
     the time embedding, normalisations and activations are negligible at these sizes.
     """
-    height, width, channels = vdm_tf.datasets.info(config.dataset).image_shape
-    positions, c = height * width, config.n_embd
+    network = config.network
+    height, width, channels = vdm_tf.datasets.info(config.data.dataset).image_shape
+    positions, c = height * width, network.n_embd
     conv3x3 = lambda c_in, c_out: 9 * positions * c_in * c_out  # noqa: E731
     resnet_block = lambda c_in: conv3x3(c_in, c) + conv3x3(c, c) + (positions * c_in * c if c_in != c else 0)  # noqa: E731
     attention = 4 * positions * c * c + 2 * positions * positions * c  # q, k, v, out; q k^T and weights v
-    in_channels = channels * (1 + 2 * len(config.fourier_exponents)) if config.fourier_features else channels
+    in_channels = channels * (1 + 2 * len(network.fourier_exponents)) if network.fourier_features else channels
     macs = (
         conv3x3(in_channels, c)
-        + config.n_layers * resnet_block(c)
+        + network.n_layers * resnet_block(c)
         + 2 * resnet_block(c)
         + attention
-        + (config.n_layers + 1) * resnet_block(2 * c)
+        + (network.n_layers + 1) * resnet_block(2 * c)
         + conv3x3(c, channels)
-        + (2 * config.n_layers + 1) * attention * config.attention
+        + (2 * network.n_layers + 1) * attention * network.attention
     )
     return 2 * macs * 3  # forward, and a backward pass of about twice its cost
 
@@ -103,21 +103,21 @@ def main(argv):
         )
     imagenet64 = configs.PRESETS["imagenet64"]
     flops = train_step_flops(imagenet64)
-    step_flops = flops * imagenet64.batch_size
+    step_flops = flops * imagenet64.data.batch_size
     tpu_seconds = step_flops / (TPU_V3_8_PEAK_FLOPS * ASSUMED_UTILISATION)
     tpu = {
         "preset": "imagenet64",
         "train_flops_per_image": flops,
-        "batch_size": imagenet64.batch_size,
+        "batch_size": imagenet64.data.batch_size,
         "train_flops_per_step": step_flops,
         "tpu_v3_8_peak_flops": TPU_V3_8_PEAK_FLOPS,
         "assumed_utilisation": ASSUMED_UTILISATION,
         "tpu_v3_8_seconds_per_step": tpu_seconds,
-        "tpu_v3_8_days_for_train_steps": tpu_seconds * imagenet64.train_steps / 86400,
+        "tpu_v3_8_days_for_train_steps": tpu_seconds * imagenet64.trainer.train_steps / 86400,
     }
     print(
         f"imagenet64 preset: {flops / 1e12:.2f} TFLOP per image per training step, "
-        f"{step_flops / 1e15:.2f} PFLOP per step at batch {imagenet64.batch_size}; TPU v3-8 at "
+        f"{step_flops / 1e15:.2f} PFLOP per step at batch {imagenet64.data.batch_size}; TPU v3-8 at "
         f"{ASSUMED_UTILISATION:.0%} of {TPU_V3_8_PEAK_FLOPS / 1e12:.0f} TFLOP/s: {tpu_seconds:.1f} s per step"
     )
     common.write_json(

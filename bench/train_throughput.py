@@ -29,8 +29,8 @@ Reported per path: the median s/step over `--steps` steps after the first, image
 step alone, and the time to the first step (process start to the end of the first step:
 imports, model construction, tracing, graph optimisation / compilation and the step), plus the
 CPU model and whether oneDNN is on, the page faults per step (the memory a step takes that the
-system had to map in again: 77,000 per paper-size trainer step before `vdm_tf.prepare_process()` kept
-freed memory, see `vdm_tf._startup.keep_freed_memory`), and `other CPUs`: the CPUs that other processes kept busy
+system had to map in again: 77,000 per paper-size trainer step unless `vdm_tf.prepare_process()`
+keeps freed memory, see `vdm_tf._startup.keep_freed_memory`), and `other CPUs`: the CPUs that other processes kept busy
 during the measurement (run the bench on an otherwise idle machine: one other busy process,
 even niced, slows both sides' steps by about 1.6x on 2 cores). Prints a table; writes
 bench/results/train_throughput.json, keeping the rows of the configurations not measured in this
@@ -115,19 +115,28 @@ def _worker_fit(n_layers, n_embd, batch_size, steps, keras_adamw=False):
 
 def _worker_trainer(n_layers, n_embd, batch_size, steps):
     import tensorflow as tf
-
-    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-    from tfds_mocks import mock_any  # random data through the real tfds code, no download
+    import tensorflow_datasets as tfds
 
     from trainers import configs, train
 
-    config = configs.Config(
-        dataset="cifar10", n_layers=n_layers, n_embd=n_embd, dropout=0.1, fourier_exponents=(7, 8),
-        batch_size=batch_size, train_steps=steps + 1, warmup_steps=100, jit_compile=False,
-        checkpoint_every=10**9, log_every=10**9, sample_every=10**9,
+    config = configs.Config().replace(
+        dataset="cifar10",
+        n_layers=n_layers,
+        n_embd=n_embd,
+        dropout=0.1,
+        fourier_exponents=(7, 8),
+        batch_size=batch_size,
+        train_steps=steps + 1,
+        warmup_steps=100,
+        jit_compile=False,
+        checkpoint_every=10**9,
+        log_every=10**9,
+        sample_every=10**9,
     )
     clock = StepClock()
-    with tempfile.TemporaryDirectory() as model_dir, mock_any("cifar10"):
+    # Random cifar10 examples through the real tfds input code, no download or prepared files.
+    random_data = tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_CODE)
+    with tempfile.TemporaryDirectory() as model_dir, random_data:
         trainer = train.Trainer(config, model_dir, tf.distribute.get_strategy(), verbose=False)
         step_function = trainer._train_function
 
@@ -155,14 +164,18 @@ def run_worker(args):
     }[args.worker]
     clock, params = work(n_layers, n_embd, batch_size, args.steps)
     started = float(os.environ.get("BENCH_LAUNCHED", START))
-    print(json.dumps({
-        "first_step_seconds": clock.seconds[0],
-        "seconds_per_step": statistics.median(clock.seconds[1:]),
-        "step_seconds": clock.seconds[1:],
-        "page_faults_per_step": statistics.median(clock.page_faults[1:]),
-        "time_to_first_step": clock.first_done - started,
-        "params": params,
-    }))
+    print(
+        json.dumps(
+            {
+                "first_step_seconds": clock.seconds[0],
+                "seconds_per_step": statistics.median(clock.seconds[1:]),
+                "step_seconds": clock.seconds[1:],
+                "page_faults_per_step": statistics.median(clock.page_faults[1:]),
+                "time_to_first_step": clock.first_done - started,
+                "params": params,
+            }
+        )
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,10 +206,10 @@ def accelerator_estimates():
     from trainers.configs import PRESETS
 
     config = PRESETS["cifar10"]
-    step_flops = train_step_flops(config) * config.batch_size
+    step_flops = train_step_flops(config) * config.data.batch_size
     return {
         "config": "cifar10 preset (32 x 128 ScoreUNet, 32x32x3)",
-        "batch_size": config.batch_size,
+        "batch_size": config.data.batch_size,
         "train_flops_per_step": step_flops,
         "assumed_utilisation": ASSUMED_UTILISATION,
         "seconds_per_step": {
@@ -279,44 +292,74 @@ def main(argv=None):
         parser.error(f"unknown --paths {args.paths}; expected some of fit, fit_keras, trainer")
     jax = jax_python(args.jax_venv) if args.official_repo else None
     results = []
-    print(f"{'config':<7}{'path':<10}{'params':>12}{'s/step':>9}{'img/s':>8}{'vs jax':>8}{'1st step s':>12}"
-          f"{'to 1st step s':>15}{'other CPUs':>12}{'faults/step':>13}")
+    print(
+        f"{'config':<7}{'path':<10}{'params':>12}{'s/step':>9}{'img/s':>8}{'vs jax':>8}{'1st step s':>12}"
+        f"{'to 1st step s':>15}{'other CPUs':>12}{'faults/step':>13}"
+    )
     for name in names:
         n_layers, n_embd, batch_size = CONFIGS[name]
         runs = {path: [] for path in ["jax"] * bool(jax) + paths}
         for _ in range(args.rounds):
             jax_command = [
-                jax, os.path.join(HERE, "official_jax_step.py"), f"--official_repo={args.official_repo}",
-                f"--n_layers={n_layers}", f"--n_embd={n_embd}", f"--batch_size={batch_size}", f"--steps={args.steps}",
+                jax,
+                os.path.join(HERE, "official_jax_step.py"),
+                f"--official_repo={args.official_repo}",
+                f"--n_layers={n_layers}",
+                f"--n_embd={n_embd}",
+                f"--batch_size={batch_size}",
+                f"--steps={args.steps}",
             ]
             if jax:
                 runs["jax"].append(measure(jax_command))
             for path in paths:
-                runs[path].append(measure([
-                    sys.executable, "-m", "bench.train_throughput", f"--worker={path}", f"--config={name}",
-                    f"--steps={args.steps}",
-                ]))
+                runs[path].append(
+                    measure(
+                        [
+                            sys.executable,
+                            "-m",
+                            "bench.train_throughput",
+                            f"--worker={path}",
+                            f"--config={name}",
+                            f"--steps={args.steps}",
+                        ]
+                    )
+                )
             if jax:  # the bracket's other side
                 runs["jax"].append(measure(jax_command))
         figures = {path: summary(measured) for path, measured in runs.items()}
         for path, figure in figures.items():
             ratio = figures["jax"]["seconds_per_step"] / figure["seconds_per_step"] if jax else float("nan")
-            row = dict(config=name, path=path, n_layers=n_layers, n_embd=n_embd, batch_size=batch_size,
-                       steps=args.steps, rounds=args.rounds,
-                       images_per_second=batch_size / figure["seconds_per_step"], speed_vs_jax=ratio,
-                       runs=runs[path], **figure)
+            row = dict(
+                config=name,
+                path=path,
+                n_layers=n_layers,
+                n_embd=n_embd,
+                batch_size=batch_size,
+                steps=args.steps,
+                rounds=args.rounds,
+                images_per_second=batch_size / figure["seconds_per_step"],
+                speed_vs_jax=ratio,
+                runs=runs[path],
+                **figure,
+            )
             results.append(row)
-            print(f"{name:<7}{path:<10}{row['params']:>12,}{row['seconds_per_step']:>9.3f}"
-                  f"{row['images_per_second']:>8.1f}{ratio:>7.2f}x{row['first_step_seconds']:>12.1f}"
-                  f"{row['time_to_first_step']:>15.1f}{row['other_cpus']:>12.2f}{row['page_faults_per_step']:>13.0f}",
-                  flush=True)
+            print(
+                f"{name:<7}{path:<10}{row['params']:>12,}{row['seconds_per_step']:>9.3f}"
+                f"{row['images_per_second']:>8.1f}{ratio:>7.2f}x{row['first_step_seconds']:>12.1f}"
+                f"{row['time_to_first_step']:>15.1f}{row['other_cpus']:>12.2f}{row['page_faults_per_step']:>13.0f}",
+                flush=True,
+            )
     estimates = accelerator_estimates()
-    print(f"paper configuration on accelerators (FLOP arithmetic, {estimates['train_flops_per_step'] / 1e12:.1f} "
-          f"TFLOP per step at batch {estimates['batch_size']}, {ASSUMED_UTILISATION:.0%} of peak):")
+    print(
+        f"paper configuration on accelerators (FLOP arithmetic, {estimates['train_flops_per_step'] / 1e12:.1f} "
+        f"TFLOP per step at batch {estimates['batch_size']}, {ASSUMED_UTILISATION:.0%} of peak):"
+    )
     for device, seconds in estimates["seconds_per_step"].items():
         print(f"  {device:<20} " + "  ".join(f"{dtype} {value:.3f} s/step" for dtype, value in seconds.items()))
-    results = sorted(kept_rows(args.out, names) + results,  # read before the file is rewritten
-                     key=lambda row: list(CONFIGS).index(row["config"]))
+    results = sorted(
+        kept_rows(args.out, names) + results,  # read before the file is rewritten
+        key=lambda row: list(CONFIGS).index(row["config"]),
+    )
     common.write_json(args.out, {"machine": common.machine(), "results": results, "accelerator_estimates": estimates})
     print(f"wrote {args.out}")
 

@@ -22,7 +22,7 @@ from trainers import configs, distribute, train  # noqa: E402
 # Dropout off: its masks are drawn per replica (from the step's seed), the rest of the randomness per example.
 # SGD, not Adam: Adam's update does not change when the gradient is scaled, so it would hide
 # gradients summed over replicas instead of averaged.
-CONFIG = configs.Config(
+CONFIG = configs.Config().replace(
     optimizer="sgd",
     dataset="digits",
     n_layers=1,

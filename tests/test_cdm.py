@@ -1,6 +1,5 @@
 """Classification Diffusion Models: both theorems on Gaussian data, samplers, training on a 2-D mixture."""
 
-import dataclasses
 import math
 
 import keras
@@ -341,8 +340,8 @@ def test_replicas_draw_per_example_and_divide_the_loss(gaussian_cdm, monkeypatch
 
 def test_cdm_preset_trains_evaluates_and_exports_its_one_step_likelihood(tmp_path):
     """The trainer's digits_cdm preset (tiny), its eval through `dataset_bpd` and the export."""
-    config = dataclasses.replace(
-        configs.PRESETS["digits_cdm"], n_layers=1, n_embd=16, head_channels=16, num_levels=20, batch_size=8,
+    config = configs.PRESETS["digits_cdm"].replace(
+        n_layers=1, n_embd=16, head_channels=16, num_levels=20, batch_size=8,
         train_steps=2, jit_compile=False, checkpoint_every=2, log_every=1, sample_every=100,
     )
     trainer = train.Trainer(config, str(tmp_path), tf.distribute.get_strategy(), verbose=False)
@@ -363,5 +362,5 @@ def test_cdm_presets_end_their_levels_next_to_pure_noise():
     (vdm_tf.cdm's docstring; gamma_T = 5 made it 1.7x the VDM's at gamma 5 on digits)."""
     for name in ("digits_cdm", "cifar10_cdm"):
         config = configs.PRESETS[name]
-        alpha2_top = float(tf.sigmoid(-config.gamma_max))
+        alpha2_top = float(tf.sigmoid(-config.schedule.gamma_max))
         assert alpha2_top < 1e-4, (name, alpha2_top)

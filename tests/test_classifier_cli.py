@@ -106,7 +106,7 @@ def workspace(tmp_path_factory):
     """A tiny diffusion run (config and weights, untrained), a run without checkpoint, a classifier
     run's files (never loaded by the error cases) and a plain file."""
     w = tmp_path_factory.mktemp("classifier_cli")
-    config = dataclasses.replace(configs.PRESETS["digits"], n_layers=1, n_embd=16)
+    config = configs.PRESETS["digits"].replace(n_layers=1, n_embd=16)
     vdm_tf.runs.save_run(str(w / "run"), config, vdm_tf.runs.compiled_model(config))
     configs.save_config(str(w / "untrained"), config)
     (w / "classifier").mkdir()

@@ -60,7 +60,7 @@ CASES = {
     "unknown mixed precision": (
         MAIN,
         ["--config.mixed_precision=float16", "--model_dir={new}"],
-        r"Unknown mixed_precision 'float16'; expected float32 or bfloat16",
+        r"Unknown network.mixed_precision 'float16'; expected float32 or bfloat16",
     ),
     "fields that exclude each other": (
         MAIN,
@@ -137,6 +137,16 @@ CASES = {
         ["--config.n_layers=100000", "--model_dir={new}"],
         r"n_layers must be <= 1024 \(beyond any published",
     ),
+    "a sectioned flag out of range": (
+        MAIN,
+        ["--config.network.n_layers=0", "--model_dir={new}"],
+        r"network.n_layers must be >= 1; got 0",
+    ),
+    "both names of one field": (
+        MAIN,
+        ["--config.n_layers=2", "--config.network.n_layers=3", "--model_dir={new}"],
+        r"--config.n_layers and --config.network.n_layers set the same field, network.n_layers",
+    ),
     "unknown mode": (MAIN, ["--mode=bogus", "--model_dir={new}"], r"flag --mode=bogus: value should be one of <train"),
     "positional argument": (MAIN, ["--model_dir={new}", "extra"], r"unexpected arguments extra; flags take the form"),
     "config.json in Latin-1": (MAIN, ["--model_dir={w}/latin1_run"], r"latin1_run/config.json: not a UTF-8 text file"),
@@ -145,7 +155,7 @@ CASES = {
     "config.json wrongly typed": (
         MAIN,
         ["--mode=sample", "--model_dir={w}/typed_run"],
-        r"typed_run/config.json: n_layers must be an integer",
+        r"typed_run/config.json: network.n_layers must be an integer",
     ),
     "config.json unknown field": (
         MAIN,
@@ -214,7 +224,7 @@ CASES = {
     "classifier: diffusion run's config.json wrongly typed": (
         CLASSIFIER,
         ["--mode=sample", "--model_dir={w}/classifier", "--diffusion_dir={w}/typed_run", "--label=3"],
-        r"typed_run/config.json: n_layers must be an integer",
+        r"typed_run/config.json: network.n_layers must be an integer",
     ),
     "classifier: train into a read-only directory": (
         CLASSIFIER,

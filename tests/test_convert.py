@@ -226,7 +226,7 @@ def test_command_line_writes_a_keras_file_and_a_run_directory(converted, tmp_pat
     for loaded in (vdm_tf.load(output), vdm_tf.load(run_dir)):
         assert type(loaded.schedule) is type(model.schedule)
         np.testing.assert_array_equal(loaded.elbo(oracle["images"], seed=1)["bpd"].numpy(), expected)
-    assert runs.saved_config(run_dir).schedule == "learned_monotonic"
+    assert runs.saved_config(run_dir).schedule.kind == "learned_monotonic"
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):

@@ -265,7 +265,8 @@ def _tfds_data_sets_of_the_presets():
     """The data sets of every preset (trainers.main's and trainers.classifier's) that TFDS builds."""
     from trainers import classifier, configs
 
-    names = {config.dataset for config in [*configs.PRESETS.values(), *classifier.PRESETS.values()]}
+    names = {config.data.dataset for config in configs.PRESETS.values()}
+    names |= {config.dataset for config in classifier.PRESETS.values()}
     return sorted(name for name in names if datasets.info(name).tfds_name is not None)
 
 

@@ -65,11 +65,11 @@ def relative_error(got, expected):
 
 
 def test_config_accepts_float32_and_bfloat16_only():
-    assert runs.Config().mixed_precision == "float32"
-    with pytest.raises(ValueError, match="^Unknown mixed_precision 'float16'; expected float32 or bfloat16.$"):
-        runs.Config(mixed_precision="float16")
+    assert runs.Config().network.mixed_precision == "float32"
+    with pytest.raises(ValueError, match="^Unknown network.mixed_precision 'float16'; expected float32 or bfloat16.$"):
+        runs.NetworkConfig(mixed_precision="float16")
     with pytest.raises(ValueError, match="a CDM runs in float32"):
-        runs.Config(model="cdm", mixed_precision="bfloat16")
+        runs.Config().replace(model="cdm", mixed_precision="bfloat16")
 
 
 def test_mixed_network_keeps_float32_where_the_input_needs_it(network_pair):
@@ -206,7 +206,7 @@ def test_group_norm_of_bfloat16_activations_takes_float32_statistics():
 # --------------------------------------------------------------------------------------------
 # A network of the paper's width (n_embd = 128), built by `runs.build_model`, trained by `fit`.
 
-CONFIG = runs.Config(
+CONFIG = runs.Config().replace(
     dataset="digits",
     n_layers=1,
     n_embd=128,

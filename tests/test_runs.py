@@ -1,6 +1,5 @@
 """vdm_tf.load and run directories (vdm_tf.runs): the library's own reader of trainer runs."""
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -12,7 +11,11 @@ import tensorflow as tf
 import vdm_tf
 from vdm_tf import runs
 
-TINY = runs.Config(dataset="digits", n_layers=1, n_embd=16, dropout=0.0, ema_momentum=0.9)
+TINY = runs.Config(
+    data=runs.DataConfig(dataset="digits"),
+    network=runs.NetworkConfig(n_layers=1, n_embd=16, dropout=0.0),
+    optimizer=runs.OptimizerConfig(ema_momentum=0.9),
+)
 
 
 def _perturbed(config, seed):
@@ -75,7 +78,7 @@ def test_load_refuses_what_is_not_a_model(tmp_path):
     runs.save_config(str(tmp_path / "run"), TINY)
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
         vdm_tf.load(str(tmp_path / "run"))
-    fields = dataclasses.asdict(TINY) | {"from_the_future": 1}
+    fields = TINY.flat() | {"from_the_future": 1}  # the flat config.json of earlier versions
     (tmp_path / "future").mkdir()
     (tmp_path / "future" / "config.json").write_text(__import__("json").dumps(fields))
     with pytest.raises(ValueError, match="unknown fields from_the_future"):
@@ -94,7 +97,7 @@ def test_the_library_imports_nothing_from_trainers_or_export():
 
 
 def test_a_decoder_alphabet_is_built_saved_and_loaded(tmp_path):
-    config = dataclasses.replace(TINY, decoder_alphabet=True)
+    config = TINY.replace(decoder_alphabet=True)
     model = _perturbed(config, seed=4)
     assert model.pixel_values == vdm_tf.datasets.info("digits").pixel_values
     path = str(tmp_path / "model.keras")
@@ -134,11 +137,14 @@ def test_the_configuration_side_of_a_run_imports_no_tensorflow():
         ('{"dataset": "d\xedgits"}'.encode("latin-1"), r"config.json: not a UTF-8 text file"),
         (b"{not json", r"config.json: not valid JSON \(Expecting property name"),
         (b"[1, 2]", r"config.json: expected a JSON object of Config fields; got a list"),
-        (b'{"n_layers": "abc"}', r"config.json: n_layers must be an integer; got 'abc'"),
-        (b'{"n_layers": true}', r"config.json: n_layers must be an integer; got True"),
-        (b'{"dropout": 1}', r"config.json: dropout must be in \[0.0, 1.0\); got 1.0"),
-        (b'{"fourier_exponents": [7, "8"]}', r"config.json: fourier_exponents must be a list of numbers"),
-        (b'{"gamma_min": 5, "gamma_max": 5}', r"config.json: gamma_min must be below gamma_max; got 5.0 and 5.0"),
+        (b'{"n_layers": "abc"}', r"config.json: network.n_layers must be an integer; got 'abc'"),
+        (b'{"n_layers": true}', r"config.json: network.n_layers must be an integer; got True"),
+        (b'{"dropout": 1}', r"config.json: network.dropout must be in \[0.0, 1.0\); got 1.0"),
+        (b'{"fourier_exponents": [7, "8"]}', r"config.json: network.fourier_exponents must be a list of numbers"),
+        (
+            b'{"gamma_min": 5, "gamma_max": 5}',
+            r"config.json: schedule.gamma_min must be below gamma_max; got 5.0 and 5.0",
+        ),
     ],
 )
 def test_a_damaged_config_json_is_a_one_line_value_error(tmp_path, content, message):
@@ -154,6 +160,6 @@ def test_config_json_is_written_whole(tmp_path, monkeypatch):
     before = (tmp_path / "config.json").read_bytes()
     monkeypatch.setattr(os, "fsync", lambda descriptor: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(OSError, match="config.json failed: No space left on device; the file that was there"):
-        runs.save_config(str(tmp_path), dataclasses.replace(TINY, n_layers=2))
+        runs.save_config(str(tmp_path), TINY.replace(n_layers=2))
     assert (tmp_path / "config.json").read_bytes() == before and os.listdir(tmp_path) == ["config.json"]
     assert runs.saved_config(str(tmp_path)) == TINY

@@ -1,6 +1,5 @@
 """The training loop: resume position, NaN guard, kill-and-resume, EMA, optimiser, every configuration."""
 
-import dataclasses
 import errno
 import json
 import math
@@ -27,7 +26,7 @@ TINY = dict(n_layers=1, n_embd=32, batch_size=8, jit_compile=False, learning_rat
 
 
 def tiny_config(**overrides):
-    return configs.Config(**{**TINY, "checkpoint_every": 2, "log_every": 2, "sample_every": 4, **overrides})
+    return configs.Config().replace(**{**TINY, "checkpoint_every": 2, "log_every": 2, "sample_every": 4, **overrides})
 
 
 def weights(variables):
@@ -186,14 +185,14 @@ def test_every_preset_trains_samples_and_evaluates_on_mocked_data(preset, tmp_pa
     flags.FLAGS.unparse_flags()
     flags.FLAGS(argv)
     try:
-        with mock_any(configs.PRESETS[preset].dataset):
+        with mock_any(configs.PRESETS[preset].data.dataset):
             main.main(["main"])
     finally:
         flags.FLAGS.unparse_flags()
     out = capsys.readouterr().out
     assert re.search(r"test bpd: \d+\.\d+ \+- \d+\.\d+ \(10 images, 1 time samples each\)", out), out
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["dataset"] == configs.PRESETS[preset].dataset and saved["batch_size"] == 4
+    assert saved["data"] == {"dataset": configs.PRESETS[preset].data.dataset, "batch_size": 4}
     assert os.path.exists(tmp_path / "samples" / "step_00000002.png")
     tags = event_tags(tmp_path / "tensorboard")
     for tag in ("bpd", "diffusion", "prior", "reconstruction", "learning_rate", "gamma_0", "gamma_1"):
@@ -294,14 +293,16 @@ def test_weight_decay_skips_biases_normalisation_and_the_schedule(built):
     config, model = built
     optimizer = configs.build_optimizer(config, model)
     optimizer.build(model.trainable_variables)
-    optimizer.iterations.assign(config.warmup_steps)  # past the warm-up: lr = learning_rate
+    optimizer.iterations.assign(config.optimizer.warmup_steps)  # past the warm-up: lr = learning_rate
     before = weights(model.trainable_variables)
     optimizer.apply_gradients([(tf.zeros_like(v), v) for v in model.trainable_variables])
     schedule_ids = {id(v) for v in model.schedule.variables}
     decayed = 0
     for variable, old in zip(model.trainable_variables, before):
         excluded = len(variable.shape) <= 1 or id(variable) in schedule_ids
-        expected = old if excluded else old * np.float32(1 - config.learning_rate * config.weight_decay)
+        expected = (
+            old if excluded else old * np.float32(1 - config.optimizer.learning_rate * config.optimizer.weight_decay)
+        )
         np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-6, atol=0, err_msg=variable.path)
         decayed += not excluded
     kernels = [v for v in model.trainable_variables if len(v.shape) > 1 and id(v) not in schedule_ids]
@@ -313,7 +314,8 @@ def test_weight_decay_skips_biases_normalisation_and_the_schedule(built):
 def test_learning_rate_warms_up_linearly_then_decays_on_a_cosine(built):
     config, model = built
     optimizer = configs.build_optimizer(config, model)
-    warmup, total, peak, floor = config.warmup_steps, config.train_steps, config.learning_rate, 0.1
+    warmup, peak, floor = config.optimizer.warmup_steps, config.optimizer.learning_rate, 0.1
+    total = config.trainer.train_steps
     decay_steps = total - warmup
 
     def definition(step):
@@ -331,7 +333,7 @@ def test_learning_rate_warms_up_linearly_then_decays_on_a_cosine(built):
 def test_clip_norm_rescales_the_global_gradient_norm(built, norm):
     """SGD with clip_norm c: the step is -lr g min(1, c / ||g||), ||g|| over all variables together."""
     config, model = built
-    config = dataclasses.replace(config, optimizer="sgd", clip_norm=1.0, warmup_steps=0, learning_rate=1.0)
+    config = config.replace(optimizer="sgd", clip_norm=1.0, warmup_steps=0, learning_rate=1.0)
     optimizer = configs.build_optimizer(config, model)
     optimizer.build(model.trainable_variables)
     variables = model.trainable_variables
@@ -341,7 +343,7 @@ def test_clip_norm_rescales_the_global_gradient_norm(built, norm):
     gradients = [(scale * g).astype(np.float32) for g in gradients]
     before = weights(variables)
     optimizer.apply_gradients(zip([tf.constant(g) for g in gradients], variables))
-    factor = config.learning_rate * min(1.0, config.clip_norm / norm)
+    factor = config.optimizer.learning_rate * min(1.0, config.optimizer.clip_norm / norm)
     for variable, old, g in zip(variables, before, gradients):
         np.testing.assert_allclose(variable.numpy() - old, -factor * g, rtol=1e-3, atol=1e-7)
         variable.assign(old)
@@ -350,7 +352,7 @@ def test_clip_norm_rescales_the_global_gradient_norm(built, norm):
 def test_several_steps_per_execution_train_like_one_step_per_call(ema_run, tmp_path):
     """k = 2 steps per call: the same batches, updates, EMA and logged steps as one step per call."""
     _, single, _, trajectory = ema_run
-    config = dataclasses.replace(single.config, steps_per_execution=2)
+    config = single.config.replace(steps_per_execution=2)
     trainer = train.Trainer(config, str(tmp_path), tf.distribute.get_strategy(), verbose=False)
     trainer.train()
     assert trainer.step == 6
@@ -405,8 +407,8 @@ def test_configuration_builds_and_trains_two_steps(name, tmp_path):
         learning_rate=1e-3,
         warmup_steps=1,
     )
-    config = dataclasses.replace(preset, **{**small, **fields})
-    with mock_any(config.dataset):
+    config = preset.replace(**{**small, **fields})
+    with mock_any(config.data.dataset):
         trainer = train.Trainer(config, str(tmp_path), tf.distribute.get_strategy(), verbose=False)
         check_model(name, trainer.model)
         if name == "augment_discrete_time":
@@ -416,7 +418,7 @@ def test_configuration_builds_and_trains_two_steps(name, tmp_path):
                 variable.assign_add(tf.random.stateless_normal(variable.shape, [0, 0]) * 0.05)
         initial = weights(trainer.model.trainable_variables)
         values = trainer.train()
-    assert trainer.step == config.train_steps and all(math.isfinite(v) for v in values.values()), values
+    assert trainer.step == config.trainer.train_steps and all(math.isfinite(v) for v in values.values()), values
     moved = [np.abs(a - b).max() for a, b in zip(weights(trainer.model.trainable_variables), initial)]
     assert max(moved) > 0
     if name == "augment_discrete_time":
@@ -450,11 +452,11 @@ def test_keras_fit_ends_with_the_ema_weights():
 
 @pytest.mark.parametrize("preset, levels", [("cifar10_multiscale", 2), ("imagenet64_multiscale", 3)])
 def test_multiscale_presets_build_their_levels_and_stage_networks(preset, levels):
-    config = dataclasses.replace(configs.PRESETS[preset], n_layers=1, n_embd=16)
+    config = configs.PRESETS[preset].replace(n_layers=1, n_embd=16)
     model = configs.build_model(config)
     assert isinstance(model, vdm_tf.multiscale.MultiScaleVDM) and model.levels == levels
-    assert model.image_shape == vdm_tf.datasets.info(config.dataset).image_shape
-    staged = configs.build_model(dataclasses.replace(config, multiscale_stage_networks=True))
+    assert model.image_shape == vdm_tf.datasets.info(config.data.dataset).image_shape
+    staged = configs.build_model(config.replace(multiscale_stage_networks=True))
     assert len(staged.denoiser.networks) == levels + 1  # one denoiser per stage
     assert len(staged.trainable_variables) > len(model.trainable_variables)
 

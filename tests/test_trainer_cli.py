@@ -1,6 +1,5 @@
 """The command line: `python -m trainers.main` trains, samples and evaluates; flags override the preset."""
 
-import dataclasses
 import errno
 import json
 import math
@@ -54,7 +53,8 @@ def test_train_then_eval_sample_and_export_from_the_run_directory(tmp_path, caps
     assert (tmp_path / "run" / "samples.png").stat().st_size > 0
     assert "(4 samples, 3 steps)" in out
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["train_steps"] == 4 and saved["n_embd"] == 32 and saved["dataset"] == "digits"
+    assert saved["format_version"] == 2 and saved["data"]["dataset"] == "digits"
+    assert saved["trainer"]["train_steps"] == 4 and saved["network"]["n_embd"] == 32
     # The export of training, with saved_model_cli's description.
     assert "signature_def['likelihood']:" in out and "outputs['bpd'] tensor_info:" in out
     assert (tmp_path / "run" / "export" / "vdm" / "1" / "saved_model.pb").exists()
@@ -99,8 +99,8 @@ def test_config_flags_override_the_preset():
         config = main.config_from_flags()
     finally:
         flags.FLAGS.unparse_flags()
-    assert config.fourier_exponents == (5, 6) and config.dropout == 0.3 and config.batch_size == 8
-    assert config.n_layers == configs.PRESETS["digits"].n_layers
+    assert config.network.fourier_exponents == (5, 6) and config.network.dropout == 0.3
+    assert config.data.batch_size == 8 and config.network.n_layers == configs.PRESETS["digits"].network.n_layers
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,8 @@ def test_eval_and_sample_apply_inference_overrides_and_refuse_the_others(tmp_pat
     try:
         if applied:
             config = main.inference_config(configs.PRESETS["digits"], "eval")
-            assert (config.num_samples, config.sample_steps, config.eval_time_samples) == (3, 2, 1)
+            trainer = config.trainer
+            assert (trainer.num_samples, trainer.sample_steps, trainer.eval_time_samples) == (3, 2, 1)
         else:
             with pytest.raises(cli.Failure, match=r"--mode=eval uses the trained run as it was saved: --"):
                 main.inference_config(configs.PRESETS["digits"], "eval")
@@ -129,7 +130,7 @@ def test_eval_and_sample_apply_inference_overrides_and_refuse_the_others(tmp_pat
 
 def test_unknown_schedule_is_a_clear_error():
     with pytest.raises(ValueError, match="expected fixed_linear, learned_linear or learned_monotonic"):
-        configs.build_schedule(configs.Config(schedule="cosine"))
+        configs.build_schedule(configs.Config().replace(schedule="cosine"))
 
 
 @pytest.mark.parametrize("existed", [False, True])
@@ -203,7 +204,7 @@ def test_samples_npz_is_written_whole(tmp_path, monkeypatch):
         def sample(self, num_samples, num_steps, seed):
             return tf.zeros([num_samples, 8, 8, 1], tf.uint8)
 
-    config = dataclasses.replace(configs.PRESETS["digits"], num_samples=2, sample_steps=1)
+    config = configs.PRESETS["digits"].replace(num_samples=2, sample_steps=1)
     main.sample(config, Model(), str(tmp_path))
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
     assert sorted(before) == ["samples.npz", "samples.png"]
@@ -240,7 +241,7 @@ def test_checking_a_bad_flag_or_preset_imports_no_tensorflow():
     completed = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert completed.stdout.splitlines() == [
         f"unknown --config=nonexistent; presets: {', '.join(configs.PRESETS)}.",
-        "gamma_min must be below gamma_max; got 10.0 and -10.0.",
+        "schedule.gamma_min must be below gamma_max; got 10.0 and -10.0.",
         "False",
     ], completed.stderr[-3000:]
 

@@ -8,7 +8,9 @@
     python -m trainers.main --mode=export --model_dir=runs/demo    # SavedModel for TF-Serving
 
 `--config=PRESET` picks a preset of `trainers.configs.PRESETS`; `--config.FIELD=VALUE` overrides
-any field of `trainers.configs.Config`; `--dataset`, `--train_steps` and `--batch_size` (global)
+any field of `trainers.configs.Config` by its flat name (`--config.n_layers=2`, `--config.model=cdm`),
+`--config.SECTION.FIELD=VALUE` by its path (`--config.network.n_layers=2`, `--config.model.kind=cdm`;
+the sections: `vdm_tf.run_config`); `--dataset`, `--train_steps` and `--batch_size` (global)
 are shortcuts for the fields of the same name. Rerunning a command on a run directory resumes
 from its last checkpoint with the configuration saved there (flags given again override it).
 `--mode=eval|sample|export` use the trained run as it is: of the overrides only those of
@@ -21,7 +23,6 @@ it with exit code 130 (`vdm_tf.cli.run`); every output is written whole or not a
 rerun resumes from the last checkpoint.
 """
 
-import dataclasses
 import functools
 import os
 import sys
@@ -54,27 +55,41 @@ flags.DEFINE_string("export_name", "vdm", "Model name of the export (TF-Serving'
 flags.DEFINE_integer("export_version", None, "Version of the export (default: one more than the highest present).")
 flags.DEFINE_bool("export_score_sde", False, "Also export exact_likelihood, inpaint and the pc / ode samplers.")
 
-_SHORTCUTS = ("dataset", "train_steps", "batch_size", "steps_per_execution")
-# The fields --mode=eval|sample|export can change: they do not touch the trained model.
+_SHORTCUTS = ("dataset", "train_steps", "batch_size", "steps_per_execution")  # flat names of Config fields
+# The fields --mode=eval|sample|export can change (flat names): they do not touch the trained model.
 INFERENCE_FIELDS = ("eval_time_samples", "export_time_samples", "sample_steps", "num_samples", "seed")
 
 
+def _config_flag_names():
+    """{NAME of a --config.NAME flag: (section, field)}: every field by its flat name and by its path."""
+    names = {}
+    for flat, path in run_config.FLAT_NAMES.items():
+        names[flat] = names[path] = run_config.field_path(path)
+    return names
+
+
+_CONFIG_FLAGS = _config_flag_names()
+
+
+def _kind(section, field):
+    return typing.get_type_hints(run_config.SECTIONS[section])[field]
+
+
 def _define_config_flags():
-    """One `--config.FIELD` flag per field of `Config`, typed like the field."""
-    hints = typing.get_type_hints(configs.Config)
-    for field in dataclasses.fields(configs.Config):
-        name, kind = f"config.{field.name}", hints[field.name]
-        help_text = f"Override Config.{field.name}."
+    """Two flags per field of `Config`, typed like the field: `--config.FLAT_NAME`, `--config.SECTION.FIELD`."""
+    for name, (section, field) in _CONFIG_FLAGS.items():
+        flag, kind, path = f"config.{name}", _kind(section, field), f"{section}.{field}"
+        help_text = f"Override Config.{path}." if name == path else f"Override Config.{path} (--config.{path})."
         if kind is bool:
-            flags.DEFINE_bool(name, None, help_text)
+            flags.DEFINE_bool(flag, None, help_text)
         elif kind is int:
-            flags.DEFINE_integer(name, None, help_text)
+            flags.DEFINE_integer(flag, None, help_text)
         elif kind is float:
-            flags.DEFINE_float(name, None, help_text)
+            flags.DEFINE_float(flag, None, help_text)
         elif kind is tuple:
-            flags.DEFINE_list(name, None, help_text + " Comma-separated numbers.")
+            flags.DEFINE_list(flag, None, help_text + " Comma-separated numbers.")
         else:
-            flags.DEFINE_string(name, None, help_text)
+            flags.DEFINE_string(flag, None, help_text)
 
 
 _define_config_flags()
@@ -89,16 +104,24 @@ def _number(text, flag):
 
 
 def overrides_from_flags():
-    """{field: value} of every `--config.FIELD` and shortcut flag given on the command line."""
+    """{"section.field": (flag, value)} of every `--config.*` and shortcut flag given on the command line.
+
+    A shortcut (`--batch_size`) overrides a `--config` flag of the same field; the two `--config`
+    flags of one field (`--config.n_layers`, `--config.network.n_layers`) together are an error.
+    """
     overrides = {}
-    for field in dataclasses.fields(configs.Config):
-        name = f"config.{field.name}"
-        value = FLAGS[name].value
-        if value is not None:
-            overrides[field.name] = tuple(_number(v, f"--{name}") for v in value) if field.type is tuple else value
+    for name, (section, field) in _CONFIG_FLAGS.items():
+        flag, path, value = f"--config.{name}", f"{section}.{field}", FLAGS[f"config.{name}"].value
+        if value is None:
+            continue
+        if path in overrides:
+            raise cli.Failure(f"{overrides[path][0]} and {flag} set the same field, {path}: give one of them.")
+        if _kind(section, field) is tuple:
+            value = tuple(_number(v, flag) for v in value)
+        overrides[path] = (flag, value)
     for name in _SHORTCUTS:
         if FLAGS[name].value is not None:
-            overrides[name] = FLAGS[name].value
+            overrides[run_config.FLAT_NAMES[name]] = (f"--{name}", FLAGS[name].value)
     return overrides
 
 
@@ -115,20 +138,21 @@ def config_from_flags(base=None):
     Raises:
         cli.Failure: an unknown preset or a value `Config` rejects.
     """
+    overrides = {path: value for path, (_, value) in overrides_from_flags().items()}
     try:
-        return dataclasses.replace(base or preset(), **overrides_from_flags())
+        return (base or preset()).replace(**overrides)
     except ValueError as error:
         raise cli.Failure(error) from None
 
 
 def inference_config(saved, mode):
     """The saved config of a run with the overrides --mode=eval|sample|export can apply."""
-    overrides = overrides_from_flags()
-    refused = [name for name in overrides if name not in INFERENCE_FIELDS]
+    inference = {run_config.FLAT_NAMES[name] for name in INFERENCE_FIELDS}
+    refused = [flag for path, (flag, _) in overrides_from_flags().items() if path not in inference]
     if FLAGS["config"].present:
-        refused.insert(0, "config")
+        refused.insert(0, "--config")
     if refused:
-        given = ", ".join(f"--{name}" if name in _SHORTCUTS + ("config",) else f"--config.{name}" for name in refused)
+        given = ", ".join(refused)
         raise cli.Failure(
             f"--mode={mode} uses the trained run as it was saved: {given} cannot change it "
             f"(only {', '.join('--config.' + name for name in INFERENCE_FIELDS)} apply)."
@@ -238,7 +262,7 @@ def run_training(model_dir, strategy, config):
     from trainers import train
 
     try:
-        train.check_batch_size(config.batch_size, strategy)
+        train.check_batch_size(config.data.batch_size, strategy)
     except ValueError as error:
         raise cli.Failure(error) from None
     created = not _exists(model_dir)
@@ -261,10 +285,11 @@ def run_training(model_dir, strategy, config):
 def evaluate(config, model, data_dir=None):
     import vdm_tf
 
-    test_split = vdm_tf.datasets.info(config.dataset).test_split
-    batch_size = max(1, 256 // config.eval_time_samples)  # elbo scores K copies of each image at once
+    dataset, time_samples = config.data.dataset, config.trainer.eval_time_samples
+    test_split = vdm_tf.datasets.info(dataset).test_split
+    batch_size = max(1, 256 // time_samples)  # elbo scores K copies of each image at once
     test_data = vdm_tf.datasets.load(
-        config.dataset,
+        dataset,
         test_split,
         batch_size,
         shuffle=False,
@@ -272,7 +297,7 @@ def evaluate(config, model, data_dir=None):
         drop_remainder=False,
         data_dir=data_dir,
     )
-    result = vdm_tf.evaluation.dataset_bpd(model, test_data, config.eval_time_samples, seed=config.seed)
+    result = vdm_tf.evaluation.dataset_bpd(model, test_data, time_samples, seed=config.trainer.seed)
     names = [name for name in ("diffusion", "prior", "reconstruction") if name in result]
     terms = ", ".join(f"{name} {result[name]:.4f}" for name in names)
     if terms:
@@ -290,12 +315,13 @@ def sample(config, model, model_dir):
     import vdm_tf
     from vdm_tf import files
 
-    samples = model.sample(config.num_samples, num_steps=config.sample_steps, seed=config.seed).numpy()
+    trainer = config.trainer
+    samples = model.sample(trainer.num_samples, num_steps=trainer.sample_steps, seed=trainer.seed).numpy()
     png, npz = os.path.join(model_dir, "samples.png"), os.path.join(model_dir, "samples.npz")
     vdm_tf.images.save_grid(samples, png)
     with files.atomic_path(npz) as temporary:
         np.savez_compressed(temporary, images=samples)
-    print(f"wrote {png} and {npz} ({len(samples)} samples, {config.sample_steps} steps)")
+    print(f"wrote {png} and {npz} ({len(samples)} samples, {trainer.sample_steps} steps)")
 
 
 def export_model(config, model, export_dir):
@@ -306,7 +332,7 @@ def export_model(config, model, export_dir):
         export_dir,
         FLAGS.export_name,
         FLAGS.export_version,
-        time_samples=config.export_time_samples,
+        time_samples=config.trainer.export_time_samples,
         score_sde=FLAGS.export_score_sde,
     )
     print(f"exported {path}; its signatures (saved_model_cli show):")
@@ -322,7 +348,7 @@ def main(argv):
     train.quiet_info_logs()
     if mode in ("train", "eval"):
         try:
-            train.prepare_data(config.dataset, FLAGS.data_dir)
+            train.prepare_data(config.data.dataset, FLAGS.data_dir)
         except train.DataNotPreparedError as error:
             raise cli.Failure(error) from None
     if mode == "train":

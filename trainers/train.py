@@ -171,10 +171,10 @@ class Trainer:
         self.strategy = strategy
         self.cluster = distribute.cluster_info(strategy)
         self.verbose = verbose and self.cluster.is_chief
-        self.steps_per_execution = config.steps_per_execution
-        check_batch_size(config.batch_size, strategy)
+        self.steps_per_execution = config.trainer.steps_per_execution
+        check_batch_size(config.data.batch_size, strategy)
         with strategy.scope():  # seeded: the same initial weights on every run and worker
-            self.model = vdm_tf.runs.compiled_model(config, seed=config.seed)
+            self.model = vdm_tf.runs.compiled_model(config, seed=config.trainer.seed)
         self.data = iter(self._worker_dataset(data_dir))
         self.data_checkpointable = True
         self._train_function = self._make_train_function()
@@ -185,13 +185,13 @@ class Trainer:
         self.checkpoints = tf.train.CheckpointManager(
             tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer, metrics_window=window),
             self._write_dir("checkpoints"),
-            max_to_keep=config.keep_checkpoints,
+            max_to_keep=config.trainer.keep_checkpoints,
         )
         data_checkpoint = tf.train.Checkpoint(iterator=self.data)
         self.data_checkpoints = tf.train.CheckpointManager(
             data_checkpoint,
             os.path.join(model_dir, "data", f"worker_{self.cluster.worker_index}"),
-            max_to_keep=config.keep_checkpoints,
+            max_to_keep=config.trainer.keep_checkpoints,
         )
         self.log = monitoring.RunLog(model_dir) if self.cluster.is_chief else None
         self._remove_unfinished_checkpoints()
@@ -226,10 +226,10 @@ class Trainer:
         # and batch the worker's share of the global batch.
         context = tf.distribute.InputContext(workers, self.cluster.worker_index, workers)
         batches = vdm_tf.datasets.load(
-            self.config.dataset,
+            self.config.data.dataset,
             "train",
-            self.config.batch_size,
-            seed=self.config.seed,
+            self.config.data.batch_size,
+            seed=self.config.trainer.seed,
             data_dir=data_dir,
             input_context=context,
         )
@@ -257,7 +257,7 @@ class Trainer:
 
             tf.while_loop(lambda i, _: i < steps, body, (tf.constant(0), 0))
 
-        return tf.function(run_steps, jit_compile=self.config.jit_compile)
+        return tf.function(run_steps, jit_compile=self.config.trainer.jit_compile)
 
     # ------------------------------------------------------------------------------------------
 
@@ -327,11 +327,12 @@ class Trainer:
         return {name: float(tracker.result()) for name, tracker in self.model.term_trackers.items()}
 
     def train(self):
-        """Runs until `config.train_steps`; returns the final metrics (window means)."""
-        config, k = self.config, self.steps_per_execution
-        checkpoint_every = _round_up(config.checkpoint_every, k)
-        log_every = _round_up(config.log_every, k)
-        sample_every = _round_up(config.sample_every, k)
+        """Runs until `config.trainer.train_steps`; returns the final metrics (window means)."""
+        trainer, k = self.config.trainer, self.steps_per_execution
+        checkpoint_every = _round_up(trainer.checkpoint_every, k)
+        log_every = _round_up(trainer.log_every, k)
+        sample_every = _round_up(trainer.sample_every, k)
+        batch_size = self.config.data.batch_size
         self._reset_metrics()
         start = self.restore()  # restores the metrics window of the checkpoint too
         if start:
@@ -340,11 +341,11 @@ class Trainer:
             self.log.drop_after(start)  # lines a killed run logged after its last checkpoint
         terminal = self.verbose and sys.stdout.isatty()
         progress = keras.utils.Progbar(
-            config.train_steps, verbose=1 if terminal else 0, stateful_metrics=list(self.model.term_trackers)
+            trainer.train_steps, verbose=1 if terminal else 0, stateful_metrics=list(self.model.term_trackers)
         )
         window_start, window_steps, values = time.perf_counter(), 0, {}
         step = start
-        while step < config.train_steps:
+        while step < trainer.train_steps:
             self._train_function(self._distribute(next(self.data)))
             step += k
             window_steps += k
@@ -361,16 +362,16 @@ class Trainer:
             progress.update(step, values=list(values.items()))
             # Every worker takes part in the same metric, checkpoint and EMA operations (on
             # multi-worker strategies they are collective); only the chief writes logs.
-            if step % log_every == 0 or step >= config.train_steps:
-                images_per_second = window_steps * config.batch_size / (time.perf_counter() - window_start)
+            if step % log_every == 0 or step >= trainer.train_steps:
+                images_per_second = window_steps * batch_size / (time.perf_counter() - window_start)
                 if self.log:
                     self.log.scalars(step, self._scalars(values, images_per_second))
                 if self.verbose and not terminal:
                     terms = ", ".join(f"{name} {value:.4f}" for name, value in values.items())
-                    print(f"step {step}/{config.train_steps}: {terms} ({images_per_second:.0f} images/s)", flush=True)
+                    print(f"step {step}/{trainer.train_steps}: {terms} ({images_per_second:.0f} images/s)", flush=True)
                 self._reset_metrics()
                 window_start, window_steps = time.perf_counter(), 0
-            if step % checkpoint_every == 0 or step >= config.train_steps:
+            if step % checkpoint_every == 0 or step >= trainer.train_steps:
                 self.save()
             if step % sample_every == 0:
                 self._pictures(step)
@@ -387,9 +388,10 @@ class Trainer:
         }
 
     def _pictures(self, step):
+        trainer = self.config.trainer
         with self.ema_weights():
             if self.log:
-                samples = self.model.sample(self.config.num_samples, self.config.sample_steps, seed=self.config.seed)
+                samples = self.model.sample(trainer.num_samples, trainer.sample_steps, seed=trainer.seed)
                 self.log.pictures(step, self.model.schedule, samples.numpy())
 
 

@@ -47,7 +47,7 @@ import msgpack
 import numpy as np
 
 from vdm_tf import cli, dataset_table, files
-from vdm_tf.run_config import Config, config_path
+from vdm_tf.run_config import Config, DataConfig, ModelConfig, NetworkConfig, ScheduleConfig, config_path
 
 # The fields of the official `VDMConfig` (model_vdm.py) and their types; float fields take
 # integers too (JSON's 5 for 5.0), int fields take no booleans.
@@ -541,18 +541,22 @@ def run_config(config, dataset="cifar10"):
     the VLB as in the official code (`minimize_variance=False`).
     """
     return Config(
-        dataset=dataset,
-        n_layers=config["sm_n_layer"],
-        n_embd=config["sm_n_embd"],
-        dropout=config["sm_pdrop"],
-        fourier_features=config["with_fourier_features"],
-        fourier_exponents=FOURIER_EXPONENTS,
-        attention=config["with_attention"],
-        schedule=GAMMA_TYPES[config["gamma_type"]],
-        gamma_min=config["gamma_min"],
-        gamma_max=config["gamma_max"],
-        minimize_variance=False,
-        timesteps=config["sm_n_timesteps"],
+        data=DataConfig(dataset=dataset),
+        model=ModelConfig(timesteps=config["sm_n_timesteps"]),
+        schedule=ScheduleConfig(
+            kind=GAMMA_TYPES[config["gamma_type"]],
+            gamma_min=config["gamma_min"],
+            gamma_max=config["gamma_max"],
+            minimize_variance=False,
+        ),
+        network=NetworkConfig(
+            n_layers=config["sm_n_layer"],
+            n_embd=config["sm_n_embd"],
+            dropout=config["sm_pdrop"],
+            fourier_features=config["with_fourier_features"],
+            fourier_exponents=FOURIER_EXPONENTS,
+            attention=config["with_attention"],
+        ),
     )
 
 

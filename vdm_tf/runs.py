@@ -3,7 +3,8 @@
 A *run directory* is what `python -m trainers.main --model_dir=DIR` writes (and
 `python -m vdm_tf.convert --model_dir=DIR` too):
 
-    config.json      the `Config` of the run: which model, network, schedule and optimiser
+    config.json      the `Config` of the run, by section: model, schedule, network, optimizer,
+                     data, trainer (older runs' flat form also loads: `vdm_tf.run_config`)
     checkpoints/     model, optimizer (with the EMA weights) and step, `tf.train.Checkpoint`
 
 This module is the library's side of that format: the `Config` dataclass (defined, with the
@@ -22,81 +23,82 @@ import tensorflow as tf
 from vdm_tf import augmentation as augmentation_lib
 from vdm_tf import cdm, multiscale, networks, optimizers, schedules, score_model, sde
 from vdm_tf.dataset_table import info as dataset_info
+from vdm_tf.models import VDM, DiffusionModel
 from vdm_tf.run_config import (  # noqa: F401  (the configuration side of a run directory, TensorFlow-free)
     DTYPE_POLICIES,
     Config,
+    DataConfig,
+    ModelConfig,
+    NetworkConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    TrainerConfig,
     checkpoint_dir,
     config_path,
     save_config,
     saved_config,
 )
-from vdm_tf.vdm import VDM
 
 
 def build_model(config):
     """The model a configuration describes.
 
-    A `vdm_tf.VDM`; a `vdm_tf.score_model.ScoreSDEModel` when `sde` names a fixed SDE; a
-    `multiscale.MultiScaleVDM` when `multiscale_levels` > 0; a `cdm.CDM` for `model=cdm`.
-    `mixed_precision` sets the dtype policy of the ScoreUNet denoisers (`DTYPE_POLICIES`),
-    which their saved configuration keeps; the model around them stays float32.
+    A `vdm_tf.VDM`; a `vdm_tf.score_model.ScoreSDEModel` when `schedule.sde` names a fixed SDE;
+    a `multiscale.MultiScaleVDM` when `model.multiscale_levels` > 0; a `cdm.CDM` for
+    `model.kind=cdm` (`Config` has refused the combinations that exclude each other).
+    `network.mixed_precision` sets the dtype policy of the ScoreUNet denoisers
+    (`DTYPE_POLICIES`), which their saved configuration keeps; the model around them stays float32.
     """
-    image_shape = dataset_info(config.dataset).image_shape
-    augmentation = augmentation_lib.Augmentation(channel_swaps=image_shape[-1] == 3) if config.augment else None
+    m, net, seed = config.model, config.network, config.trainer.seed
+    info = dataset_info(config.data.dataset)
+    image_shape = info.image_shape
+    augmentation = augmentation_lib.Augmentation(channel_swaps=image_shape[-1] == 3) if m.augment else None
     process = build_sde(config)
-    gamma_min, gamma_max = score_model.gamma_range(process) if process else (config.gamma_min, config.gamma_max)
+    gamma_min, gamma_max = (
+        score_model.gamma_range(process) if process else (config.schedule.gamma_min, config.schedule.gamma_max)
+    )
 
     def network():
         return networks.ScoreUNet(
-            n_layers=config.n_layers,
-            n_embd=config.n_embd,
-            fourier_features=config.fourier_features,
-            fourier_exponents=config.fourier_exponents,
-            attention=config.attention,
-            dropout=config.dropout,
+            n_layers=net.n_layers,
+            n_embd=net.n_embd,
+            fourier_features=net.fourier_features,
+            fourier_exponents=net.fourier_exponents,
+            attention=net.attention,
+            dropout=net.dropout,
             gamma_min=gamma_min,
             gamma_max=gamma_max,
             conditioning_dim=augmentation.conditioning_dim if augmentation else 0,
-            dtype=DTYPE_POLICIES[config.mixed_precision],
+            dtype=DTYPE_POLICIES[net.mixed_precision],
         )
 
-    pixel_values = dataset_info(config.dataset).pixel_values if config.decoder_alphabet else None
-    if config.model == "cdm":
-        if config.decoder_alphabet:
-            raise ValueError("A CDM's one-step likelihood uses no decoder: set decoder_alphabet=false.")
-        if process or config.multiscale_levels:
-            raise ValueError("A CDM uses its own noise levels: set sde=vdm and multiscale_levels=0.")
+    pixel_values = info.pixel_values if m.decoder_alphabet else None
+    if m.kind == "cdm":
         classifier = networks.NoiseLevelClassifier(
-            config.num_levels,
-            config.n_layers,
-            config.n_embd,
-            config.fourier_features,
-            config.fourier_exponents,
-            config.attention,
-            config.dropout,
-            config.head_channels or None,
+            m.num_levels,
+            net.n_layers,
+            net.n_embd,
+            net.fourier_features,
+            net.fourier_exponents,
+            net.attention,
+            net.dropout,
+            net.head_channels or None,
         )
-        schedule = schedules.FixedLinear(config.gamma_min, config.gamma_max)
-        return cdm.CDM(
-            classifier, schedule, image_shape, config.num_levels, config.cross_entropy_weight, seed=config.seed
-        )
-    if config.model != "vdm":
-        raise ValueError(f"Unknown model {config.model!r}; expected vdm or cdm.")
-    if config.multiscale_levels:
-        if config.timesteps or process:
-            raise ValueError("Multi-scale diffusion is a continuous-time VDM: set timesteps=0 and sde=vdm.")
-        stages = config.multiscale_levels + 1
+        schedule = schedules.FixedLinear(config.schedule.gamma_min, config.schedule.gamma_max)
+        return cdm.CDM(classifier, schedule, image_shape, m.num_levels, m.cross_entropy_weight, seed=seed)
+    if m.multiscale_levels:
+        stages = m.multiscale_levels + 1
         return multiscale.MultiScaleVDM(
-            [network() for _ in range(stages)] if config.multiscale_stage_networks else network(),
+            [network() for _ in range(stages)] if m.multiscale_stage_networks else network(),
             build_schedule(config),
             image_shape,
-            levels=config.multiscale_levels,
-            end_times=config.multiscale_end_times or None,
-            seed=config.seed,
+            levels=m.multiscale_levels,
+            end_times=m.multiscale_end_times or None,
+            seed=seed,
             augmentation=augmentation,
             pixel_values=pixel_values,
         )
-    common = dict(timesteps=config.timesteps, seed=config.seed, augmentation=augmentation, pixel_values=pixel_values)
+    common = dict(timesteps=m.timesteps, seed=seed, augmentation=augmentation, pixel_values=pixel_values)
     if process:
         return score_model.ScoreSDEModel(network(), process, image_shape, **common)
     return VDM(network(), build_schedule(config), image_shape, **common)
@@ -104,57 +106,50 @@ def build_model(config):
 
 def build_sde(config):
     """The fixed SDE of a score model (`--config.sde=vp|subvp|ve`), or None for a VDM."""
+    s = config.schedule
     parameters = {
-        "vp": dict(beta_min=config.beta_min, beta_max=config.beta_max),
-        "subvp": dict(beta_min=config.beta_min, beta_max=config.beta_max),
-        "ve": dict(sigma_min=config.sigma_min, sigma_max=config.sigma_max),
+        "vp": dict(beta_min=s.beta_min, beta_max=s.beta_max),
+        "subvp": dict(beta_min=s.beta_min, beta_max=s.beta_max),
+        "ve": dict(sigma_min=s.sigma_min, sigma_max=s.sigma_max),
     }
-    if config.sde == "vdm":
-        return None
-    if config.sde not in parameters:
-        raise ValueError(f"Unknown sde {config.sde!r}; expected vdm, vp, subvp or ve.")
-    return sde.from_config(config.sde, parameters[config.sde])
+    return None if s.sde == "vdm" else sde.from_config(s.sde, parameters[s.sde])
 
 
 def build_schedule(config):
-    if config.schedule == "fixed_linear":
-        return schedules.FixedLinear(config.gamma_min, config.gamma_max)
-    if config.schedule == "learned_linear":
-        return schedules.LearnedLinear(config.gamma_min, config.gamma_max)
-    if config.schedule == "learned_monotonic":
-        return schedules.LearnedMonotonic(
-            config.gamma_min, config.gamma_max, minimize_variance=config.minimize_variance
-        )
-    raise ValueError(
-        f"Unknown schedule {config.schedule!r}; expected fixed_linear, learned_linear or learned_monotonic."
-    )
+    """The VDM noise schedule of `config.schedule` (its `kind`, gamma range and objective)."""
+    s = config.schedule
+    if s.kind == "fixed_linear":
+        return schedules.FixedLinear(s.gamma_min, s.gamma_max)
+    if s.kind == "learned_linear":
+        return schedules.LearnedLinear(s.gamma_min, s.gamma_max)
+    return schedules.LearnedMonotonic(s.gamma_min, s.gamma_max, minimize_variance=s.minimize_variance)
 
 
 def build_optimizer(config, model):
     """AdamW (or SGD) with linear warm-up, optional cosine decay, optional EMA and clipping.
 
     Weight decay applies to the kernels only: not to biases, normalisation scales and offsets,
-    or the schedule's parameters (VDM's decay mask).
+    or the schedule's parameters (VDM's decay mask). The cosine decays over the steps after the
+    warm-up up to `trainer.train_steps`.
     """
+    o = config.optimizer
     learning_rate = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0,
-        decay_steps=max(config.train_steps - config.warmup_steps, 1),
-        alpha=config.final_learning_rate_fraction,
-        warmup_target=config.learning_rate,
-        warmup_steps=config.warmup_steps,
+        decay_steps=max(config.trainer.train_steps - o.warmup_steps, 1),
+        alpha=o.final_learning_rate_fraction,
+        warmup_target=o.learning_rate,
+        warmup_steps=o.warmup_steps,
     )
     common = dict(
         learning_rate=learning_rate,
-        global_clipnorm=config.clip_norm or None,
-        use_ema=config.ema_momentum > 0,
-        ema_momentum=config.ema_momentum or 0.99,
+        global_clipnorm=o.clip_norm or None,
+        use_ema=o.ema_momentum > 0,
+        ema_momentum=o.ema_momentum or 0.99,
     )
-    if config.optimizer == "sgd":
+    if o.kind == "sgd":
         return keras.optimizers.SGD(**common)
-    if config.optimizer != "adamw":
-        raise ValueError(f"Unknown optimizer {config.optimizer!r}; expected adamw or sgd.")
     optimizer = optimizers.AdamW(  # Keras's AdamW in fused kernels: a smaller graph, a faster first step
-        weight_decay=config.weight_decay, beta_1=config.adam_beta1, beta_2=config.adam_beta2, **common
+        weight_decay=o.weight_decay, beta_1=o.adam_beta1, beta_2=o.adam_beta2, **common
     )
     schedule_ids = {id(v) for v in model.schedule.variables}
     optimizer.exclude_from_weight_decay(
@@ -177,17 +172,17 @@ def compiled_model(config, seed=None, **compile_kwargs):
         config: a `Config`.
         seed: if given, Python, NumPy and TensorFlow are seeded with it first
             (`keras.utils.set_random_seed`), so that the same seed builds the same initial
-            weights; trainers pass `config.seed`. By default the global random state is left alone.
+            weights; trainers pass `config.trainer.seed`. By default the global random state is left alone.
         **compile_kwargs: further arguments of `model.compile`, e.g. `steps_per_execution`.
 
     Example:
-    >>> model = vdm_tf.runs.compiled_model(config, seed=config.seed)
-    >>> model.fit(vdm_tf.datasets.load(config.dataset, "train", config.batch_size), steps_per_epoch=100)
+    >>> model = vdm_tf.runs.compiled_model(config, seed=config.trainer.seed)
+    >>> model.fit(vdm_tf.datasets.load(config.data.dataset, "train", config.data.batch_size), steps_per_epoch=100)
     """
     if seed is not None:
         keras.utils.set_random_seed(seed)
     model = build_model(config)
-    model.compile(optimizer=build_optimizer(config, model), jit_compile=config.jit_compile, **compile_kwargs)
+    model.compile(optimizer=build_optimizer(config, model), jit_compile=config.trainer.jit_compile, **compile_kwargs)
     model.optimizer.build(model.trainable_variables)
     return model
 
@@ -285,7 +280,7 @@ def load(path):
         return restore_for_inference(path)
     if os.path.isfile(path) and path.endswith(".keras"):
         model = keras.saving.load_model(path, compile=False)
-        if not isinstance(model, VDM):
+        if not isinstance(model, DiffusionModel):
             raise ValueError(f"{path} holds a {type(model).__name__}, not a vdm_tf model.")
         return model
     raise ValueError(

@@ -18,7 +18,7 @@ import time
 import zipfile
 
 from vdm_tf import cli as vdm_cli
-from vdm_tf import dataset_table, files, image_files
+from vdm_tf import dataset_table, files, image_files, run_config
 from vdm_tf.compression.container import CONVENTIONAL, CompressionError, ModelMismatchError, _check_names, read_header
 
 PROG = "python -m vdm_tf.compression"
@@ -69,12 +69,9 @@ def _model_image_shape(path):
     config = os.path.join(path, "config.json")
     if os.path.isdir(path) and os.path.isfile(config):
         try:
-            with open(config) as f:
-                dataset = json.load(f)["dataset"]
-            if not isinstance(dataset, str):
-                raise TypeError(f"dataset is {dataset!r}")
+            dataset = run_config.saved_config(path).data.dataset
             return tuple(dataset_table.info(dataset).image_shape)
-        except (OSError, KeyError, TypeError, ValueError) as error:
+        except (OSError, ValueError) as error:
             raise ValueError(f"--model={path}: unreadable run configuration config.json: {error}") from None
     raise ValueError(
         f"--model must be a .keras file written by model.save or a trainer run directory (with config.json); "
