@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from vdm_tf import images, samplers, seeding, traced
 from vdm_tf import sde as sdes
+from vdm_tf.models.base import deserialized, serialized
 
 # Columns: grey (1, 1, 1) / sqrt(3), then (-2, 1, 1) / sqrt(6) and (0, 1, -1) / sqrt(2).
 DECOUPLED_COLOUR_BASIS = np.array(
@@ -286,8 +287,8 @@ class NoisyClassifier(keras.Model):
 
     def get_config(self):
         config = super().get_config()
+        config.update(serialized(classifier=self.classifier))
         config.update(
-            classifier=keras.saving.serialize_keras_object(self.classifier),
             image_shape=self.image_shape,
             gamma_min=self.gamma_min,
             gamma_max=self.gamma_max,
@@ -297,6 +298,4 @@ class NoisyClassifier(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        config["classifier"] = keras.saving.deserialize_keras_object(config["classifier"])
-        return cls(**config)
+        return cls(**deserialized(config, "classifier"))

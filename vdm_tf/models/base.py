@@ -34,6 +34,19 @@ from vdm_tf.sde import ScheduleSDE
 DROPOUT_STREAM = 7  # folded into a step's seed for its dropout masks (`DiffusionModel._seed_dropout`)
 
 
+def serialized(**objects):
+    """{name: its Keras config} of a layer's nested Keras objects, for its `get_config`."""
+    return {name: keras.saving.serialize_keras_object(value) for name, value in objects.items()}
+
+
+def deserialized(config, *names):
+    """A copy of `config` with the nested Keras objects `names` rebuilt, for a `from_config`."""
+    config = dict(config)
+    for name in names:
+        config[name] = keras.saving.deserialize_keras_object(config[name])
+    return config
+
+
 def antithetic_times(seed, example_index, num_examples):
     """t_i = (u + i / N) mod 1 over a global batch of N, u ~ U[0, 1) from `seed` (i: global index).
 
@@ -312,17 +325,10 @@ class DiffusionModel(keras.Model):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            denoiser=keras.saving.serialize_keras_object(self.denoiser),
-            schedule=keras.saving.serialize_keras_object(self.schedule),
-            image_shape=self.image_shape,
-            seed=self.seed,
-        )
+        config.update(serialized(denoiser=self.denoiser, schedule=self.schedule))
+        config.update(image_shape=self.image_shape, seed=self.seed)
         return config
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        config["denoiser"] = keras.saving.deserialize_keras_object(config["denoiser"])
-        config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
-        return cls(**config)
+        return cls(**deserialized(config, "denoiser", "schedule"))

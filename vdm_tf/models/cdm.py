@@ -64,7 +64,7 @@ import keras
 import tensorflow as tf
 
 from vdm_tf import images, seeding
-from vdm_tf.models.base import DiffusionModel
+from vdm_tf.models.base import DiffusionModel, deserialized, serialized
 
 
 def dequantize(x, u):
@@ -158,19 +158,12 @@ class ClassifierDenoiser(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            classifier=keras.saving.serialize_keras_object(self.classifier),
-            schedule=keras.saving.serialize_keras_object(self.schedule),
-            num_levels=self.num_levels,
-        )
+        config.update(serialized(classifier=self.classifier, schedule=self.schedule), num_levels=self.num_levels)
         return config
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        config["classifier"] = keras.saving.deserialize_keras_object(config["classifier"])
-        config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
-        return cls(**config)
+        return cls(**deserialized(config, "classifier", "schedule"))
 
 
 @keras.saving.register_keras_serializable(package="vdm_tf")
@@ -362,9 +355,8 @@ class CDM(DiffusionModel):
 
     def get_config(self):
         config = keras.Model.get_config(self)  # the classifier, not the denoiser built from it
+        config.update(serialized(classifier=self.classifier, schedule=self.schedule))
         config.update(
-            classifier=keras.saving.serialize_keras_object(self.classifier),
-            schedule=keras.saving.serialize_keras_object(self.schedule),
             image_shape=self.image_shape,
             num_levels=self.num_levels,
             cross_entropy_weight=self.cross_entropy_weight,
@@ -374,7 +366,4 @@ class CDM(DiffusionModel):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        config["classifier"] = keras.saving.deserialize_keras_object(config["classifier"])
-        config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
-        return cls(**config)
+        return cls(**deserialized(config, "classifier", "schedule"))
