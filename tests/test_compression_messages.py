@@ -98,7 +98,7 @@ def test_bundled_models_are_package_data_of_their_channels():
         assert compression._model_image_shape(path) == (32, 32, channels)
     assert compression.default_model_path(2) is None
     setup = open(os.path.join(REPO, "setup.py")).read()
-    assert '"vdm_tf": ["models/*.keras"]' in setup
+    assert '"vdm_tf.models": ["*.keras"]' in setup
 
 
 def test_grey_images_round_trip_through_the_command_line_without_model(tmp_path, capsys):
