@@ -1,7 +1,7 @@
 """Exact likelihood through the probability-flow ODE (Song et al. 2021, section 4.3, appendix D.2).
 
     out = vdm_tf.likelihood.ode_log_likelihood(model, z0, seed=0)   # {"log_likelihood", "nfe"}
-    out = vdm_tf.likelihood.ode_bpd(model, x_uint8, seed=0, dequantization="uniform")
+    out = vdm_tf.likelihood.ode_bpd(model, x_uint8, seed=0, dequantization="truncated_normal")
 
 The ODE `dz/dt = f_tilde(z, t) = f(z, t) - 0.5 g(t)^2 score(z, t)` maps z(t_min) to z(1)
 deterministically, so (instantaneous change of variables, eq. 39)
@@ -14,13 +14,43 @@ Gaussian) fixed for the whole solve, which makes the log-likelihood an unbiased 
 the exact trace of the Jacobian (`exact_divergence=True`: D backward passes, vectorised; for
 small images).
 
-Bits per dimension of uint8 images come in two flavours:
+The same ODE in the log noise-to-signal ratio gamma = log(s_t^2 / m_t^2) = -log SNR, as i-DODE
+integrates it (Zheng et al. 2023, "Improved Techniques for Maximum Likelihood Estimation for
+Diffusion ODEs"; thu-ml/i-DODE, model_vdm.py `VDM.ode` and `solve_ivp(ode_func, (g_0, g_1))`):
+for any linear SDE the moment equations dm/dt = f m and d(s^2)/dt = 2 f s^2 + g^2 give
+d gamma / dt = g(t)^2 / s_t^2, so
 
-- `dequantization="uniform"`: Song et al.'s protocol. f = 2 (x + u) / 256 - 1 with
-  u ~ U[0, 1)^D; -log p(x) <= -log p(f) - D log(2 / 256), i.e. bpd = -log p(f) / (D ln 2) + 7.
+    dz/dgamma = f_tilde(z, t) s_t^2 / g(t)^2 = (d log m / d gamma) z - 0.5 s_t^2 score(z, t),
+
+at t = t(gamma), and the divergence carries the same factor s_t^2 / g(t)^2. For the schedule SDE
+of a VDM this is i-DODE's `-0.5 sigma^2 z + 0.5 sigma eps_hat`. Any model with `.sde` and
+`.score(z, t)` runs it: t(gamma) is found by bisection on the SDE's increasing gamma(t).
+
+Bits per dimension of uint8 images, f = 2 (x + 0.5) / 256 - 1 the bin centre (ARCHITECTURE.md,
+math conventions); each protocol is a lower bound log P(x) >= E_q[log p(z) - log q(z | x)] with
+q supported on x's box, the boxes of the 256^D images tiling the space:
+
+- `dequantization="uniform"`: Song et al.'s protocol. z = 2 (x + u) / 256 - 1, u ~ U[0, 1)^D,
+  at t_min: q = (256 / 2)^D on the bin, bpd = -log p(z) / (D ln 2) + 7 (7 = log2(256 / 2)).
+  With `start_gamma`, the ODE starts at gamma = start_gamma instead, integrated in gamma: i-DODE's
+  uniform protocol, whose remark on gamma_0 starts it at `UNIFORM_START_GAMMA` = -11.8 rather
+  than at the schedule's gamma_0 (model_vdm.py: `g_0 = -11.8  # Remark A.2 in the paper`).
 - `dequantization="variational"` (models with a discretized decoder, e.g. a VDM): z_0 ~ q(z_0 | x)
   and bpd = (-log p_ODE(z_0) - log p(x | z_0) + log q(z_0 | x)) / (D ln 2), a bound that uses
   the model's own decoder instead of uniform noise.
+- `dequantization="truncated_normal"`: i-DODE's training-free dequantization. The ODE starts at
+  gamma_s (by default the SDE's own start, gamma(t_min): i-DODE's g_0 = gamma(0)), from
+  z_s = m_s f + s_s eps with eps ~ N(0, I) truncated to [-tau, tau]^D, tau = m_s / (256 s_s)
+  (`tau = alpha_0 / sigma_0 / 256`): the noise the model was trained on at gamma_s, cut where
+  z_s leaves m_s times x's bin (half-width 1 / 256). q's log-density is in z units, so no
+  constant is added; its expectation is i-DODE's closed form (its default `num_importance=1`):
+
+      E log q = -D [0.5 log(2 pi e s_s^2) + log Z - tau phi(tau) / Z],   Z = erf(tau / sqrt 2),
+
+  and bpd = (E log q - log p_ODE(z_s)) / (D ln 2).
+
+The prior at t = 1 is the SDE's (`sde.prior_log_prob`, N(0, prior_std^2 I)) for every protocol;
+i-DODE's code uses N(0, sigma_1^2 I), which differs by O(alpha_1^2) per dimension.
 """
 
 import math
@@ -28,9 +58,13 @@ import math
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from vdm_tf import images, samplers, seeding, traced
+from vdm_tf import images, samplers, sde, seeding, traced
 
 PROBES = ("rademacher", "gaussian")
+DEQUANTIZATIONS = ("uniform", "variational", "truncated_normal")
+# i-DODE's start of the ODE under uniform dequantization (its paper's remark A.2; model_vdm.py).
+UNIFORM_START_GAMMA = -11.8
+SEARCH_POINTS, SEARCH_ROUNDS = 256, 5  # t(gamma) in [t_min, 1] to 2^-40 (`_time_of_gamma`)
 
 
 def _probe(shape, seed, probe):
@@ -62,6 +96,59 @@ def _exact_divergence(model, z, t):
     return flow, tf.linalg.trace(jacobian)
 
 
+def _time_of_gamma(process, gamma):
+    """The time t in [t_min, 1] where the SDE's increasing gamma(t) equals the scalar `gamma`.
+
+    A search that narrows [t_min, 1] to one of `SEARCH_POINTS` equal parts per round, the one
+    where gamma(t) crosses the target, for `SEARCH_ROUNDS` rounds: 256^5 = 2^40 parts, below
+    float32's resolution down to t ~ 1e-5 (VPSDE's t_min). One call of gamma on 257 times per
+    round, for any schedule (learned ones included).
+    """
+    fractions = tf.linspace(0.0, 1.0, SEARCH_POINTS + 1)
+
+    def narrow(low, high):
+        grid = low + (high - low) * fractions
+        below = tf.reduce_sum(tf.cast(process.gamma(grid) < gamma, tf.int32))
+        part = tf.clip_by_value(below - 1, 0, SEARCH_POINTS - 1)
+        return grid[part], grid[part + 1]
+
+    bounds = (tf.constant(process.t_min, tf.float32), tf.constant(1.0))
+    low, high = tf.while_loop(lambda *_: tf.constant(True), narrow, bounds, maximum_iterations=SEARCH_ROUNDS)
+    return 0.5 * (low + high)
+
+
+def _time_per_gamma(process, t):
+    """dt / dgamma = s_t^2 / g(t)^2 ([N]): d gamma / dt = g^2 / s^2 for every linear SDE."""
+    _, std = process.marginal(t)
+    return tf.square(std) / tf.square(process.diffusion(t))
+
+
+def _solve(model, z0, noise, start, end, exact_divergence, rtol, atol, in_gamma=False):
+    """The flow and its divergence integrated together from `start` to `end`.
+
+    The solver's variable is t, or gamma with `in_gamma` (module docstring). Returns z at `end`,
+    the integral of the divergence ([N]) and the number of function evaluations.
+    """
+
+    def ode(v, state):
+        z, _ = state
+        v = tf.minimum(v, end)  # steps may overshoot the end
+        t = tf.fill(tf.shape(z)[:1], _time_of_gamma(model.sde, v) if in_gamma else v)
+        if exact_divergence:
+            flow, divergence = _exact_divergence(model, z, t)
+        else:
+            flow, divergence = _hutchinson_divergence(model, z, t, noise)
+        if in_gamma:
+            dt_dgamma = _time_per_gamma(model.sde, t)
+            flow, divergence = flow * sde.per_example(dt_dgamma, z), divergence * dt_dgamma
+        return flow, divergence
+
+    solver = tfp.math.ode.DormandPrince(rtol=rtol, atol=atol)
+    initial = (z0, tf.zeros(tf.shape(z0)[:1]))
+    result = solver.solve(ode, start, initial, solution_times=[end])
+    return result.states[0][-1], result.states[1][-1], result.diagnostics.num_ode_fn_evaluations
+
+
 def ode_log_likelihood(model, z0, seed=0, exact_divergence=False, probe="rademacher", rtol=1e-5, atol=1e-5):
     """log p_0(z0) of the probability-flow ODE's marginal at t = `sde.t_min`, in nats.
 
@@ -85,22 +172,8 @@ def ode_log_likelihood(model, z0, seed=0, exact_divergence=False, probe="rademac
         )
         def run(z0, seed):
             noise = _probe(tf.shape(z0), seed, probe)
-
-            def ode(t, state):
-                z, _ = state
-                t = tf.fill(tf.shape(z)[:1], tf.minimum(t, 1.0))  # steps may overshoot t = 1
-                if exact_divergence:
-                    flow, divergence = _exact_divergence(model, z, t)
-                else:
-                    flow, divergence = _hutchinson_divergence(model, z, t, noise)
-                return flow, divergence
-
-            solver = tfp.math.ode.DormandPrince(rtol=rtol, atol=atol)
-            initial = (z0, tf.zeros(tf.shape(z0)[:1]))
-            result = solver.solve(ode, model.sde.t_min, initial, solution_times=[1.0])
-            z_1, integrated_divergence = result.states[0][-1], result.states[1][-1]
-            log_likelihood = model.sde.prior_log_prob(z_1) + integrated_divergence
-            return {"log_likelihood": log_likelihood, "nfe": result.diagnostics.num_ode_fn_evaluations}
+            z_1, integral, nfe = _solve(model, z0, noise, model.sde.t_min, 1.0, exact_divergence, rtol, atol)
+            return {"log_likelihood": model.sde.prior_log_prob(z_1) + integral, "nfe": nfe}
 
         return run
 
@@ -109,7 +182,73 @@ def ode_log_likelihood(model, z0, seed=0, exact_divergence=False, probe="rademac
     return run(tf.convert_to_tensor(z0, tf.float32), seeding.as_seed(seed))
 
 
-def ode_bpd(model, x, seed=0, dequantization="uniform", **options):
+def truncated_normal_log_q(tau, std, dims):
+    """E log q(z | x) of z = m f + std eps, eps ~ N(0, 1) truncated to [-tau, tau], per pixel
+    independent: minus the entropy, -dims [0.5 log(2 pi e std^2) + log Z - tau phi(tau) / Z],
+    Z = erf(tau / sqrt 2) (i-DODE's model_vdm.py, `eval_type == "tn"`, `logq` of one sample)."""
+    mass = tf.math.erf(tau / math.sqrt(2.0))
+    density_at_tau = tf.exp(-0.5 * tf.square(tau)) / math.sqrt(2.0 * math.pi)
+    entropy = 0.5 * (1.0 + tf.math.log(2.0 * math.pi * tf.square(std))) + tf.math.log(mass)
+    return -dims * (entropy - tau * density_at_tau / mass)
+
+
+def _start_of(model, start_gamma):
+    """The checked `start_gamma` as a float, or None for the SDE's own start gamma(t_min)."""
+    if start_gamma is None:
+        return None
+    start_gamma = float(start_gamma)
+    first, last = (float(g) for g in model.sde.gamma(tf.constant([model.sde.t_min, 1.0], tf.float32)))
+    if not first <= start_gamma < last:
+        raise ValueError(
+            f"start_gamma must lie in the model's gamma range [{first:.4g}, {last:.4g}); got {start_gamma}."
+        )
+    return start_gamma
+
+
+def _bpd_in_gamma(
+    model, x, seed, dequantization, start_gamma, exact_divergence=False, probe="rademacher", rtol=1e-5, atol=1e-5
+):
+    """`ode_bpd` of the protocols integrated in gamma: truncated normal, uniform from `start_gamma`."""
+    samplers.check_choice("probe", probe, PROBES)
+    rtol, atol = float(rtol), float(atol)
+    dims = math.prod(model.image_shape)
+
+    def build():
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, *model.image_shape], tf.uint8), tf.TensorSpec([2], tf.int64)]
+        )
+        def run(x, seed):
+            process = model.sde
+            noise_seed, probe_seed = seeding.split_seed(seed, 2)
+            if start_gamma is None:
+                t_start = tf.constant([process.t_min], tf.float32)
+                gamma_start = process.gamma(t_start)[0]
+            else:
+                gamma_start = tf.constant(start_gamma, tf.float32)
+                t_start = _time_of_gamma(process, gamma_start)[None]
+            if dequantization == "truncated_normal":
+                mean, std = (value[0] for value in process.marginal(t_start))
+                tau = mean / (std * images.NUM_VALUES)
+                eps = tf.random.stateless_parameterized_truncated_normal(tf.shape(x), noise_seed, 0.0, 1.0, -tau, tau)
+                z = mean * images.encode(x) + std * eps
+                log_q = truncated_normal_log_q(tau, std, dims)
+            else:
+                u = tf.random.stateless_uniform(tf.shape(x), noise_seed)
+                z = 2.0 * (tf.cast(x, tf.float32) + u) / images.NUM_VALUES - 1.0
+                log_q = -dims * math.log(2.0 / images.NUM_VALUES)
+            noise = _probe(tf.shape(z), probe_seed, probe)
+            gamma_end = process.gamma(tf.ones([1]))[0]
+            z_1, integral, nfe = _solve(model, z, noise, gamma_start, gamma_end, exact_divergence, rtol, atol, True)
+            nats = log_q - (process.prior_log_prob(z_1) + integral)
+            return {"bpd": nats / (dims * math.log(2.0)), "nfe": nfe}
+
+        return run
+
+    key = ("ode_bpd_in_gamma", dequantization, start_gamma, bool(exact_divergence), probe, rtol, atol)
+    return traced.compiled(model, key, build)(x, seeding.as_seed(seed))
+
+
+def ode_bpd(model, x, seed=0, dequantization="uniform", start_gamma=None, **options):
     """Negative log-likelihood of uint8 images in bits per dimension, through the ODE.
 
     Args:
@@ -117,14 +256,21 @@ def ode_bpd(model, x, seed=0, dequantization="uniform", **options):
             `.schedule` (the discretized decoder's gamma_0), as a `vdm_tf.VDM` does.
         x: uint8 images [N, H, W, C].
         seed: seeds the dequantisation noise (or z_0) and the Hutchinson probe.
-        dequantization: `"uniform"` or `"variational"` (see the module docstring).
+        dequantization: `"uniform"`, `"variational"` or `"truncated_normal"` (module docstring).
+        start_gamma: where the ODE starts, as gamma = log(s^2 / m^2), for `"truncated_normal"`
+            (default: the SDE's gamma(t_min)) and `"uniform"` (default: from t_min in t; i-DODE's
+            protocol: `UNIFORM_START_GAMMA`); inside the model's range [gamma(t_min), gamma(1)).
         **options: `exact_divergence`, `probe`, `rtol`, `atol` of `ode_log_likelihood`.
 
     Returns:
         dict: `bpd` float32 [N] and `nfe`.
     """
-    samplers.check_choice("dequantization", dequantization, ("uniform", "variational"))
+    samplers.check_choice("dequantization", dequantization, DEQUANTIZATIONS)
+    if dequantization == "variational" and start_gamma is not None:
+        raise ValueError("start_gamma does not apply to the variational bound: it starts at the decoder's gamma_0.")
     x = images.check_images(x, tuple(model.image_shape))
+    if dequantization == "truncated_normal" or start_gamma is not None:
+        return _bpd_in_gamma(model, x, seed, dequantization, _start_of(model, start_gamma), **options)
     noise_seed, probe_seed = seeding.split_seed(seed, 2)
     dims = math.prod(model.image_shape)
     if dequantization == "uniform":
