@@ -14,9 +14,12 @@ Code reads a field through its section: `config.network.n_layers`, `config.model
     model      ModelConfig      kind (vdm | cdm), timesteps, num_levels,       runs.build_model
                                 cross_entropy_weight, multiscale_levels,
                                 multiscale_end_times, multiscale_stage_networks,
-                                augment, decoder_alphabet
+                                augment, decoder_alphabet, parameterization
+                                (eps | velocity), time_sampling (antithetic |
+                                importance), flow_matching_weight
     schedule   ScheduleConfig   kind (fixed_linear | learned_linear |          runs.build_schedule,
-                                learned_monotonic), gamma_min, gamma_max,      runs.build_sde
+                                learned_monotonic | idode_vp | idode_sp),      runs.build_sde
+                                gamma_min, gamma_max,
                                 minimize_variance, sde (vdm | vp | subvp | ve),
                                 beta_min, beta_max, sigma_min, sigma_max
     network    NetworkConfig    n_layers, n_embd, dropout, fourier_features,   ScoreUNet,
@@ -158,6 +161,13 @@ class ModelConfig(_Section):
     # The decoder p(x | z_0) puts its mass on the data set's pixel values (`DatasetInfo.pixel_values`,
     # e.g. the digits' 17) instead of all 256, keeping a floor for the others (vdm_tf.images).
     decoder_alphabet: bool = False
+    # Training the i-DODE way (Zheng et al. 2023; vdm_tf.VDM): what the network predicts, eps or the
+    # velocity of the schedule's path; how the loss's noise levels are drawn, antithetic times or
+    # gammas importance-sampled with density proportional to alpha^2 (continuous time, velocity);
+    # the weight of the second-order flow-matching term (i-DODE fine-tunes with 0.1; 0: off).
+    parameterization: str = _field("eps", choices=("eps", "velocity"))
+    time_sampling: str = _field("antithetic", choices=("antithetic", "importance"))
+    flow_matching_weight: float = _field(0.0, at_least=0)
 
     def check(self):
         if self.multiscale_levels and self.multiscale_end_times:
@@ -166,6 +176,21 @@ class ModelConfig(_Section):
                     f"model.multiscale_end_times needs one time per level ({self.multiscale_levels}); "
                     f"got {self.multiscale_end_times}."
                 )
+        if self.parameterization != "velocity" and (self.time_sampling == "importance" or self.flow_matching_weight):
+            raise ValueError(
+                "model.time_sampling=importance and model.flow_matching_weight > 0 take "
+                "model.parameterization=velocity."
+            )
+        if self.timesteps and (self.time_sampling == "importance" or self.flow_matching_weight):
+            raise ValueError(
+                "model.time_sampling=importance and model.flow_matching_weight > 0 are continuous-time: "
+                "set model.timesteps=0."
+            )
+
+    @property
+    def idode(self):
+        """Whether any of the i-DODE training options is on."""
+        return self.parameterization != "eps" or self.time_sampling != "antithetic" or self.flow_matching_weight > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,10 +200,17 @@ class ScheduleConfig(_Section):
     `sde=vdm` trains `kind` (a VDM); vp | subvp | ve train a score model of that fixed SDE by
     likelihood-weighted denoising score matching (vdm_tf.score_model), which replaces kind,
     gamma_min and gamma_max by the SDE's. A CDM's levels are FixedLinear(gamma_min, gamma_max).
+
+    i-DODE's two schedules (Zheng et al. 2023), both a fixed linear gamma(t) from gamma_min to
+    gamma_max: `idode_vp`, its "VP" (`schedules.VariancePreserving`: the process of fixed_linear,
+    alpha^2 = sigmoid(-gamma)), and `idode_sp`, its straight path "SP" (`schedules.StraightPath`:
+    the network sees z = (1 - sigma) x + sigma eps, sigma = sigmoid(gamma / 2)).
     """
 
     section: typing.ClassVar[str] = "schedule"
-    kind: str = _field("learned_monotonic", choices=("fixed_linear", "learned_linear", "learned_monotonic"))
+    kind: str = _field(
+        "learned_monotonic", choices=("fixed_linear", "learned_linear", "learned_monotonic", "idode_vp", "idode_sp")
+    )
     gamma_min: float = -13.3
     gamma_max: float = 5.0
     minimize_variance: bool = True  # the schedule trains on the variance of the loss (VDM), not the VLB
@@ -325,6 +357,22 @@ class Config:
             if model.timesteps or schedule.sde != "vdm":
                 raise ValueError("Multi-scale diffusion is a continuous-time VDM: set timesteps=0 and sde=vdm.")
             check_haar_levels(dataset_table.info(self.data.dataset).image_shape, model.multiscale_levels)
+        if model.idode or schedule.kind == "idode_sp":
+            if model.kind != "vdm" or schedule.sde != "vdm" or model.multiscale_levels:
+                raise ValueError(
+                    "model.parameterization, time_sampling, flow_matching_weight and schedule.kind=idode_sp "
+                    "train a VDM: set model.kind=vdm, schedule.sde=vdm and model.multiscale_levels=0."
+                )
+            if model.time_sampling == "importance" and schedule.kind == "learned_monotonic":
+                raise ValueError(
+                    "model.time_sampling=importance draws gamma directly, so a learned_monotonic shape would "
+                    "not train: set schedule.kind to idode_vp, idode_sp, fixed_linear or learned_linear."
+                )
+            if model.flow_matching_weight and schedule.kind not in ("idode_vp", "idode_sp", "fixed_linear"):
+                raise ValueError(
+                    "model.flow_matching_weight > 0 fine-tunes the network of a fixed schedule: set "
+                    "schedule.kind to idode_vp, idode_sp or fixed_linear."
+                )
 
     def replace(self, **changes):
         """A copy with `changes`, checked as a whole (so fields that go together change together).

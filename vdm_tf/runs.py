@@ -43,7 +43,8 @@ from vdm_tf.run_config import (  # noqa: F401  (the configuration side of a run 
 def build_model(config):
     """The model a configuration describes.
 
-    A `vdm_tf.VDM`; a `vdm_tf.score_model.ScoreSDEModel` when `schedule.sde` names a fixed SDE;
+    A `vdm_tf.VDM` (trained the i-DODE way with `model.parameterization`, `time_sampling`,
+    `flow_matching_weight`); a `vdm_tf.score_model.ScoreSDEModel` when `schedule.sde` names a fixed SDE;
     a `multiscale.MultiScaleVDM` when `model.multiscale_levels` > 0; a `cdm.CDM` for
     `model.kind=cdm` (`Config` has refused the combinations that exclude each other).
     `network.mixed_precision` sets the dtype policy of the ScoreUNet denoisers
@@ -101,7 +102,10 @@ def build_model(config):
     common = dict(timesteps=m.timesteps, seed=seed, augmentation=augmentation, pixel_values=pixel_values)
     if process:
         return score_model.ScoreSDEModel(network(), process, image_shape, **common)
-    return VDM(network(), build_schedule(config), image_shape, **common)
+    idode = dict(
+        parameterization=m.parameterization, time_sampling=m.time_sampling, flow_matching_weight=m.flow_matching_weight
+    )
+    return VDM(network(), build_schedule(config), image_shape, **common, **idode)
 
 
 def build_sde(config):
@@ -120,6 +124,10 @@ def build_schedule(config):
     s = config.schedule
     if s.kind == "fixed_linear":
         return schedules.FixedLinear(s.gamma_min, s.gamma_max)
+    if s.kind == "idode_vp":
+        return schedules.VariancePreserving(s.gamma_min, s.gamma_max)
+    if s.kind == "idode_sp":
+        return schedules.StraightPath(s.gamma_min, s.gamma_max)
     if s.kind == "learned_linear":
         return schedules.LearnedLinear(s.gamma_min, s.gamma_max)
     return schedules.LearnedMonotonic(s.gamma_min, s.gamma_max, minimize_variance=s.minimize_variance)
