@@ -39,11 +39,11 @@ the two models and several T add up in one file.
 import argparse
 import json
 import os
-import platform
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+from bench import common
+
+common.prepare()  # before TensorFlow, as the command lines start
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -146,7 +146,7 @@ def main():
         "latent_bins": args.latent_bins,
         "window": args.window,
         "elbo_time_samples": args.elbo_samples,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": common.machine(),
         "intra_op_threads": compression.intra_op_threads(),
         "tensorflow": tf.__version__,
         "rows": rows,
@@ -286,7 +286,7 @@ def photos(args):
         "latent_bins": args.latent_bins,
         "window": args.window,
         "elbo_time_samples": args.elbo_samples,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
+        "machine": common.machine(),
         "intra_op_threads": compression.intra_op_threads(),
         "tensorflow": tf.__version__,
     }, drop=("num_steps",))  # fmt: skip
