@@ -181,9 +181,11 @@ class Trainer:
 
         # The model checkpoint of `vdm_tf.runs.model_checkpoint` plus the metrics window: the
         # running sums (total, count) of the logged terms since the last logged step.
-        window = {f"{name}_{v.name}": v.value for name, t in self.model.term_trackers.items() for v in t.variables}
+        self._window = {
+            f"{name}_{v.name}": v.value for name, t in self.model.term_trackers.items() for v in t.variables
+        }
         self.checkpoints = tf.train.CheckpointManager(
-            tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer, metrics_window=window),
+            tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer, metrics_window=self._window),
             self._write_dir("checkpoints"),
             max_to_keep=config.trainer.keep_checkpoints,
         )
@@ -270,7 +272,12 @@ class Trainer:
         latest = tf.train.latest_checkpoint(os.path.join(self.model_dir, "checkpoints"))
         if latest is None:
             return 0
-        self.checkpoints.checkpoint.restore(latest).assert_existing_objects_matched()
+        # A run resumed with a term its checkpoint lacks (fine-tuning with
+        # --config.flow_matching_weight) starts that term's window at zero; everything else must match.
+        saved = {name.split("/")[1] for name, _ in tf.train.list_variables(latest) if name.startswith("metrics_window")}
+        window = {key: value for key, value in self._window.items() if key in saved}
+        checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer, metrics_window=window)
+        checkpoint.restore(latest).assert_existing_objects_matched()
         step = self.step
         data = os.path.join(self.data_checkpoints.directory, f"ckpt-{step}")
         if tf.io.gfile.exists(data + ".index"):
