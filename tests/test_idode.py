@@ -537,3 +537,16 @@ def test_the_readme_section_runs_as_written(tmp_path):
     second = config_of(fine_tune, saved=first)
     assert second == first.replace(flow_matching_weight=0.1, train_steps=2000)
     assert second.trainer.train_steps > first.trainer.train_steps
+
+
+@pytest.mark.parametrize("schedule", [schedules.VariancePreserving(), schedules.StraightPath()], ids=["vp", "sp"])
+def test_the_bits_back_codec_runs_the_chain_on_eps_hat(schedule):
+    """The codec's chain needs eps_hat: with a velocity network on either path it must convert the
+    output as the model does (the network's raw output is v, not eps)."""
+    from vdm_tf.compression import BitsBackCodec
+
+    model = VDM(vdm_tf.networks.ScoreUNet(n_layers=1, n_embd=8), schedule, (8, 8, 1), parameterization="velocity")
+    eps_hat, _, shape = BitsBackCodec(model, num_steps=4, batch_size=2)._network(2, (8, 8))
+    z = tf.random.stateless_normal(shape, [1, 2])
+    np.testing.assert_array_equal(eps_hat(z, tf.constant(-2.0)), model._denoise(z, tf.fill([2], -2.0)))
+    assert not np.allclose(eps_hat(z, tf.constant(-2.0)), model.denoiser(z, tf.fill([2], -2.0)), atol=1e-3)

@@ -199,7 +199,7 @@ class BitsBackCodec:
 
         def build():
             eps_hat = tf.function(
-                lambda z, gamma: model.denoiser(z, tf.fill([batch_size], gamma), training=False),
+                lambda z, gamma: model._denoise(z, tf.fill([batch_size], gamma)),  # eps_hat, any parameterisation
                 input_signature=signature,
             )
             probabilities = tf.function(
