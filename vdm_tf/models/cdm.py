@@ -2,7 +2,7 @@
 
     classifier = vdm_tf.networks.NoiseLevelClassifier(num_levels=1000, n_layers=2, n_embd=64)
     cdm = vdm_tf.cdm.CDM(classifier, vdm_tf.schedules.FixedLinear(-13.3, 10.0), (32, 32, 3), num_levels=1000)
-    cdm.compile(optimizer=keras.optimizers.AdamW(2e-4)); cdm.fit(uint8_batches, ...)
+    cdm.compile(optimizer=vdm_tf.optimizers.AdamW(2e-4)); cdm.fit(uint8_batches, ...)
     bpd = cdm.one_step_bpd(x_uint8, seed=0)     # one classifier evaluation per image
     x = cdm.sample(16, num_steps=256, seed=0)   # or any sampler of vdm_tf.samplers
 
@@ -195,7 +195,7 @@ class CDM(DiffusionModel):
     Example:
     >>> classifier = vdm_tf.networks.NoiseLevelClassifier(num_levels=1000, n_layers=1, n_embd=32)
     >>> cdm = CDM(classifier, vdm_tf.schedules.FixedLinear(-13.3, 10.0), (8, 8, 1), num_levels=1000)
-    >>> cdm.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    >>> cdm.compile(optimizer=vdm_tf.optimizers.AdamW(1e-3))
     >>> cdm.fit(vdm_tf.datasets.load("digits", "train", batch_size=64), steps_per_epoch=100)
     >>> cdm.one_step_bpd(test_images)        # float32 [N], one classifier evaluation each
     >>> cdm.sample(16, num_steps=1000)       # uint8 [16, 8, 8, 1]

@@ -134,7 +134,7 @@ class MultiScaleVDM(VDM):
     >>> model = vdm_tf.multiscale.MultiScaleVDM(
     ...     vdm_tf.networks.ScoreUNet(n_layers=4, n_embd=64), vdm_tf.schedules.LearnedLinear(),
     ...     image_shape=(32, 32, 3), levels=2)       # stages at 32x32, 16x16, 8x8
-    >>> model.compile(optimizer=keras.optimizers.AdamW(2e-4))
+    >>> model.compile(optimizer=vdm_tf.optimizers.AdamW(2e-4))
     >>> terms = model.elbo(x_uint8, seed=0)          # {"bpd": [N], "diffusion": [N], ...}
     >>> x_new = model.sample(16, num_steps=256, seed=0)
 

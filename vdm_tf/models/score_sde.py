@@ -50,7 +50,7 @@ class ScoreSDEModel(VDM):
     >>> process = vdm_tf.sde.SubVPSDE()
     >>> denoiser = vdm_tf.networks.ScoreUNet(n_layers=4, n_embd=64, gamma_min=-27.6, gamma_max=10.1)
     >>> model = vdm_tf.score_model.ScoreSDEModel(denoiser, process, image_shape=(8, 8, 1))
-    >>> model.compile(optimizer=keras.optimizers.AdamW(2e-4)); model.fit(...)   # the bpd bound
+    >>> model.compile(optimizer=vdm_tf.optimizers.AdamW(2e-4)); model.fit(...)   # the bpd bound
     >>> x = vdm_tf.samplers.sample(model, 16, sampler="pc", num_steps=500, seed=0)
 
     Reference: Song et al. 2021, "Maximum Likelihood Training of Score-Based Diffusion Models",

@@ -101,7 +101,7 @@ class VDM(DiffusionModel):
     Example:
     >>> model = vdm_tf.VDM(vdm_tf.networks.ScoreUNet(n_layers=4, n_embd=64),
     ...                    vdm_tf.schedules.LearnedLinear(), image_shape=(8, 8, 1))
-    >>> model.compile(optimizer=keras.optimizers.AdamW(2e-4, use_ema=True, ema_momentum=0.999))
+    >>> model.compile(optimizer=vdm_tf.optimizers.AdamW(2e-4, use_ema=True, ema_momentum=0.999))
     >>> model.fit(vdm_tf.datasets.load("digits", "train", batch_size=64), steps_per_epoch=100)
     >>> terms = model.elbo(test_images, seed=0)   # {"bpd": [N], "diffusion": [N], ...}
     >>> samples = model.sample(16, num_steps=256, seed=0)   # uint8 [16, 8, 8, 1]
