@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from concurrent import futures
 
 import keras
 import numpy as np
@@ -152,10 +153,17 @@ def test_train_two_steps_then_sample_guided_images(workspace, tmp_path):
 
     The run directory holds the configuration of the flags, a classifier that made exactly 2
     optimizer steps, its metrics, and the printed accuracies are the saved classifier's;
-    `guided_3.png` is the grid of the images this process samples with the same settings."""
+    `guided_3.png` is the grid of the images this process samples with the same settings (the
+    sampling process runs while this one checks the training run and samples)."""
     model_dir = str(tmp_path / "classifier")
     trained = run_classifier(f"--model_dir={model_dir}", "--train_steps=2", "--batch_size=2")
     assert trained.returncode == 0, trained.stderr[-3000:]
+    flags = ["--label=3", "--num_samples=2", "--num_steps=2", "--sampler=ancestral", "--guidance_scale=30", "--seed=4"]
+    pool = futures.ThreadPoolExecutor(1)
+    sampling = pool.submit(
+        run_classifier, "--mode=sample", f"--model_dir={model_dir}", f"--diffusion_dir={workspace}/run", *flags
+    )
+    pool.shutdown(wait=False)
     assert "Traceback" not in trained.stderr and "UserWarning" not in trained.stderr, trained.stderr[-3000:]
     config = dataclasses.replace(classifier.PRESETS["digits"], train_steps=2, batch_size=2)
     assert json.loads((tmp_path / "classifier" / "config.json").read_text()) == dataclasses.asdict(config)
@@ -170,18 +178,17 @@ def test_train_two_steps_then_sample_guided_images(workspace, tmp_path):
     expected = ", ".join(f"{gamma:+.0f}: {value:.3f}" for gamma, value in accuracy.items())
     assert printed.group(1) == expected
 
-    flags = ["--label=3", "--num_samples=2", "--num_steps=2", "--sampler=ancestral", "--guidance_scale=30", "--seed=4"]
-    sampled = run_classifier("--mode=sample", f"--model_dir={model_dir}", f"--diffusion_dir={workspace}/run", *flags)
+    samples = classifier.guided_samples(model_dir, str(workspace / "run"), 3, 30.0, 2, "ancestral", 2, seed=4)
+    vdm_tf.images.save_grid(samples, str(tmp_path / "expected.png"))
+    other = classifier.guided_samples(model_dir, str(workspace / "run"), 5, 30.0, 2, "ancestral", 2, seed=4)
+    assert not np.array_equal(other, samples), "the label must change the samples for this check to mean something"
+    sampled = sampling.result()
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     path = os.path.join(model_dir, "guided_3.png")
     assert f"wrote {path} (2 samples of class 3, guidance scale 30.0)" in sampled.stdout, sampled.stdout
-    samples = classifier.guided_samples(model_dir, str(workspace / "run"), 3, 30.0, 2, "ancestral", 2, seed=4)
-    vdm_tf.images.save_grid(samples, str(tmp_path / "expected.png"))
     with Image.open(path) as written, Image.open(tmp_path / "expected.png") as expected_grid:
         assert written.size == expected_grid.size and written.mode == "L"
         np.testing.assert_array_equal(np.asarray(written), np.asarray(expected_grid))
-    other = classifier.guided_samples(model_dir, str(workspace / "run"), 5, 30.0, 2, "ancestral", 2, seed=4)
-    assert not np.array_equal(other, samples), "the label must change the samples for this check to mean something"
 
 
 def test_the_sampler_flag_names_the_library_samplers():

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from concurrent import futures
 
 import exported_model
 import numpy as np
@@ -203,18 +204,27 @@ def run_signature_with_saved_model_cli(path, signature, out_dir, **inputs):
 
 
 def test_saved_model_cli_shows_and_runs_both_signatures(exported, tmp_path):
+    """The three saved_model_cli commands (independent processes, each starting TensorFlow) run
+    side by side, while this process computes what they must answer."""
     model, _, path, _ = exported
-    shown = saved_model_cli("show", "--dir", path, "--tag_set", "serve", "--signature_def", "likelihood")
-    assert "inputs['images'] tensor_info" in shown and "outputs['bpd'] tensor_info" in shown
     images = np.full((3, 8, 8, 1), 200, np.uint8)
-    inputs = {"images": images, "seed": np.int64(5)}
-    got = run_signature_with_saved_model_cli(path, "likelihood", tmp_path / "likelihood", **inputs)
-    expected = model.elbo(images, seed=5, num_time_samples=TIME_SAMPLES)
+    likelihood_inputs = {"images": images, "seed": np.int64(5)}
+    sample_inputs = {"num_samples": np.int32(2), "num_steps": np.int32(3), "seed": np.int64(9)}
+    with futures.ThreadPoolExecutor(3) as pool:
+        shown = pool.submit(
+            saved_model_cli, "show", "--dir", path, "--tag_set", "serve", "--signature_def", "likelihood"
+        )
+        likelihood = pool.submit(
+            run_signature_with_saved_model_cli, path, "likelihood", tmp_path / "likelihood", **likelihood_inputs
+        )
+        sampled = pool.submit(run_signature_with_saved_model_cli, path, "sample", tmp_path / "sample", **sample_inputs)
+        expected = model.elbo(images, seed=5, num_time_samples=TIME_SAMPLES)
+        expected_samples = model.sample(2, 3, seed=9).numpy()
+    assert "inputs['images'] tensor_info" in shown.result() and "outputs['bpd'] tensor_info" in shown.result()
+    got = likelihood.result()
     np.testing.assert_allclose(got["bpd"], expected["bpd"].numpy(), rtol=1e-6)
     np.testing.assert_allclose(got["reconstruction_bpd"], expected["reconstruction"].numpy(), rtol=1e-6)
-    inputs = {"num_samples": np.int32(2), "num_steps": np.int32(3), "seed": np.int64(9)}
-    got = run_signature_with_saved_model_cli(path, "sample", tmp_path / "sample", **inputs)
-    np.testing.assert_array_equal(got["images"], model.sample(2, 3, seed=9).numpy())
+    np.testing.assert_array_equal(sampled.result()["images"], expected_samples)
 
 
 def test_a_score_sde_model_exports_and_its_score_sde_graphs_use_its_own_sde(small_exports):

@@ -59,37 +59,38 @@ def test_train_then_eval_sample_and_export_from_the_run_directory(tmp_path, caps
     assert "signature_def['likelihood']:" in out and "outputs['bpd'] tensor_info:" in out
     assert (tmp_path / "run" / "export" / "vdm" / "1" / "saved_model.pb").exists()
     # Then, in parallel: eval and sample with overrides of how (not what) they compute, and
-    # another export.
+    # another export; meanwhile this process computes what they and the training must print.
     commands = [
         ["--mode=eval", "--config.eval_time_samples=1"],
         ["--mode=sample", "--config.num_samples=3", "--config.sample_steps=2", "--config.seed=5"],
         ["--mode=export", "--export_name=digits"],
     ]
     with futures.ThreadPoolExecutor(len(commands)) as pool:
-        evaluated, sampled, exported = pool.map(lambda c: run_cli(f"--model_dir={model_dir}", *c), commands)
+        runs = [pool.submit(run_cli, f"--model_dir={model_dir}", *c) for c in commands]
+        model = vdm_tf.load(model_dir)
+        expected_samples = model.sample(3, num_steps=2, seed=5).numpy()
+        # The summary line of training, recomputed here from its definition: the mean over the 297
+        # test images of each image's bound (K = 2 time samples, batches of 256 // K, seed
+        # fold_in(0, b) for batch b), and the standard error of that mean.
+        test = vdm_tf.datasets.digits_arrays("test")
+        per_image = np.concatenate(
+            [
+                model.elbo(test[i : i + 128], seed=vdm_tf.seeding.fold_in(0, b), num_time_samples=2)["bpd"].numpy()
+                for b, i in enumerate(range(0, len(test), 128))
+            ]
+        ).astype(np.float64)
+        bpd, stderr = per_image.mean(), per_image.std(ddof=1) / math.sqrt(per_image.size)
+        assert SUMMARY.search(out).group(0) == f"test bpd: {bpd:.3f} +- {stderr:.3f} (297 images, 2 time samples each)"
+        # Evaluation of the saved run is deterministic: the same line again, in this process.
+        main.evaluate(configs.saved_config(model_dir), model)
+        assert SUMMARY.search(capsys.readouterr().out).group(0) == SUMMARY.search(out).group(0)
+        evaluated, sampled, exported = [run.result() for run in runs]
     assert SUMMARY.search(evaluated).group(3, 4) == ("297", "1")
     assert "(3 samples, 2 steps)" in sampled
     samples = np.load(tmp_path / "run" / "samples.npz")["images"]
     assert samples.shape == (3, 8, 8, 1)
-    model = vdm_tf.load(model_dir)
-    np.testing.assert_array_equal(samples, model.sample(3, num_steps=2, seed=5).numpy())
+    np.testing.assert_array_equal(samples, expected_samples)
     assert f"exported {model_dir}/export/digits/1" in exported and "signature_def['sample']:" in exported
-
-    # The summary line of training, recomputed here from its definition: the mean over the 297
-    # test images of each image's bound (K = 2 time samples, batches of 256 // K, seed
-    # fold_in(0, b) for batch b), and the standard error of that mean.
-    test = vdm_tf.datasets.digits_arrays("test")
-    per_image = np.concatenate(
-        [
-            model.elbo(test[i : i + 128], seed=vdm_tf.seeding.fold_in(0, b), num_time_samples=2)["bpd"].numpy()
-            for b, i in enumerate(range(0, len(test), 128))
-        ]
-    ).astype(np.float64)
-    bpd, stderr = per_image.mean(), per_image.std(ddof=1) / math.sqrt(per_image.size)
-    assert SUMMARY.search(out).group(0) == f"test bpd: {bpd:.3f} +- {stderr:.3f} (297 images, 2 time samples each)"
-    # Evaluation of the saved run is deterministic: the same line again, in this process.
-    main.evaluate(configs.saved_config(model_dir), model)
-    assert SUMMARY.search(capsys.readouterr().out).group(0) == SUMMARY.search(out).group(0)
 
 
 def test_config_flags_override_the_preset():
