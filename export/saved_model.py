@@ -12,7 +12,8 @@ request works when the server passes exactly the inputs the client sent. A varia
 another input is another signature.
 
 - `likelihood` (also `serving_default`): `images` uint8 [N, H, W, C], `seed` int64 scalar
-  -> `bpd`, `diffusion_bpd`, `prior_bpd`, `reconstruction_bpd`, float32 [N]. The mean of
+  -> `bpd`, `diffusion_bpd`, `prior_bpd`, `reconstruction_bpd` (every term of the model: a MuLAN's
+  also `latent_kl_bpd`), float32 [N]. The mean of
   `time_samples` antithetic estimates per image, the numbers of
   `model.elbo(images, seed, num_time_samples=time_samples)`.
 - `sample`: `num_samples`, `num_steps` int32 scalars, `seed` int64 scalar -> `images` uint8
@@ -200,9 +201,9 @@ class ServingModule(tf.Module):
         terms = self.model.elbo_graph(
             self._valid_images(images), self._valid_seed(seed), tf.constant(self.time_samples, tf.int32)
         )
-        names = {output: output.removesuffix("_bpd") for output in LIKELIHOOD_OUTPUTS}
-        # A CDM's `elbo_graph` gives its one-step `bpd` only.
-        return {output: terms[name] for output, name in names.items() if name in terms}
+        # Every term the model reports, as `NAME_bpd`: a VDM's are LIKELIHOOD_OUTPUTS, a MuLAN's add
+        # `latent_kl_bpd`, a CDM's `elbo_graph` gives its one-step `bpd` only.
+        return {name if name == "bpd" else f"{name}_bpd": value for name, value in terms.items()}
 
     def _one_step_likelihood(self, images, seed):
         return {"bpd": self.model.one_step_bpd_graph(self._valid_images(images), self._valid_seed(seed))}

@@ -30,6 +30,10 @@ FIELDS = {
     "augment": ("model", "augment", True),
     "decoder_alphabet": ("model", "decoder_alphabet", True),
     "parameterization": ("model", "parameterization", "velocity"),
+    "latent_size": ("model", "latent_size", 20),
+    "latent_k": ("model", "latent_k", 5),
+    "encoder_layers": ("model", "encoder_layers", 3),
+    "schedule_features": ("model", "schedule_features", 16),
     "schedule": ("schedule", "kind", "fixed_linear"),
     "gamma_min": ("schedule", "gamma_min", -10.0),
     "gamma_max": ("schedule", "gamma_max", 6.0),
@@ -94,8 +98,10 @@ def config_of_flags(*argv, base=None):
 
 # Fields that only go with parameterization=velocity (tests/test_idode.py routes them).
 VELOCITY_FIELDS = {"time_sampling", "flow_matching_weight"}
+# MuLAN's fields (model.kind=mulan).
+MULAN_FIELDS = {"latent_size", "latent_k", "encoder_layers", "schedule_features"}
 # Fields added after the fixture run directory was written: its config.json lacks them.
-NEWER_FIELDS = {"parameterization"} | VELOCITY_FIELDS
+NEWER_FIELDS = {"parameterization"} | VELOCITY_FIELDS | MULAN_FIELDS
 
 
 def test_the_flat_names_are_those_of_the_flat_config_json():

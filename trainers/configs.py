@@ -163,3 +163,21 @@ PRESETS["photos"] = Config(
 PRESETS["photos_grey"] = PRESETS["photos"].replace(data={"dataset": "photos_grey"}, trainer={"train_steps": 1000})
 # The photos preset trained the i-DODE way (i-DODE's VP schedule on gamma in [-13.3, 5]).
 PRESETS["photos_idode"] = PRESETS["photos"].replace(model=_IDODE, schedule={"kind": "idode_vp"})
+# MuLAN (Sahoo et al. 2024, "Diffusion Models With Learned Adaptive Noise"; s-sahoo/MuLAN
+# ldm/configs/cifar10-conditioned.py): a per-pixel polynomial schedule with fixed ends (gamma in
+# [-13.3, 5]) conditioned on a 15-of-50 latent inferred from the image by a U-Net encoder, the
+# denoiser conditioned on the latent, the velocity parameterisation (vdm_type=mulan_velocity;
+# model.parameterization=eps is mulan_epsilon). Digits and photos: their presets' networks and
+# optimisers, an encoder of 2 blocks.
+_MULAN = {"kind": "mulan", "parameterization": "velocity", "latent_size": 50, "latent_k": 15, "encoder_layers": 2}
+PRESETS["digits_mulan"] = PRESETS["digits"].replace(model=_MULAN, schedule={"gamma_min": -13.3, "gamma_max": 5.0})
+PRESETS["photos_mulan"] = PRESETS["photos"].replace(model=_MULAN, schedule={"gamma_min": -13.3, "gamma_max": 5.0})
+# CIFAR-10, the official configuration: encoder of forward_n_layer = 4 blocks, the schedule's hidden
+# width H * W * C = 3072, 32 blocks of 128 channels, dropout 0.1, Fourier features, no attention,
+# batch 128, AdamW 2e-4 (b1 0.9, b2 0.99, weight decay 0.01) after 100 warm-up steps, EMA 0.9999,
+# 10M steps (the cifar10 preset's network and optimiser are these).
+PRESETS["cifar10_mulan"] = PRESETS["cifar10"].replace(
+    model=dict(_MULAN, encoder_layers=4),
+    schedule={"gamma_min": -13.3, "gamma_max": 5.0},
+    trainer={"train_steps": 10_000_000},
+)

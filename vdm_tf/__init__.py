@@ -40,9 +40,9 @@ _SUBMODULES = (
     "vdm",
 )
 # Names defined in a submodule: name -> module.
-_NAMES = {"VDM": "models", "load": "runs", "prepare_process": "_startup"}
+_NAMES = {"VDM": "models", "MuLAN": "models", "load": "runs", "prepare_process": "_startup"}
 
 
 __getattr__, __dir__ = _lazy.attributes(__name__, globals(), _SUBMODULES, _NAMES)
 
-__all__ = ["VDM", "load", "prepare_process", *_SUBMODULES]
+__all__ = ["VDM", "MuLAN", "load", "prepare_process", *_SUBMODULES]

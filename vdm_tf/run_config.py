@@ -148,7 +148,11 @@ class ModelConfig(_Section):
     # cdm: a Classification Diffusion Model (vdm_tf.cdm), a noise-level classifier
     # (NoiseLevelClassifier, the network section) on num_levels + 2 levels of the schedule
     # FixedLinear(gamma_min, gamma_max); its eval reports the one-step bpd.
-    kind: str = _field("vdm", choices=("vdm", "cdm"))
+    # mulan: MuLAN (vdm_tf.models.mulan; Sahoo et al. 2024): a per-pixel polynomial schedule with
+    # ends schedule.gamma_min, gamma_max conditioned on a k-hot latent inferred from the image
+    # (encoder: the network section's width, encoder_layers ResNet blocks); continuous time;
+    # `parameterization` eps (mulan_epsilon) or velocity (mulan_velocity).
+    kind: str = _field("vdm", choices=("vdm", "cdm", "mulan"))
     timesteps: int = _field(0, at_least=0, at_most=1 << 24)  # 0: continuous-time VLB
     num_levels: int = _field(1000, at_least=1, at_most=1_000_000)  # a CDM's noise levels
     cross_entropy_weight: float = _field(1e-3, at_least=0)  # a CDM's
@@ -168,8 +172,18 @@ class ModelConfig(_Section):
     parameterization: str = _field("eps", choices=("eps", "velocity"))
     time_sampling: str = _field("antithetic", choices=("antithetic", "importance"))
     flow_matching_weight: float = _field(0.0, at_least=0)
+    # MuLAN's latent: L units of which k are on (official cifar10: 50 and 15), the encoder's ResNet
+    # blocks (`forward_n_layer`), the hidden width of the schedule network (0: H * W * C, official).
+    latent_size: int = _field(50, at_least=2, at_most=1 << 16)
+    latent_k: int = _field(15, at_least=1, at_most=1 << 16)
+    encoder_layers: int = _field(4, at_least=0, at_most=1024)
+    schedule_features: int = _field(0, at_least=0, at_most=1 << 20)
 
     def check(self):
+        if self.latent_k >= self.latent_size:
+            raise ValueError(
+                f"model.latent_k must be below model.latent_size ({self.latent_size}); got {self.latent_k}."
+            )
         if self.multiscale_levels and self.multiscale_end_times:
             if len(self.multiscale_end_times) != self.multiscale_levels:
                 raise ValueError(
@@ -357,7 +371,21 @@ class Config:
             if model.timesteps or schedule.sde != "vdm":
                 raise ValueError("Multi-scale diffusion is a continuous-time VDM: set timesteps=0 and sde=vdm.")
             check_haar_levels(dataset_table.info(self.data.dataset).image_shape, model.multiscale_levels)
-        if model.idode or schedule.kind == "idode_sp":
+        if model.kind == "mulan":
+            if (
+                schedule.sde != "vdm"
+                or model.multiscale_levels
+                or model.timesteps
+                or model.augment
+                or model.time_sampling != "antithetic"
+                or model.flow_matching_weight
+            ):
+                raise ValueError(
+                    "MuLAN (model.kind=mulan) is a continuous-time model with its own per-pixel schedule: set "
+                    "sde=vdm, multiscale_levels=0, timesteps=0, augment=false, time_sampling=antithetic and "
+                    "flow_matching_weight=0."
+                )
+        elif model.idode or schedule.kind == "idode_sp":
             if model.kind != "vdm" or schedule.sde != "vdm" or model.multiscale_levels:
                 raise ValueError(
                     "model.parameterization, time_sampling, flow_matching_weight and schedule.kind=idode_sp "

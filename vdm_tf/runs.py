@@ -15,6 +15,7 @@ presets, flags and the training loop on top; the library imports nothing from it
 """
 
 import contextlib
+import math
 import os
 
 import keras
@@ -23,7 +24,7 @@ import tensorflow as tf
 from vdm_tf import augmentation as augmentation_lib
 from vdm_tf import cdm, multiscale, networks, optimizers, schedules, score_model, sde
 from vdm_tf.dataset_table import info as dataset_info
-from vdm_tf.models import VDM, DiffusionModel
+from vdm_tf.models import VDM, DiffusionModel, mulan
 from vdm_tf.run_config import (  # noqa: F401  (the configuration side of a run directory, TensorFlow-free)
     DTYPE_POLICIES,
     Config,
@@ -46,7 +47,8 @@ def build_model(config):
     A `vdm_tf.VDM` (trained the i-DODE way with `model.parameterization`, `time_sampling`,
     `flow_matching_weight`); a `vdm_tf.score_model.ScoreSDEModel` when `schedule.sde` names a fixed SDE;
     a `multiscale.MultiScaleVDM` when `model.multiscale_levels` > 0; a `cdm.CDM` for
-    `model.kind=cdm` (`Config` has refused the combinations that exclude each other).
+    `model.kind=cdm`; a `vdm_tf.MuLAN` for `model.kind=mulan` (`build_mulan`) (`Config` has
+    refused the combinations that exclude each other).
     `network.mixed_precision` sets the dtype policy of the ScoreUNet denoisers
     (`DTYPE_POLICIES`), which their saved configuration keeps; the model around them stays float32.
     """
@@ -99,6 +101,8 @@ def build_model(config):
             augmentation=augmentation,
             pixel_values=pixel_values,
         )
+    if m.kind == "mulan":
+        return build_mulan(config, image_shape, pixel_values)
     common = dict(timesteps=m.timesteps, seed=seed, augmentation=augmentation, pixel_values=pixel_values)
     if process:
         return score_model.ScoreSDEModel(network(), process, image_shape, **common)
@@ -106,6 +110,47 @@ def build_model(config):
         parameterization=m.parameterization, time_sampling=m.time_sampling, flow_matching_weight=m.flow_matching_weight
     )
     return VDM(network(), build_schedule(config), image_shape, **common, **idode)
+
+
+def build_mulan(config, image_shape, pixel_values):
+    """A `vdm_tf.MuLAN` (`model.kind=mulan`): the network section's ScoreUNet conditioned on the latent,
+    an encoder of the network's width and dropout with `model.encoder_layers` blocks, the per-pixel
+    schedule on [schedule.gamma_min, schedule.gamma_max]."""
+    m, net, s = config.model, config.network, config.schedule
+    denoiser = networks.ScoreUNet(
+        n_layers=net.n_layers,
+        n_embd=net.n_embd,
+        fourier_features=net.fourier_features,
+        fourier_exponents=net.fourier_exponents,
+        attention=net.attention,
+        dropout=net.dropout,
+        gamma_min=s.gamma_min,
+        gamma_max=s.gamma_max,
+        conditioning_dim=m.latent_size,
+        dtype=DTYPE_POLICIES[net.mixed_precision],
+    )
+    encoder = mulan.LatentEncoder(
+        latent_size=m.latent_size,
+        n_layers=m.encoder_layers,
+        n_embd=net.n_embd,
+        fourier_features=net.fourier_features,
+        fourier_exponents=net.fourier_exponents,
+        attention=net.attention,
+        dropout=net.dropout,
+    )
+    schedule = mulan.PolynomialSchedule(
+        math.prod(image_shape), s.gamma_min, s.gamma_max, n_features=m.schedule_features or None
+    )
+    return mulan.MuLAN(
+        denoiser,
+        schedule,
+        encoder,
+        image_shape,
+        latent_k=m.latent_k,
+        parameterization=m.parameterization,
+        seed=config.trainer.seed,
+        pixel_values=pixel_values,
+    )
 
 
 def build_sde(config):
