@@ -282,9 +282,47 @@ def run_training(model_dir, strategy, config):
     return config
 
 
-def evaluate(config, model, data_dir=None):
+def sample_quality(config, model, samples=None, data_dir=None):
+    """FID / KID / precision / recall of the run's samples against its test split, under the data set's
+    bundled feature network (`vdm_tf.metrics`; digits only), as one line; None for other data sets.
+
+    `samples`: uint8 images the run has drawn (--mode=train reuses those of `sample`); else
+    `trainer.num_samples` (default 64) are drawn with `trainer.sample_steps` ancestral steps and
+    the run's seed. KID is the figure to read at this N (unbiased); FID is biased upwards at
+    small N and compares only runs evaluated with the same number of samples.
+    """
     import vdm_tf
 
+    dataset, trainer = config.data.dataset, config.trainer
+    if dataset not in vdm_tf.metrics.BUNDLED_NETWORKS:
+        return None
+    if samples is None:
+        samples = model.sample(trainer.num_samples, num_steps=trainer.sample_steps, seed=trainer.seed).numpy()
+    test = vdm_tf.datasets.load(
+        dataset,
+        vdm_tf.datasets.info(dataset).test_split,
+        256,
+        shuffle=False,
+        repeat=False,
+        drop_remainder=False,
+        data_dir=data_dir,
+    )
+    network = vdm_tf.metrics.network_for(dataset)
+    result = vdm_tf.metrics.compare(
+        vdm_tf.metrics.statistics(network, test, seed=trainer.seed),
+        vdm_tf.metrics.statistics(network, samples, seed=trainer.seed),
+        seed=trainer.seed,
+    )
+    return f"sample quality: {vdm_tf.metrics.summary_line(result, '_' + dataset)}; {trainer.sample_steps} steps"
+
+
+def evaluate(config, model, data_dir=None, samples=None):
+    """Prints the sample quality (`sample_quality`, where the data set has a feature network) and the test bpd."""
+    import vdm_tf
+
+    quality = sample_quality(config, model, samples, data_dir)
+    if quality:
+        print(quality)
     dataset, time_samples = config.data.dataset, config.trainer.eval_time_samples
     test_split = vdm_tf.datasets.info(dataset).test_split
     batch_size = max(1, 256 // time_samples)  # elbo scores K copies of each image at once
@@ -309,7 +347,10 @@ def evaluate(config, model, data_dir=None):
 
 
 def sample(config, model, model_dir):
-    """Writes samples.png (a grid) and samples.npz (the uint8 images) into the run directory, each whole."""
+    """Writes samples.png (a grid) and samples.npz (the uint8 images) into the run directory, each whole.
+
+    Returns the samples. `python -m vdm_tf.metrics --fake=MODEL_DIR/samples.npz` scores them.
+    """
     import numpy as np
 
     import vdm_tf
@@ -322,6 +363,7 @@ def sample(config, model, model_dir):
     with files.atomic_path(npz) as temporary:
         np.savez_compressed(temporary, images=samples)
     print(f"wrote {png} and {npz} ({len(samples)} samples, {trainer.sample_steps} steps)")
+    return samples
 
 
 def export_model(config, model, export_dir):
@@ -357,12 +399,11 @@ def main(argv):
         if not distribute.cluster_info(strategy).is_chief:
             return
     model = train.restore_for_inference(model_dir, config)
-    if mode in ("train", "sample"):
-        sample(config, model, model_dir)
+    samples = sample(config, model, model_dir) if mode in ("train", "sample") else None
     if export_dir is not None:
         export_model(config, model, export_dir)
     if mode in ("train", "eval"):
-        evaluate(config, model, FLAGS.data_dir)
+        evaluate(config, model, FLAGS.data_dir, samples)
 
 
 def parse_flags(argv):

@@ -26,6 +26,7 @@ _SUBMODULES = (
     "image_files",
     "images",
     "likelihood",
+    "metrics",
     "models",
     "multiscale",
     "networks",

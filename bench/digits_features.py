@@ -1,0 +1,102 @@
+"""Trains the digits feature network of `vdm_tf.metrics` (FID_digits, KID_digits) and ships it.
+
+    python -m bench.digits_features        # about half a minute on a 2-core CPU
+
+Inception cannot judge 8x8 digits, so `vdm_tf.metrics.digits_network()` uses a small CNN
+trained here to classify the digits training split (1500 images, `vdm_tf.datasets.digits_arrays`):
+
+    uint8 [N, 8, 8, 1] -> /255 -> Conv 3x3 32 ReLU -> Conv 3x3 64 stride 2 ReLU -> Flatten
+      -> Dropout 0.3 -> Dense 64 ReLU -> Dense 10 ("logits": the Inception Score's p(y | x) is their softmax)
+    the Dense 64's output times a fixed scale: the "features" FID / KID / precision-recall compare
+
+The role of Inception's pool_3 (2048 features after a ReLU) and logits is played by the 64
+"features" and the 10 "logits". Adam (1e-3), batch 64, 60 epochs, seed 0 with TensorFlow's
+deterministic ops, so a rerun on the same machine writes the same weights. The test split (297
+images) is not seen in training; its accuracy is printed and written with the timing to
+bench/results/digits_features.json; tests/test_metrics.py checks the shipped file's accuracy.
+"""
+
+import argparse
+import os
+import time
+
+from bench import common
+
+common.prepare()  # before TensorFlow is imported
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from vdm_tf import datasets, metrics  # noqa: E402
+
+
+def build(feature_scale=1.0):
+    """(the classifier it trains: images -> logits, the network it ships: images -> {"features", "logits"}).
+
+    The two share their layers. The shipped "features" are the 64 hidden units times
+    `feature_scale`, chosen after training so that their mean square over the training split is
+    1: KID's kernel (x.y / d + 1)^3 then sees inner products of order 1, as with Inception's.
+    """
+    images = keras.Input((8, 8, 1), name="images")
+    x = keras.layers.Rescaling(1.0 / 255.0)(images)
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+    x = keras.layers.Conv2D(64, 3, strides=2, padding="same", activation="relu")(x)
+    x = keras.layers.Dropout(0.3)(keras.layers.Flatten()(x))
+    hidden = keras.layers.Dense(64, activation="relu", name="hidden")(x)
+    logits = keras.layers.Dense(10, name="logits")(hidden)
+    features = keras.layers.Rescaling(feature_scale, name="features")(hidden)
+    return (
+        keras.Model(images, logits, name="digits_classifier"),
+        keras.Model(images, {"features": features, "logits": logits}, name="digits_features"),
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=metrics.DIGITS_NETWORK_PATH, help="Where to write the .keras file.")
+    parser.add_argument("--results", default="bench/results/digits_features.json", help="Where to write the JSON.")
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    keras.utils.set_random_seed(args.seed)
+    tf.config.experimental.enable_op_determinism()
+    train_x, train_y = datasets.digits_arrays("train", with_labels=True)
+    test_x, test_y = datasets.digits_arrays("test", with_labels=True)
+    model, unscaled = build()
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    start = time.perf_counter()
+    model.fit(train_x.astype(np.float32), train_y, batch_size=64, epochs=args.epochs, shuffle=True, verbose=0)
+    seconds = time.perf_counter() - start
+    accuracy = {
+        split: float(np.mean(np.argmax(model.predict(x.astype(np.float32), verbose=0), -1) == y))
+        for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y))
+    }
+    hidden = unscaled.predict(train_x.astype(np.float32), verbose=0)["features"]
+    feature_scale = float(1.0 / np.sqrt(np.mean(np.square(hidden.astype(np.float64)))))
+    _, shipped = build(feature_scale)  # a new model: the file holds no optimizer state
+    shipped.set_weights(model.get_weights())
+    shipped.save(args.out)
+    print(f"wrote {args.out}: accuracy train {accuracy['train']:.4f}, test {accuracy['test']:.4f} ({seconds:.0f} s)")
+    common.write_json(
+        args.results,
+        {
+            "machine": common.machine(),
+            "network": os.path.relpath(args.out),
+            "parameters": model.count_params(),
+            "feature_scale": feature_scale,
+            "epochs": args.epochs,
+            "seed": args.seed,
+            "train_seconds": seconds,
+            "accuracy": accuracy,
+            "num_test_images": len(test_x),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
