@@ -74,7 +74,7 @@ def test_schedule_and_its_derivative_equal_the_official_ones(case):
 def test_loss_terms_with_the_official_time_and_noise(case, monkeypatch):
     """VDM's own loss code, fed the oracle's t, eps_0 (reconstruction) and eps (diffusion)."""
     model, oracle = case
-    noise = {"_diffusion_loss": oracle["eps"], "_reconstruction_loss": oracle["eps0"]}
+    noise = {"_diffusion_terms": oracle["eps"], "_reconstruction_loss": oracle["eps0"]}
 
     def given_noise(seed, example_index, shape):
         return tf.constant(noise[sys._getframe(1).f_code.co_name])  # which loss term asks

@@ -1,8 +1,10 @@
-"""Official VDM checkpoints (google-research/vdm, JAX/Flax) as vdm_tf models.
+"""Official VDM and i-DODE checkpoints (google-research/vdm, thu-ml/i-DODE; JAX/Flax) as vdm_tf models.
 
     python -m vdm_tf.convert --checkpoint=checkpoints-0 --preset=cifar10 --output=cifar10.keras
     python -m vdm_tf.convert --checkpoint=ckpt-1.flax --official_config=model.json --output=m.keras \
         --model_dir=runs/official      # also a trainer run directory (trainers.main --mode=eval ...)
+    python -m vdm_tf.convert --source=idode --checkpoint=checkpoints-0 --official_config=model.json \
+        --output=idode.keras           # an i-DODE checkpoint (its config.model fields as JSON)
 
 The official code (Kingma et al. 2021, https://github.com/google-research/vdm) saves its
 `TrainState` (`step`, `params`, `ema_params`, `opt_state`) with clu's `Checkpoint`, i.e.
@@ -32,6 +34,23 @@ Schedules (`gamma_type`) map exactly:
 
 The official sampler decodes `z_0` with an argmax (`sample_softmax=False`): use
 `model.sample(..., argmax=True)` for the same samples' distribution.
+
+i-DODE (Zheng et al. 2023, github thu-ml/i-DODE at 8cb8092) trains the official VDM's
+`ScoreUNet`, unchanged, in the same `TrainState` files; its `VDMConfig` adds six fields
+(`I_DODE_FIELDS`), which tell its configs from VDM's (`--source` must name the right one). The
+converted model is a `vdm_tf.VDM` with
+- `schedule`: `VP` -> `schedules.VariancePreserving`, `SP` -> `schedules.StraightPath`, with
+  `gamma_min`, `gamma_max` (i-DODE's gamma(t) is always the fixed linear one: `gamma_type`
+  must be `fixed`, as its code asserts; no schedule parameters in the checkpoint);
+- `velocity`: True -> `parameterization="velocity"` (eps_hat derived from the predicted
+  velocity as i-DODE's `noise_fn` does), False -> `"eps"`;
+- `importance`: True -> `time_sampling="importance"`, so `elbo` draws its gammas as i-DODE's
+  evaluation VLB does (same bound, other estimator); `second_order`: True ->
+  `flow_matching_weight=0.1` (i-DODE's `second_order_weight`): both only change training;
+- continuous time: `sm_n_timesteps` is not used by i-DODE's code, whatever its value;
+- `dequantization` and `num_importance` choose i-DODE's likelihood evaluation, not the model:
+  `vdm_tf.likelihood.ode_bpd(model, x, dequantization="truncated_normal")` is its `"tn"`
+  (one draw per call; i-DODE averages 5 when `num_importance=1`).
 """
 
 import contextlib
@@ -67,6 +86,21 @@ FIELD_TYPES = {
 }
 OFFICIAL_FIELDS = tuple(FIELD_TYPES)
 GAMMA_TYPES = {"learnable_scalar": "learned_linear", "learnable_nnet": "learned_monotonic", "fixed": "fixed_linear"}
+
+# The fields i-DODE's `VDMConfig` (thu-ml/i-DODE model_vdm.py:30-56) adds to VDM's; a config with
+# any of them is i-DODE's.
+I_DODE_FIELDS = {
+    "second_order": bool,
+    "velocity": bool,
+    "importance": bool,
+    "dequantization": str,
+    "num_importance": int,
+    "schedule": str,
+}
+SOURCES = {"vdm": "VDM", "idode": "i-DODE"}
+I_DODE_SCHEDULES = {"VP": "idode_vp", "SP": "idode_sp"}  # config.model.schedule -> ScheduleConfig.kind
+I_DODE_DEQUANTIZATIONS = ("tn", "u", "v")
+SECOND_ORDER_WEIGHT = 0.1  # VDM.__call__'s second_order_weight (model_vdm.py), not a config field
 
 _CIFAR10 = dict(
     vocab_size=256,
@@ -242,7 +276,7 @@ def flatten(tree, prefix=""):
 # The official configuration and the parameters it implies.
 
 
-def official_config(source):
+def official_config(config, source="vdm"):
     """The official `VDMConfig` fields from a preset name, a dict or a JSON file, type-checked.
 
     A JSON file (UTF-8) may hold the fields themselves or a whole official config with them
@@ -250,33 +284,45 @@ def official_config(source):
     (`antithetic_time_sampling`) or samples (`sample_softmax`) are optional and do not change
     the converted model; `sm_kernel_init` (an initializer) is ignored.
 
+    Args:
+        config: a preset name (`PRESETS`, VDM's), a dict of fields or the path of a JSON file.
+        source: `"vdm"` (google-research/vdm) or `"idode"` (thu-ml/i-DODE, whose `VDMConfig`
+            has VDM's fields and `I_DODE_FIELDS`); the config must be that code's.
+
     Raises:
         ConversionError: an unreadable file, not UTF-8, not JSON (with its line and column),
-            not an object, unknown or missing fields, a field of the wrong type (a bool is not
-            an integer) or an impossible value; one line naming the file and the field.
+            not an object, the other code's config, unknown or missing fields, a field of the
+            wrong type (a bool is not an integer) or an impossible value; one line naming the
+            file and the field.
     """
+    if source not in SOURCES:
+        raise ConversionError(f"source must be one of {', '.join(SOURCES)}; got {source!r}.")
     where = "official config"
-    if isinstance(source, str) and source in PRESETS:
-        fields = dict(PRESETS[source])
-    elif isinstance(source, dict):
-        fields = dict(source)
+    if isinstance(config, str) and config in PRESETS:
+        fields = dict(PRESETS[config])
+    elif isinstance(config, dict):
+        fields = dict(config)
     else:
-        where = f"official config {source}"
-        fields = _read_json(source)
+        where = f"official config {config}"
+        fields = _read_json(config)
         if isinstance(fields, dict) and isinstance(fields.get("model"), dict):
             fields = fields["model"]
         if not isinstance(fields, dict):
             raise ConversionError(f"{where}: expected a JSON object of VDMConfig fields; got {_json_kind(fields)}.")
     fields.pop("sm_kernel_init", None)  # an initializer: irrelevant to trained weights
-    unknown = sorted(set(fields) - set(OFFICIAL_FIELDS))
+    _check_source(fields, source, where)
+    field_types = FIELD_TYPES | I_DODE_FIELDS if source == "idode" else FIELD_TYPES
+    unknown = sorted(set(fields) - set(field_types))
     optional = ("sample_softmax", "antithetic_time_sampling")
-    missing = [name for name in OFFICIAL_FIELDS if name not in fields and name not in optional]
+    missing = [name for name in field_types if name not in fields and name not in optional]
     if unknown or missing:
         problem = f"unknown fields {', '.join(unknown)}" if unknown else f"missing fields {', '.join(missing)}"
-        raise ConversionError(f"{where}: {problem}; the VDMConfig fields are {', '.join(OFFICIAL_FIELDS)}.")
+        raise ConversionError(
+            f"{where}: {problem}; the {SOURCES[source]} VDMConfig fields are {', '.join(field_types)}."
+        )
     for name, value in fields.items():
-        if not _is_of_type(value, FIELD_TYPES[name]):
-            expected = _TYPE_NAMES[FIELD_TYPES[name]]
+        if not _is_of_type(value, field_types[name]):
+            expected = _TYPE_NAMES[field_types[name]]
             raise ConversionError(f"{where}: {name}: expected {expected}; got {_described(value)}.")
     if fields["gamma_type"] not in GAMMA_TYPES:
         raise ConversionError(
@@ -296,7 +342,45 @@ def official_config(source):
             raise ConversionError(f"{where}: {name}: expected an integer >= {lowest}; got {fields[name]}.")
     if not 0 <= fields["sm_pdrop"] < 1:
         raise ConversionError(f"{where}: sm_pdrop: expected a dropout rate in [0, 1); got {fields['sm_pdrop']}.")
+    if source == "idode":
+        _check_idode_fields(fields, where)
     return fields
+
+
+def _check_source(fields, source, where):
+    """ConversionError unless the fields are a config of `source`'s code (i-DODE's have `I_DODE_FIELDS`)."""
+    own = [name for name in I_DODE_FIELDS if name in fields]
+    if source == "vdm" and own:
+        raise ConversionError(
+            f"{where}: an i-DODE config (it has {', '.join(own)}), not a VDM one: convert it with --source=idode."
+        )
+    if source == "idode" and not own:
+        raise ConversionError(
+            f"{where}: a VDM config (it has none of i-DODE's fields {', '.join(I_DODE_FIELDS)}), "
+            "not an i-DODE one: convert it with --source=vdm."
+        )
+
+
+def _check_idode_fields(fields, where):
+    """The values i-DODE's own code accepts (its asserts, model_vdm.py:85-96) and vdm_tf represents."""
+    if fields["gamma_type"] != "fixed":
+        raise ConversionError(
+            f"{where}: gamma_type={fields['gamma_type']!r}; i-DODE's schedules are fixed (gamma_type 'fixed')."
+        )
+    if fields["schedule"] not in I_DODE_SCHEDULES:
+        raise ConversionError(
+            f"{where}: unknown schedule {fields['schedule']!r}; expected {', '.join(I_DODE_SCHEDULES)}."
+        )
+    if fields["dequantization"] not in I_DODE_DEQUANTIZATIONS:
+        raise ConversionError(
+            f"{where}: unknown dequantization {fields['dequantization']!r}; "
+            f"expected {', '.join(I_DODE_DEQUANTIZATIONS)}."
+        )
+    if fields["num_importance"] < 1:
+        raise ConversionError(f"{where}: num_importance: expected an integer >= 1; got {fields['num_importance']}.")
+    for name in ("importance", "second_order"):
+        if fields[name] and not fields["velocity"]:
+            raise ConversionError(f"{where}: {name}=true needs velocity=true (as i-DODE's code asserts).")
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -504,6 +588,11 @@ def check_params(params, config, channels=3):
             f"the checkpoint models {inferred['channels'][0]}-channel images ({inferred['channels'][1]}); "
             f"the data set has {channels}."
         )
+    if "schedule" in config and inferred["gamma_type"][0] != "fixed":  # an i-DODE config
+        raise ConversionError(
+            f"the checkpoint does not match --source=idode: {inferred['gamma_type'][1]} (a learned schedule, "
+            f"gamma_type={inferred['gamma_type'][0]!r}), so it is a VDM checkpoint: convert it with --source=vdm."
+        )
     for field in ("sm_n_embd", "sm_n_layer", "with_attention", "with_fourier_features", "gamma_type"):
         value, evidence = inferred[field]
         if config[field] != value:
@@ -538,13 +627,25 @@ def run_config(config, dataset="cifar10"):
 
     The optimiser fields keep their defaults, which are the official ones (AdamW, b1 0.9,
     b2 0.99, weight decay 0.01, EMA 0.9999, learning rate 2e-4). The schedule network trains on
-    the VLB as in the official code (`minimize_variance=False`).
+    the VLB as in the official code (`minimize_variance=False`). An i-DODE config (it has a
+    `schedule`) gives its schedule, parameterisation, time sampling and second-order weight in
+    continuous time (module docstring).
     """
+    if "schedule" in config:
+        model = ModelConfig(
+            timesteps=0,
+            parameterization="velocity" if config["velocity"] else "eps",
+            time_sampling="importance" if config["importance"] else "antithetic",
+            flow_matching_weight=SECOND_ORDER_WEIGHT if config["second_order"] else 0.0,
+        )
+        kind = I_DODE_SCHEDULES[config["schedule"]]
+    else:
+        model, kind = ModelConfig(timesteps=config["sm_n_timesteps"]), GAMMA_TYPES[config["gamma_type"]]
     return Config(
         data=DataConfig(dataset=dataset),
-        model=ModelConfig(timesteps=config["sm_n_timesteps"]),
+        model=model,
         schedule=ScheduleConfig(
-            kind=GAMMA_TYPES[config["gamma_type"]],
+            kind=kind,
             gamma_min=config["gamma_min"],
             gamma_max=config["gamma_max"],
             minimize_variance=False,
@@ -614,7 +715,7 @@ def convert(params, config, dataset="cifar10"):
     return model
 
 
-def from_checkpoint(checkpoint, config, weights="ema_params", dataset="cifar10"):
+def from_checkpoint(checkpoint, config, weights="ema_params", dataset="cifar10", source="vdm"):
     """Reads and converts an official checkpoint.
 
     Args:
@@ -623,12 +724,15 @@ def from_checkpoint(checkpoint, config, weights="ema_params", dataset="cifar10")
             the path of a JSON file with them.
         weights: `ema_params` (what the official evaluation uses) or `params`.
         dataset: the vdm_tf data set the model is for (`cifar10`; `imagenet32` for those models).
+        source: `"vdm"` (google-research/vdm) or `"idode"` (thu-ml/i-DODE).
 
     Example:
     >>> model = vdm_tf.convert.from_checkpoint("checkpoints-0", "cifar10")
     >>> model.elbo(cifar10_test_images, num_time_samples=8)["bpd"]
+    >>> idode = vdm_tf.convert.from_checkpoint("checkpoints-0", "model.json", source="idode")
+    >>> vdm_tf.likelihood.ode_bpd(idode, cifar10_test_images, dequantization="truncated_normal")
     """
-    return convert(read_weights(checkpoint, weights), official_config(config), dataset)
+    return convert(read_weights(checkpoint, weights), official_config(config, source), dataset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -640,11 +744,14 @@ PROG = "python -m vdm_tf.convert"
 
 def parse_args(argv=None):
     parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--source", choices=tuple(SOURCES), default="vdm", help="whose checkpoint: google-research/vdm or thu-ml/i-DODE"
+    )
     parser.add_argument("--checkpoint", required=True, help="a .flax file, a clu prefix or a clu checkpoint directory")
     parser.add_argument("--output", required=True, help="the .keras file to write")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", choices=sorted(PRESETS), help="a released configuration")
-    source.add_argument("--official_config", help="JSON file with the official VDMConfig fields")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a released VDM configuration")
+    source.add_argument("--official_config", help="JSON file with the official (VDM or i-DODE) VDMConfig fields")
     parser.add_argument("--weights", choices=("ema_params", "params"), default="ema_params")
     parser.add_argument("--dataset", default="cifar10", help="the vdm_tf data set the model is for (image shape)")
     parser.add_argument("--model_dir", help="also write a trainer run directory here (new or empty)")
@@ -735,8 +842,12 @@ def main(argv=None):
     check_outputs(args.output, args.model_dir)
     if args.dataset not in dataset_table.NAMES:
         raise cli.Failure(f"--dataset must be one of {', '.join(dataset_table.NAMES)}; got {args.dataset!r}.")
+    if args.preset and args.source != "vdm":
+        raise cli.Failure(
+            f"--preset names a released VDM configuration; with --source={args.source} give --official_config."
+        )
     try:
-        config = official_config(args.preset or args.official_config)
+        config = official_config(args.preset or args.official_config, args.source)
         params = read_weights(args.checkpoint, args.weights)
         check_params(params, config, dataset_table.info(args.dataset).image_shape[-1])
         run = run_config(config, args.dataset)
