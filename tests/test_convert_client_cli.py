@@ -162,8 +162,8 @@ CONVERT_CASES = {  # name: (arguments, the message (a regular expression), Tenso
         r"string.json: expected a JSON object of VDMConfig fields; got a string",
         NO_TF,
     ),
-    "unknown field": (config_case("unknown_field"), r"unknown fields sm_n_heads; the VDMConfig fields are", NO_TF),
-    "missing field": (config_case("missing_field"), r"missing fields gamma_type; the VDMConfig fields are", NO_TF),
+    "unknown field": (config_case("unknown_field"), r"unknown fields sm_n_heads; the VDM VDMConfig fields are", NO_TF),
+    "missing field": (config_case("missing_field"), r"missing fields gamma_type; the VDM VDMConfig fields are", NO_TF),
     "gamma_min a string": (
         config_case("gamma_min_low"),
         r"gamma_min: expected a number; got 'low' \(a string\)",

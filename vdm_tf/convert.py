@@ -54,6 +54,7 @@ converted model is a `vdm_tf.VDM` with
 """
 
 import contextlib
+import functools
 import json
 import math
 import numbers
@@ -97,7 +98,7 @@ I_DODE_FIELDS = {
     "num_importance": int,
     "schedule": str,
 }
-SOURCES = {"vdm": "VDM", "idode": "i-DODE"}
+SOURCES = {"vdm": "VDM", "idode": "i-DODE", "mulan": "MuLAN"}  # mulan: vdm_tf.convert_mulan
 I_DODE_SCHEDULES = {"VP": "idode_vp", "SP": "idode_sp"}  # config.model.schedule -> ScheduleConfig.kind
 I_DODE_DEQUANTIZATIONS = ("tn", "u", "v")
 SECOND_ORDER_WEIGHT = 0.1  # VDM.__call__'s second_order_weight (model_vdm.py), not a config field
@@ -348,7 +349,14 @@ def official_config(config, source="vdm"):
 
 
 def _check_source(fields, source, where):
-    """ConversionError unless the fields are a config of `source`'s code (i-DODE's have `I_DODE_FIELDS`)."""
+    """ConversionError unless the fields are a config of `source`'s code (i-DODE's have `I_DODE_FIELDS`,
+    MuLAN's its `vdm_type` and latent fields)."""
+    mulan = [name for name in ("vdm_type", "latent_size", "latent_k", "encoder") if name in fields]
+    if mulan:
+        raise ConversionError(
+            f"{where}: a MuLAN config (it has {', '.join(mulan)}), not one of --source={source}: "
+            "convert it with --source=mulan."
+        )
     own = [name for name in I_DODE_FIELDS if name in fields]
     if source == "vdm" and own:
         raise ConversionError(
@@ -745,13 +753,18 @@ PROG = "python -m vdm_tf.convert"
 def parse_args(argv=None):
     parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--source", choices=tuple(SOURCES), default="vdm", help="whose checkpoint: google-research/vdm or thu-ml/i-DODE"
+        "--source",
+        choices=tuple(SOURCES),
+        default="vdm",
+        help="whose checkpoint: google-research/vdm, thu-ml/i-DODE or s-sahoo/MuLAN",
     )
     parser.add_argument("--checkpoint", required=True, help="a .flax file, a clu prefix or a clu checkpoint directory")
     parser.add_argument("--output", required=True, help="the .keras file to write")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=sorted(PRESETS), help="a released VDM configuration")
-    source.add_argument("--official_config", help="JSON file with the official (VDM or i-DODE) VDMConfig fields")
+    source.add_argument(
+        "--official_config", help="JSON file with the official VDMConfig fields (VDM, i-DODE; MuLAN's plus vdm_type)"
+    )
     parser.add_argument("--weights", choices=("ema_params", "params"), default="ema_params")
     parser.add_argument("--dataset", default="cifar10", help="the vdm_tf data set the model is for (image shape)")
     parser.add_argument("--model_dir", help="also write a trainer run directory here (new or empty)")
@@ -847,15 +860,28 @@ def main(argv=None):
             f"--preset names a released VDM configuration; with --source={args.source} give --official_config."
         )
     try:
-        config = official_config(args.preset or args.official_config, args.source)
-        params = read_weights(args.checkpoint, args.weights)
-        check_params(params, config, dataset_table.info(args.dataset).image_shape[-1])
-        run = run_config(config, args.dataset)
+        if args.source == "mulan":
+            from vdm_tf import convert_mulan  # it builds on this module's readers
+
+            shape = tuple(dataset_table.info(args.dataset).image_shape)
+            if shape != convert_mulan.IMAGE_SHAPE:
+                raise ConversionError(f"the official MuLAN models 32x32x3 images; --dataset={args.dataset}: {shape}.")
+            config = convert_mulan.official_config(args.official_config)
+            params = convert_mulan.read_weights(args.checkpoint, args.weights)
+            n_features = convert_mulan.check_params(flatten(params), config)
+            run = convert_mulan.run_config(config, n_features, args.dataset)
+            build = functools.partial(convert_mulan.mulan_from_official, params, config, args.dataset)
+        else:
+            config = official_config(args.preset or args.official_config, args.source)
+            params = read_weights(args.checkpoint, args.weights)
+            check_params(params, config, dataset_table.info(args.dataset).image_shape[-1])
+            run = run_config(config, args.dataset)
+            build = functools.partial(convert, params, config, args.dataset)
     except ValueError as error:  # ConversionError, or a value the run's Config refuses
         raise cli.Failure(str(error)) from None
     with written_together(args.output, args.model_dir) as (keras_file, run_directory):
         cli.start()
-        model = convert(params, config, args.dataset)
+        model = build()
         model.save(keras_file)
         if run_directory:
             save_run(run_directory, run, model)

@@ -1,0 +1,215 @@
+"""vdm_tf.convert_mulan against the official MuLAN code (s-sahoo/MuLAN): the numbers in
+tests/fixtures/official_mulan were written by the official JAX code with the weights in its
+checkpoint (README there). The deterministic pieces (per-pixel schedule and its t-derivative,
+encoder logits and latent KL, the denoiser and its conditioning) must agree to float32 rounding;
+the ELBO terms agree exactly when fed the official code's recorded random draws, and vdm_tf's
+own estimator agrees with the official Monte-Carlo means."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vdm_tf import convert_mulan, images
+from vdm_tf.convert import ConversionError
+from vdm_tf.models import mulan
+from vdm_tf.models.vdm import VDM
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "official_mulan")
+CHECKPOINT = os.path.join(FIXTURES, "checkpoints-0")
+VARIANTS = ("velocity", "epsilon")
+N_LOSS_KEYS = 3
+
+
+def config_path(variant):
+    return os.path.join(FIXTURES, variant, "official_config.json")
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return dict(np.load(os.path.join(FIXTURES, "inputs.npz")))
+
+
+@pytest.fixture(scope="module")
+def oracles():
+    return {variant: dict(np.load(os.path.join(FIXTURES, variant, "oracle.npz"))) for variant in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Both variants, converted from the one official checkpoint (its `ema_params`)."""
+    return {variant: convert_mulan.from_checkpoint(CHECKPOINT, config_path(variant)) for variant in VARIANTS}
+
+
+def close(actual, expected, rtol=2e-5, atol_scale=2e-6):
+    """Equal to float32 rounding: relative 2e-5, absolute 2e-6 of the largest expected magnitude."""
+    expected = np.asarray(expected, np.float64)
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol_scale * np.abs(expected).max()
+    )
+
+
+def test_schedule_equals_official(models, inputs, oracles):
+    """gamma(t; latent) per pixel and d gamma / dt (the official takes it by jax.jvp), row-major H, W, C."""
+    gamma, dgamma = models["velocity"].schedule.gamma_and_derivative(inputs["latents"], inputs["t"])
+    close(gamma, oracles["velocity"]["gamma"])
+    close(dgamma, oracles["velocity"]["dgamma"], rtol=1e-4)
+    # The endpoints are the model's scalar gamma_0, gamma_1 (t = 0 and t = 1 are cases 0 and 3).
+    np.testing.assert_allclose(oracles["velocity"]["gamma"][0], models["velocity"].schedule.gamma_0.numpy(), atol=0)
+    np.testing.assert_allclose(oracles["velocity"]["gamma"][3], models["velocity"].schedule.gamma_1.numpy(), atol=2e-6)
+
+
+def test_encoder_equals_official(models, inputs, oracles):
+    f = images.encode(inputs["images"])
+    logits = models["velocity"].encoder(f, training=False)
+    close(logits, oracles["velocity"]["logits"])
+    close(mulan.categorical_kl(logits), oracles["velocity"]["latent_kl"], rtol=1e-4)
+    cond = models["velocity"].encoder.cond_dense1(
+        models["velocity"].encoder.cond_dense0(models["velocity"].encoder.time_embedding(tf.zeros([1])))
+    )
+    close(cond, oracles["velocity"]["enc_cond"])
+
+
+def test_denoiser_equals_official(models, inputs, oracles):
+    """The ScoreUNet's output, and its conditioning vector and per-block projections (the official
+    network's 32 channels in 32 GroupNorm groups make its output blind to the conditioning)."""
+    net = models["velocity"].denoiser
+    latents, gamma = inputs["latents"], inputs["net_gamma"]
+    out = net(inputs["net_z"], gamma, training=False, conditioning=latents)
+    close(out, oracles["velocity"]["net_out"])
+    t = (gamma - net.gamma_min) / (net.gamma_max - net.gamma_min)
+    cond = net.cond_dense1(net.cond_dense0(tf.concat([net.time_embedding(t), latents], axis=-1)))
+    # Its sinusoids take arguments up to 1000 t radians, whose float32 rounding (6e-5 at 1000) each
+    # library's sin passes on: the vector agrees to 1e-4 absolute, not to the last bits.
+    np.testing.assert_allclose(cond, oracles["velocity"]["net_cond"], rtol=0, atol=1e-4)
+    blocks = {"down.block_0": net.down_blocks[0], "mid.block_1": net.mid_block1, "mid.block_2": net.mid_block2}
+    blocks |= {f"up.block_{i}": block for i, block in enumerate(net.up_blocks)}
+    for name, block in blocks.items():
+        expected = oracles["velocity"][f"net_cond_proj_{name}"]
+        np.testing.assert_allclose(block.cond_proj(cond), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("key", range(N_LOSS_KEYS))
+def test_loss_terms_equal_official_given_its_draws(models, inputs, oracles, variant, key):
+    """The official `__call__`'s terms (nats) from the draws it made: its latent, time, noises."""
+    model, o = models[variant], oracles[variant]
+    x = inputs["images"]
+    f = images.encode(x)
+    logits = model.encoder(f, training=False)
+    noise = mulan.sum_of_gamma_noise(tf.constant(o[f"loss{key}_gamma_draws"]), float(model.latent_k))
+    latent = mulan.topk_latent(logits + noise, model.latent_k)
+    np.testing.assert_array_equal(latent, o[f"loss{key}_latent"])
+    n = x.shape[0]
+    t = np.mod(o[f"loss{key}_t0"] + np.arange(n, dtype=np.float32) / n, 1.0).astype(np.float32)
+    diffusion = model._diffusion_loss(f, latent, t, tf.constant(o[f"loss{key}_eps"]), False)
+    close(diffusion, o[f"loss{key}_diff"], rtol=1e-4)
+    gamma_0 = model.schedule.gamma_0
+    z_0 = tf.sqrt(tf.sigmoid(-gamma_0)) * f + tf.sqrt(tf.sigmoid(gamma_0)) * o[f"loss{key}_eps0"]
+    close(images.reconstruction_nll(x, z_0, gamma_0), o[f"loss{key}_recon"], rtol=1e-4)
+    # The official loss_klz is the prior KL plus the latent KL.
+    close(VDM._prior_loss(model, f) + mulan.categorical_kl(logits), o[f"loss{key}_klz"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["velocity"])  # epsilon differs only in eps_hat, checked exactly above
+def test_elbo_matches_official_monte_carlo(models, inputs, oracles, variant):
+    """vdm_tf's `elbo` with its own draws (latent noise, times, noises) against the official means
+    over 256 keys: within 4 standard errors. Each image is scored in 16 copies, each with its own draws."""
+    model, o = models[variant], oracles[variant]
+    copies, n = 16, inputs["images"].shape[0]
+    terms = model.elbo(np.tile(inputs["images"], (copies, 1, 1, 1)), seed=7)
+    to_nats = model.num_dims * np.log(2.0)
+    ours = {
+        "loss_diff": terms["diffusion"],
+        "loss_recon": terms["reconstruction"],
+        "loss_klz": terms["prior"] + terms["latent_kl"],
+    }
+    for name, values in ours.items():
+        values = np.reshape(values, (copies, n)) * to_nats
+        mean, se = values.mean(0), values.std(0, ddof=1) / np.sqrt(copies)
+        bound = 4 * np.sqrt(se**2 + o[f"mc_{name}_se"] ** 2) + 1e-4 * np.abs(o[f"mc_{name}_mean"])
+        assert np.all(np.abs(mean - o[f"mc_{name}_mean"]) <= bound), (name, mean, o[f"mc_{name}_mean"], bound)
+
+
+def test_refuses_what_it_cannot_represent(tmp_path):
+    with open(config_path("velocity")) as f:
+        fields = json.load(f)
+    for field, value, message in (
+        ("sm_n_timesteps", 1000, "sm_n_timesteps=1000 cannot be converted"),
+        ("vdm_type", "vdm", "vdm_type: expected one of mulan_epsilon, mulan_velocity"),
+        ("gamma_type", "learnable_nnet", "gamma_type='learnable_nnet' cannot be converted"),
+        ("velocity_from_epsilon", True, "velocity_from_epsilon=true cannot be converted"),
+        ("latent_k", 6, "latent_k: expected 1..latent_size - 1 = 5"),
+    ):
+        with pytest.raises(ConversionError, match=message):
+            convert_mulan.official_config({**fields, field: value})
+    with pytest.raises(
+        ConversionError, match=r"score_model/dense0/kernel has shape \(38, 128\); the config needs \(39, 128\)"
+    ):
+        params = convert_mulan.read_weights(CHECKPOINT)
+        convert_mulan.mulan_from_official(params, {**fields, "latent_size": 7})
+    whole = tmp_path / "config.json"
+    whole.write_text(
+        json.dumps({"vdm_type": "mulan_epsilon", "model": {k: v for k, v in fields.items() if k != "vdm_type"}})
+    )
+    assert convert_mulan.official_config(str(whole))["vdm_type"] == "mulan_epsilon"
+
+
+def test_readme_command_and_mismatched_sources(models, tmp_path, capsys):
+    """README.md's MuLAN conversion command, as written (from the repository's root), gives the
+    model of the fixture; --source=vdm / idode on the MuLAN config, and --source=mulan on an i-DODE
+    checkpoint or config, end in one line naming the right --source, before TensorFlow builds anything."""
+    import re
+
+    from vdm_tf import cli, convert
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "README.md")) as f:
+        (command,) = re.findall(r"`(python -m vdm_tf\.convert --source=mulan [^`]*)`", f.read())
+    output = re.search(r"--output=(\S+)", command).group(1)
+    argv = command.split()[3:]
+    argv[argv.index(f"--output={output}")] = f"--output={tmp_path / output}"
+    argv = [re.sub(r"=(tests/\S+)", lambda m: "=" + os.path.join(root, m.group(1)), arg) for arg in argv]
+    convert.main(argv)
+    loaded = vdm_tf_load(str(tmp_path / output))
+    want = models["velocity"]
+    assert type(loaded) is mulan.MuLAN and loaded.parameterization == want.parameterization
+    for a, b in zip(loaded.weights, want.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    fixtures = os.path.join(root, "tests", "fixtures")
+    mulan_config = os.path.join(fixtures, "official_mulan", "velocity", "official_config.json")
+    idode = os.path.join(fixtures, "official_idode")
+    out = f"--output={tmp_path / 'x.keras'}"
+    cases = {
+        "a MuLAN config (it has vdm_type, latent_size, latent_k, encoder), not one of --source=vdm: "
+        "convert it with --source=mulan.": ["--source=vdm", f"--official_config={mulan_config}"],
+        "not one of --source=idode: convert it with --source=mulan.": [
+            "--source=idode",
+            f"--official_config={mulan_config}",
+        ],
+        "not a MuLAN checkpoint": [
+            "--source=mulan",
+            f"--checkpoint={idode}/checkpoints-0",
+            f"--official_config={mulan_config}",
+        ],
+        "a MuLAN config needs vdm_type": ["--source=mulan", f"--official_config={idode}/vp/official_config.json"],
+    }
+    for expected, flags in cases.items():
+        checkpoint = (
+            []
+            if any(flag.startswith("--checkpoint") for flag in flags)
+            else [f"--checkpoint={os.path.join(fixtures, 'official_mulan', 'checkpoints-0')}"]
+        )
+        with pytest.raises(cli.Failure) as failure:
+            convert.main([*flags, *checkpoint, out])
+        message = str(failure.value)
+        assert expected in message and "\n" not in message, message
+    assert not os.path.exists(tmp_path / "x.keras")
+
+
+def vdm_tf_load(path):
+    import vdm_tf
+
+    return vdm_tf.load(path)
