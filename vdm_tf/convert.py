@@ -588,6 +588,24 @@ def infer_architecture(params):
     }
 
 
+def check_layout(flat, layout):
+    """ConversionError unless the flat checkpoint `flat` holds exactly the weights of `layout`, each of its shape."""
+    for weight in layout:
+        if weight.path not in flat:
+            raise ConversionError(f"the checkpoint does not match the config: it has no {weight.path} {weight.shape}.")
+        if tuple(flat[weight.path].shape) != weight.shape:
+            raise ConversionError(
+                f"the checkpoint does not match the config: {weight.path} has shape {tuple(flat[weight.path].shape)}; "
+                f"the config needs {weight.shape}."
+            )
+    extra = sorted(set(flat) - {weight.path for weight in layout})
+    if extra:
+        raise ConversionError(
+            f"the checkpoint does not match the config: parameters {', '.join(extra[:3])}"
+            f"{' ...' if len(extra) > 3 else ''} are not in the official model of this config."
+        )
+
+
 def check_params(params, config, channels=3):
     """Raises ConversionError, naming the layer and the shapes, unless `params` fit `config`."""
     inferred = infer_architecture(params)
@@ -609,21 +627,7 @@ def check_params(params, config, channels=3):
                 f"but {evidence}, i.e. {field}={value!r}."
             )
     flat = flatten(params)
-    layout = official_layout(config, channels)
-    for weight in layout:
-        if weight.path not in flat:
-            raise ConversionError(f"the checkpoint does not match the config: it has no {weight.path} {weight.shape}.")
-        if tuple(flat[weight.path].shape) != weight.shape:
-            raise ConversionError(
-                f"the checkpoint does not match the config: {weight.path} has shape {tuple(flat[weight.path].shape)}; "
-                f"the config needs {weight.shape}."
-            )
-    extra = sorted(set(flat) - {weight.path for weight in layout})
-    if extra:
-        raise ConversionError(
-            f"the checkpoint does not match the config: parameters {', '.join(extra[:3])}"
-            f"{' ...' if len(extra) > 3 else ''} are not in the official model of this config."
-        )
+    check_layout(flat, official_layout(config, channels))
 
 
 # --------------------------------------------------------------------------------------------

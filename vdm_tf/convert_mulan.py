@@ -41,6 +41,7 @@ from vdm_tf.convert import (
     _is_of_type,
     _json_kind,
     _read_json,
+    check_layout,
     flatten,
     read_checkpoint,
 )
@@ -238,21 +239,7 @@ def check_params(flat, config):
             "the checkpoint has no gamma/dense_1/kernel [latent_size, n_features]: not poly_fixedend."
         )
     n_features = int(kernel.shape[1])
-    layout = official_layout(config, n_features)
-    for weight in layout:
-        if weight.path not in flat:
-            raise ConversionError(f"the checkpoint does not match the config: it has no {weight.path} {weight.shape}.")
-        if tuple(flat[weight.path].shape) != weight.shape:
-            raise ConversionError(
-                f"the checkpoint does not match the config: {weight.path} has shape {tuple(flat[weight.path].shape)}; "
-                f"the config needs {weight.shape}."
-            )
-    extra = sorted(set(flat) - {weight.path for weight in layout})
-    if extra:
-        raise ConversionError(
-            f"the checkpoint does not match the config: parameters {', '.join(extra[:3])}"
-            f"{' ...' if len(extra) > 3 else ''} are not in the official model of this config."
-        )
+    check_layout(flat, official_layout(config, n_features))
     return n_features
 
 

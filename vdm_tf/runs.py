@@ -62,18 +62,7 @@ def build_model(config):
     )
 
     def network():
-        return networks.ScoreUNet(
-            n_layers=net.n_layers,
-            n_embd=net.n_embd,
-            fourier_features=net.fourier_features,
-            fourier_exponents=net.fourier_exponents,
-            attention=net.attention,
-            dropout=net.dropout,
-            gamma_min=gamma_min,
-            gamma_max=gamma_max,
-            conditioning_dim=augmentation.conditioning_dim if augmentation else 0,
-            dtype=DTYPE_POLICIES[net.mixed_precision],
-        )
+        return score_unet(net, gamma_min, gamma_max, augmentation.conditioning_dim if augmentation else 0)
 
     pixel_values = info.pixel_values if m.decoder_alphabet else None
     if m.kind == "cdm":
@@ -112,23 +101,28 @@ def build_model(config):
     return VDM(network(), build_schedule(config), image_shape, **common, **idode)
 
 
-def build_mulan(config, image_shape, pixel_values):
-    """A `vdm_tf.MuLAN` (`model.kind=mulan`): the network section's ScoreUNet conditioned on the latent,
-    an encoder of the network's width and dropout with `model.encoder_layers` blocks, the per-pixel
-    schedule on [schedule.gamma_min, schedule.gamma_max]."""
-    m, net, s = config.model, config.network, config.schedule
-    denoiser = networks.ScoreUNet(
+def score_unet(net, gamma_min, gamma_max, conditioning_dim=0):
+    """The ScoreUNet of a configuration's network section (`net`), for gammas in [gamma_min, gamma_max]."""
+    return networks.ScoreUNet(
         n_layers=net.n_layers,
         n_embd=net.n_embd,
         fourier_features=net.fourier_features,
         fourier_exponents=net.fourier_exponents,
         attention=net.attention,
         dropout=net.dropout,
-        gamma_min=s.gamma_min,
-        gamma_max=s.gamma_max,
-        conditioning_dim=m.latent_size,
+        gamma_min=gamma_min,
+        gamma_max=gamma_max,
+        conditioning_dim=conditioning_dim,
         dtype=DTYPE_POLICIES[net.mixed_precision],
     )
+
+
+def build_mulan(config, image_shape, pixel_values):
+    """A `vdm_tf.MuLAN` (`model.kind=mulan`): the network section's ScoreUNet conditioned on the latent,
+    an encoder of the network's width and dropout with `model.encoder_layers` blocks, the per-pixel
+    schedule on [schedule.gamma_min, schedule.gamma_max]."""
+    m, net, s = config.model, config.network, config.schedule
+    denoiser = score_unet(net, s.gamma_min, s.gamma_max, conditioning_dim=m.latent_size)
     encoder = mulan.LatentEncoder(
         latent_size=m.latent_size,
         n_layers=m.encoder_layers,
