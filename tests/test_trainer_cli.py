@@ -130,7 +130,8 @@ def test_eval_and_sample_apply_inference_overrides_and_refuse_the_others(tmp_pat
 
 
 def test_unknown_schedule_is_a_clear_error():
-    with pytest.raises(ValueError, match="expected fixed_linear, learned_linear or learned_monotonic"):
+    expected = "expected fixed_linear, learned_linear, learned_monotonic, idode_vp or idode_sp"
+    with pytest.raises(ValueError, match=expected):
         configs.build_schedule(configs.Config().replace(schedule="cosine"))
 
 

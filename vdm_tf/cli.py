@@ -28,7 +28,9 @@ Any other exception is a bug in vdm_tf and keeps its traceback. Outputs are writ
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 
 from vdm_tf import _startup
@@ -50,8 +52,23 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def start():
-    """Prepares the process (`vdm_tf.prepare_process`) and imports TensorFlow: call it after the checks."""
-    _startup.prepare_process()
+    """Prepares the process (`vdm_tf.prepare_process`) and imports TensorFlow: call it after the checks.
+
+    A Ctrl-C while TensorFlow imports is held until the import ends and then raised: arriving inside
+    Python's import machinery, it can be swallowed ("Exception ignored in ... _get_module_lock"),
+    and the command would go on as if nothing had been pressed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        _startup.prepare_process()
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        _startup.prepare_process()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def progress_bar(target, verbose=True, **kwargs):
