@@ -77,23 +77,45 @@ def _flow(model, z, t):
     return model.sde.reverse_drift(z, t, model.score(z, t), probability_flow=True)
 
 
-def _hutchinson_divergence(model, z, t, probe):
-    with tf.GradientTape() as tape:
-        tape.watch(z)
-        flow = _flow(model, z, t)
-    probe_jacobian = tape.gradient(flow, z, output_gradients=probe)  # probe^T J
-    return flow, tf.reduce_sum(probe_jacobian * probe, axis=[1, 2, 3])
+def with_divergence(flow, probe=None):
+    """The ODE function (v, (z, log_p)) -> (dz/dv, div_z flow) that `integrate` solves.
+
+    Args:
+        flow: (z [N, ...], v scalar) -> dz/dv, per example (examples do not interact).
+        probe: the Hutchinson-Skilling probe eps (z's shape), whose `eps^T (d flow / dz) eps` is
+            an unbiased estimate of the divergence; None for the exact trace of the Jacobian
+            (D backward passes, vectorised: for small images).
+    """
+
+    def ode(v, state):
+        z, _ = state
+        if probe is not None:
+            with tf.GradientTape() as tape:
+                tape.watch(z)
+                dz = flow(z, v)
+            probe_jacobian = tape.gradient(dz, z, output_gradients=probe)  # probe^T J
+            return dz, tf.reduce_sum(probe_jacobian * probe, axis=tf.range(1, tf.rank(z)))
+        batch = tf.shape(z)[0]
+        z_flat = tf.reshape(z, [batch, -1])
+        with tf.GradientTape() as tape:
+            tape.watch(z_flat)
+            dz = flow(tf.reshape(z_flat, tf.shape(z)), v)
+            dz_flat = tf.reshape(dz, [batch, -1])
+        jacobian = tape.batch_jacobian(dz_flat, z_flat)  # [N, D, D]; examples are independent
+        return dz, tf.linalg.trace(jacobian)
+
+    return ode
 
 
-def _exact_divergence(model, z, t):
-    batch = tf.shape(z)[0]
-    z_flat = tf.reshape(z, [batch, -1])
-    with tf.GradientTape() as tape:
-        tape.watch(z_flat)
-        flow = _flow(model, tf.reshape(z_flat, tf.shape(z)), t)
-        flow_flat = tf.reshape(flow, [batch, -1])
-    jacobian = tape.batch_jacobian(flow_flat, z_flat)  # [N, D, D]; examples are independent
-    return flow, tf.linalg.trace(jacobian)
+def integrate(ode, start, end, z0, rtol=1e-5, atol=1e-5):
+    """Solves `ode` (of `with_divergence`) from `start` to `end` with the divergence's integral.
+
+    Returns z at `end`, the integral of the divergence ([N]) and the number of evaluations of `ode`.
+    """
+    solver = tfp.math.ode.DormandPrince(rtol=rtol, atol=atol)
+    initial = (z0, tf.zeros(tf.shape(z0)[:1]))
+    result = solver.solve(ode, start, initial, solution_times=[end])
+    return result.states[0][-1], result.states[1][-1], result.diagnostics.num_ode_fn_evaluations
 
 
 def _time_of_gamma(process, gamma):
@@ -123,30 +145,23 @@ def _time_per_gamma(process, t):
     return tf.square(std) / tf.square(process.diffusion(t))
 
 
-def _solve(model, z0, noise, start, end, exact_divergence, rtol, atol, in_gamma=False):
-    """The flow and its divergence integrated together from `start` to `end`.
+def _model_flow(model, end, in_gamma=False):
+    """The model's probability flow as dz/dt, or dz/dgamma with `in_gamma` (module docstring)."""
 
-    The solver's variable is t, or gamma with `in_gamma` (module docstring). Returns z at `end`,
-    the integral of the divergence ([N]) and the number of function evaluations.
-    """
-
-    def ode(v, state):
-        z, _ = state
+    def flow(z, v):
         v = tf.minimum(v, end)  # steps may overshoot the end
         t = tf.fill(tf.shape(z)[:1], _time_of_gamma(model.sde, v) if in_gamma else v)
-        if exact_divergence:
-            flow, divergence = _exact_divergence(model, z, t)
-        else:
-            flow, divergence = _hutchinson_divergence(model, z, t, noise)
-        if in_gamma:
-            dt_dgamma = _time_per_gamma(model.sde, t)
-            flow, divergence = flow * sde.per_example(dt_dgamma, z), divergence * dt_dgamma
-        return flow, divergence
+        dz = _flow(model, z, t)
+        return dz * sde.per_example(_time_per_gamma(model.sde, t), z) if in_gamma else dz
 
-    solver = tfp.math.ode.DormandPrince(rtol=rtol, atol=atol)
-    initial = (z0, tf.zeros(tf.shape(z0)[:1]))
-    result = solver.solve(ode, start, initial, solution_times=[end])
-    return result.states[0][-1], result.states[1][-1], result.diagnostics.num_ode_fn_evaluations
+    return flow
+
+
+def _solve(model, z0, noise, start, end, exact_divergence, rtol, atol, in_gamma=False):
+    """The model's flow and its divergence integrated together from `start` to `end` (t, or gamma
+    with `in_gamma`): z at `end`, the integral of the divergence ([N]) and the evaluations."""
+    ode = with_divergence(_model_flow(model, end, in_gamma), None if exact_divergence else noise)
+    return integrate(ode, start, end, z0, rtol, atol)
 
 
 def ode_log_likelihood(model, z0, seed=0, exact_divergence=False, probe="rademacher", rtol=1e-5, atol=1e-5):
