@@ -9,6 +9,7 @@ injection, still run.
 """
 
 import contextlib
+import os
 import subprocess
 import tempfile
 
@@ -22,11 +23,13 @@ def mounted_tmpfs(kib):
         ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", directory], capture_output=True, text=True
     )
     if mounted.returncode != 0:
+        os.rmdir(directory)
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
     try:
         yield directory
     finally:
         subprocess.run(["umount", "-l", directory], capture_output=True)
+        os.rmdir(directory)  # the empty mount point
 
 
 @pytest.fixture
