@@ -70,6 +70,7 @@ FIELDS = {
     "keep_checkpoints": ("trainer", "keep_checkpoints", 2),
     "log_every": ("trainer", "log_every", 13),
     "sample_every": ("trainer", "sample_every", 17),
+    "eval_every": ("trainer", "eval_every", 19),
     "eval_time_samples": ("trainer", "eval_time_samples", 3),
     "export_time_samples": ("trainer", "export_time_samples", 4),
     "sample_steps": ("trainer", "sample_steps", 19),
@@ -101,7 +102,7 @@ VELOCITY_FIELDS = {"time_sampling", "flow_matching_weight"}
 # MuLAN's fields (model.kind=mulan).
 MULAN_FIELDS = {"latent_size", "latent_k", "encoder_layers", "schedule_features"}
 # Fields added after the fixture run directory was written: its config.json lacks them.
-NEWER_FIELDS = {"parameterization"} | VELOCITY_FIELDS | MULAN_FIELDS
+NEWER_FIELDS = {"parameterization", "eval_every"} | VELOCITY_FIELDS | MULAN_FIELDS
 
 
 def test_the_flat_names_are_those_of_the_flat_config_json():

@@ -284,7 +284,8 @@ def run_training(model_dir, strategy, config):
 
 def sample_quality(config, model, samples=None, data_dir=None):
     """FID / KID / precision / recall of the run's samples against its test split, under the data set's
-    bundled feature network (`vdm_tf.metrics`; digits only), as one line; None for other data sets.
+    bundled feature network (`vdm_tf.evaluation.SampleQuality`; digits only), as one line; None for
+    other data sets.
 
     `samples`: uint8 images the run has drawn (--mode=train reuses those of `sample`); else
     `trainer.num_samples` (default 64) are drawn with `trainer.sample_steps` ancestral steps and
@@ -294,26 +295,12 @@ def sample_quality(config, model, samples=None, data_dir=None):
     import vdm_tf
 
     dataset, trainer = config.data.dataset, config.trainer
-    if dataset not in vdm_tf.metrics.BUNDLED_NETWORKS:
+    if not vdm_tf.evaluation.SampleQuality.available(dataset):
         return None
-    if samples is None:
-        samples = model.sample(trainer.num_samples, num_steps=trainer.sample_steps, seed=trainer.seed).numpy()
-    test = vdm_tf.datasets.load(
-        dataset,
-        vdm_tf.datasets.info(dataset).test_split,
-        256,
-        shuffle=False,
-        repeat=False,
-        drop_remainder=False,
-        data_dir=data_dir,
+    quality = vdm_tf.evaluation.SampleQuality(
+        dataset, trainer.num_samples, trainer.sample_steps, trainer.seed, data_dir
     )
-    network = vdm_tf.metrics.network_for(dataset)
-    result = vdm_tf.metrics.compare(
-        vdm_tf.metrics.statistics(network, test, seed=trainer.seed),
-        vdm_tf.metrics.statistics(network, samples, seed=trainer.seed),
-        seed=trainer.seed,
-    )
-    return f"sample quality: {vdm_tf.metrics.summary_line(result, '_' + dataset)}; {trainer.sample_steps} steps"
+    return vdm_tf.evaluation.quality_line(quality(model, samples))
 
 
 def evaluate(config, model, data_dir=None, samples=None):
@@ -323,19 +310,10 @@ def evaluate(config, model, data_dir=None, samples=None):
     quality = sample_quality(config, model, samples, data_dir)
     if quality:
         print(quality)
-    dataset, time_samples = config.data.dataset, config.trainer.eval_time_samples
-    test_split = vdm_tf.datasets.info(dataset).test_split
-    batch_size = max(1, 256 // time_samples)  # elbo scores K copies of each image at once
-    test_data = vdm_tf.datasets.load(
-        dataset,
-        test_split,
-        batch_size,
-        shuffle=False,
-        repeat=False,
-        drop_remainder=False,
-        data_dir=data_dir,
+    trainer = config.trainer
+    result = vdm_tf.evaluation.heldout_bpd(
+        model, config.data.dataset, trainer.eval_time_samples, trainer.seed, data_dir
     )
-    result = vdm_tf.evaluation.dataset_bpd(model, test_data, time_samples, seed=config.trainer.seed)
     names = [name for name in ("diffusion", "prior", "reconstruction") if name in result]
     terms = ", ".join(f"{name} {result[name]:.4f}" for name in names)
     if terms:

@@ -57,8 +57,9 @@ class RunLog:
 
     `metrics.jsonl` has one JSON object per logged step: the step, the training bpd terms
     averaged since the previous line, the learning rate, the schedule endpoints and the
-    throughput. A resumed run first drops the lines after its checkpoint (`drop_after`), then
-    appends, so every step appears once.
+    throughput; and one per evaluation (`trainer.eval_every`): the step and the `eval/...`
+    figures of `trainers.train.Trainer.evaluate`. A resumed run first drops the lines after its
+    checkpoint (`drop_after`), then appends, so every step's lines appear once.
     """
 
     def __init__(self, model_dir):

@@ -16,6 +16,12 @@ Files in the run directory:
     data/worker_<i>/         each worker's data-iterator position, saved with the same step number
     metrics.jsonl, tensorboard/, samples/   monitoring (chief)
 
+Every `trainer.eval_every` steps (and at the last step), the run evaluates its EMA weights as
+`trainers.main --mode=eval` does (`Trainer.evaluate`): the test bpd and, where the data set has a
+bundled feature network, the sample quality. Evaluation draws from its own seeds and reads the
+test split through a pipeline of its own, so a run trains to the same weights, bit for bit,
+with or without it.
+
 What a stopped run leaves (a kill, Ctrl-C, a full disk): `tf.train.CheckpointManager` writes a
 checkpoint into `ckpt-N_temp/` and renames it into place, and its `checkpoint` state file is
 replaced atomically, so every listed checkpoint is whole; a `ckpt-N_temp/` a killed write left
@@ -149,6 +155,21 @@ def check_batch_size(batch_size, strategy):
         raise ValueError(f"batch_size {batch_size} must be a multiple of the {strategy.num_replicas_in_sync} replicas.")
 
 
+# The scalars of `Trainer.evaluate` from `vdm_tf.evaluation.SampleQuality`'s result; {} is the
+# feature network's name (eval/kid_digits). The +- figures are standard deviations: FID's over
+# bootstrap resamplings, KID's and IS's over subsets (`vdm_tf.metrics.compare`).
+QUALITY_SCALARS = {
+    "fid": "eval/fid_{}",
+    "fid_bootstrap_std": "eval/fid_{}_std",
+    "kid": "eval/kid_{}",
+    "kid_std": "eval/kid_{}_std",
+    "precision": "eval/precision_{}",
+    "recall": "eval/recall_{}",
+    "inception_score": "eval/is_{}",
+    "inception_score_std": "eval/is_{}_std",
+}
+
+
 def _round_up(steps, multiple):
     return max(multiple, -(-steps // multiple) * multiple)
 
@@ -168,6 +189,7 @@ class Trainer:
     def __init__(self, config, model_dir, strategy, data_dir=None, verbose=True):
         self.config = config
         self.model_dir = model_dir
+        self.data_dir = data_dir
         self.strategy = strategy
         self.cluster = distribute.cluster_info(strategy)
         self.verbose = verbose and self.cluster.is_chief
@@ -196,6 +218,13 @@ class Trainer:
             max_to_keep=config.trainer.keep_checkpoints,
         )
         self.log = monitoring.RunLog(model_dir) if self.cluster.is_chief else None
+        # Its feature network and the test split's statistics are made at the first evaluation.
+        dataset, trainer = config.data.dataset, config.trainer
+        self.sample_quality = None
+        if vdm_tf.evaluation.SampleQuality.available(dataset):
+            self.sample_quality = vdm_tf.evaluation.SampleQuality(
+                dataset, trainer.num_samples, trainer.sample_steps, trainer.seed, data_dir
+            )
         self._remove_unfinished_checkpoints()
 
     # ------------------------------------------------------------------------------------------
@@ -339,6 +368,7 @@ class Trainer:
         checkpoint_every = _round_up(trainer.checkpoint_every, k)
         log_every = _round_up(trainer.log_every, k)
         sample_every = _round_up(trainer.sample_every, k)
+        eval_every = _round_up(trainer.eval_every, k) if trainer.eval_every else 0
         batch_size = self.config.data.batch_size
         self._reset_metrics()
         start = self.restore()  # restores the metrics window of the checkpoint too
@@ -378,6 +408,12 @@ class Trainer:
                     print(f"step {step}/{trainer.train_steps}: {terms} ({images_per_second:.0f} images/s)", flush=True)
                 self._reset_metrics()
                 window_start, window_steps = time.perf_counter(), 0
+            # Before the checkpoint of the same step: a run stopped in between resumes from an
+            # earlier checkpoint, drops this evaluation's line and evaluates this step again.
+            if eval_every and (step % eval_every == 0 or step >= trainer.train_steps):
+                evaluation_start = time.perf_counter()
+                self.evaluate(step, newline=terminal)
+                window_start += time.perf_counter() - evaluation_start  # not training time
             if step % checkpoint_every == 0 or step >= trainer.train_steps:
                 self.save()
             if step % sample_every == 0:
@@ -393,6 +429,41 @@ class Trainer:
             "gamma_1": float(schedule.gamma_1),
             "images_per_second": images_per_second,
         }
+
+    def evaluate(self, step, newline=False):
+        """The test bpd and sample quality of the EMA weights, logged as `eval/...` scalars at `step`.
+
+        The same figures as `trainers.main --mode=eval` of the checkpoint of `step` (same
+        helpers, seeds and time samples): `eval/bpd`, `eval/bpd_stderr` and the bpd's terms;
+        where the data set has a bundled feature network (digits), FID, KID, precision, recall
+        and IS of `trainer.num_samples` samples (`QUALITY_SCALARS`: `eval/kid_digits`, ...).
+        They go to TensorBoard, as one line of metrics.jsonl and as one printed line
+        (`newline`: start it on a line of its own, below a progress bar).
+
+        Every worker swaps the EMA weights in and out, as in every other EMA operation; the
+        chief alone evaluates (a local computation) and writes. Returns the scalars (None on
+        the other workers).
+        """
+        trainer = self.config.trainer
+        with self.ema_weights():
+            if not self.cluster.is_chief:
+                return None
+            bpd = vdm_tf.evaluation.heldout_bpd(
+                self.model, self.config.data.dataset, trainer.eval_time_samples, trainer.seed, self.data_dir
+            )
+            quality = self.sample_quality(self.model) if self.sample_quality else None
+        scalars = {f"eval/{name}": bpd[name] for name in ("bpd", "diffusion", "prior", "reconstruction") if name in bpd}
+        scalars["eval/bpd_stderr"] = bpd["stderr"]
+        line = f"step {step} eval: {vdm_tf.evaluation.summary_line(bpd)}"
+        if quality:
+            for key, name in QUALITY_SCALARS.items():
+                if quality.get(key) is not None:  # precision / recall need more than k = 3 samples
+                    scalars[name.format(quality["network"])] = quality[key]
+            line += f"; {vdm_tf.evaluation.quality_line(quality)}"
+        self.log.scalars(step, scalars)
+        if self.verbose:
+            print(("\n" if newline else "") + line, flush=True)
+        return scalars
 
     def _pictures(self, step):
         trainer = self.config.trainer

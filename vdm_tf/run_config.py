@@ -32,8 +32,9 @@ Code reads a field through its section: `config.network.n_layers`, `config.model
     data       DataConfig       dataset, batch_size                            datasets.load
     trainer    TrainerConfig    train_steps, steps_per_execution, jit_compile, trainers/ (and the
                                 seed, checkpoint_every, keep_checkpoints,      seed of build_model,
-                                log_every, sample_every, eval_time_samples,    jit_compile of
-                                export_time_samples, sample_steps, num_samples compiled_model)
+                                log_every, sample_every, eval_every,           jit_compile of
+                                eval_time_samples, export_time_samples,        compiled_model)
+                                sample_steps, num_samples
 
 The schedule section is the noise process: a VDM's schedule, or with `sde` = vp | subvp | ve
 the fixed SDE of a score model, which replaces the schedule. `augment` and `decoder_alphabet`
@@ -305,6 +306,10 @@ class TrainerConfig(_Section):
     keep_checkpoints: int = _field(3, at_least=1)
     log_every: int = _field(100, at_least=1)  # TensorBoard scalars and metrics.jsonl
     sample_every: int = _field(10_000, at_least=1)  # sample grid and SNR curve in TensorBoard
+    # Test bpd and sample quality of the EMA weights in TensorBoard and metrics.jsonl (trainers/train.py);
+    # 0: never. Off by default: each one is a pass over the test split (and num_samples samples),
+    # and a --mode=train run evaluates its final weights anyway.
+    eval_every: int = _field(0, at_least=0)
     eval_time_samples: int = _field(8, at_least=1, at_most=1 << 16)
     export_time_samples: int = _field(8, at_least=1, at_most=1 << 16)  # per image in the exported `likelihood`
     sample_steps: int = _field(256, at_least=1, at_most=1 << 24)
