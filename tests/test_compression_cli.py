@@ -7,6 +7,7 @@ traceback, the message it is about, and nothing left where it would have written
 """
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from concurrent import futures
 
 import numpy as np
@@ -21,6 +23,7 @@ import pytest
 from compression_helpers import random_denoiser_model, run_command_line
 from PIL import Image
 
+from trainers import configs
 from vdm_tf import compression
 from vdm_tf.compression import BitsBackCodec, read_header
 
@@ -89,6 +92,15 @@ def workspace(tmp_path_factory):
     (w / "truncated.vdmz").write_bytes(data[:-9])
     (w / "garbage.vdmz").write_bytes(os.urandom(300))
     (w / "empty.vdmz").write_bytes(b"")
+    # Models the codec cannot code: a MuLAN run directory, and model.keras as a CDM would save it
+    # (the command line reads the class from config.json before TensorFlow starts).
+    configs.save_config(str(w / "mulan_run"), configs.PRESETS["digits_mulan"])
+    with zipfile.ZipFile(w / "model.keras") as source, zipfile.ZipFile(w / "cdm.keras", "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "config.json":
+                data = json.dumps({**json.loads(data), "class_name": "CDM"}).encode()
+            target.writestr(item, data)
     return w
 
 
@@ -128,6 +140,11 @@ CASES = {
         r"--model must be a .keras file written by model.save or a trainer run directory",
     ),
     "--model not a .keras": (["encode", "--model={w}/rgb.png", *ENCODE[1:]], r"--model must be a .keras file"),
+    "--model a MuLAN run": (
+        ["encode", "--model={w}/mulan_run", *ENCODE[1:]],
+        r"mulan_run is a MuLAN, which the bits-back codec cannot code: its noise schedule is per pixel",
+    ),
+    "--model a CDM": (["encode", "--model={w}/cdm.keras", *ENCODE[1:]], r"cdm.keras is a CDM, which the bits-back"),
     "--model of grey images, RGB image": (
         ["encode", "--model={w}/model.keras", *ENCODE[1:]],
         r"rgb.png: got mode RGB; expected an L image \(the model's channels\)",

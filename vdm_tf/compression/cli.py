@@ -62,21 +62,42 @@ def _model_image_shape(path):
     if os.path.isfile(path) and path.endswith(".keras"):
         try:
             with zipfile.ZipFile(path) as archive:
-                shape = json.loads(archive.read("config.json"))["config"]["image_shape"]
-            return tuple(int(size) for size in shape)
+                saved = json.loads(archive.read("config.json"))
+            kind, shape = saved["class_name"], tuple(int(size) for size in saved["config"]["image_shape"])
         except (OSError, zipfile.BadZipFile, KeyError, TypeError, ValueError) as error:
             raise ValueError(f"--model={path}: not a .keras file of a vdm_tf model (model.save): {error}") from None
+        _check_codable(path, kind)
+        return shape
     config = os.path.join(path, "config.json")
     if os.path.isdir(path) and os.path.isfile(config):
         try:
-            dataset = run_config.saved_config(path).data.dataset
-            return tuple(dataset_table.info(dataset).image_shape)
+            saved = run_config.saved_config(path)
+            shape = tuple(dataset_table.info(saved.data.dataset).image_shape)
         except (OSError, ValueError) as error:
             raise ValueError(f"--model={path}: unreadable run configuration config.json: {error}") from None
+        _check_codable(path, {"cdm": "CDM", "mulan": "MuLAN"}.get(saved.model.kind, "VDM"))
+        return shape
     raise ValueError(
         f"--model must be a .keras file written by model.save or a trainer run directory (with config.json); "
         f"got {path!r}."
     )
+
+
+# The model classes (`config.json`'s class_name) that are not a `vdm_tf.VDM`, whose discrete-time
+# chain with one scalar schedule per image `BitsBackCodec` codes, and why the codec cannot code them.
+_NOT_CODABLE = {
+    "MuLAN": "its noise schedule is per pixel given a latent w, and q(w | x) (the top k of "
+    "gamma-perturbed logits) has no tractable probability to get bits back with",
+    "CDM": "its likelihood is one step of a noise-level classifier, not a chain of Gaussian steps",
+}
+
+
+def _check_codable(path, kind):
+    """A one-line ValueError for a model class the codec cannot code (`_NOT_CODABLE`)."""
+    if kind in _NOT_CODABLE:
+        raise ValueError(
+            f"--model={path} is a {kind}, which the bits-back codec cannot code: {_NOT_CODABLE[kind]}; expected a VDM."
+        )
 
 
 def _shape_text(shape):

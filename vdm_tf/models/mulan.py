@@ -18,7 +18,8 @@ official code github s-sahoo/MuLAN (`ldm/model_mulan_epsilon.py`, `ldm/model_mul
 The negative ELBO per image, in nats, is (with the latent drawn from q(latent | x)):
 reconstruction -log p(x | z_0) and prior KL(q(z_1 | x) || N(0, I)) (at the fixed endpoints: VDM's
 terms), diffusion 0.5 E_t[sum_pixels gamma'_i(t) (eps_i - eps_hat_i)^2] (VDM eq. 17 per pixel),
-and the latent KL. `elbo` reports them in bits per dimension.
+and the latent KL. `elbo` reports them in bits per dimension; `ode_bpd` is the official exact
+likelihood, through the per-pixel probability-flow ODE given the latent.
 """
 
 import math
@@ -26,7 +27,7 @@ import math
 import keras
 import tensorflow as tf
 
-from vdm_tf import images, samplers, seeding
+from vdm_tf import images, likelihood, samplers, seeding, traced
 from vdm_tf.models.base import DiffusionModel, deserialized, serialized
 from vdm_tf.models.vdm import VDM
 from vdm_tf.networks.blocks import AttentionBlock, ResnetBlock, conv3x3
@@ -38,6 +39,10 @@ PARAMETERIZATIONS = ("eps", "velocity")
 GAMMA_NOISE_TERMS = 10  # the official sum-of-gamma noise sums 10 draws (model_mulan_epsilon.py:221-231)
 GAMMA_NOISE_TAU = 10.0  # and scales by gamma_tau = 10
 LATENT_STREAM = 13  # folded into a sampling seed for the latent's prior draw
+# The official exact likelihood's dequantization (notebook_utils.py:326-340, 446-458): noise
+# N(0, 1) truncated to [-TN_BOUND, TN_BOUND], and its constant in the bpd offset.
+TN_BOUND = 3.0
+TN_OFFSET_CONSTANT = 0.01522
 
 
 def lecun_dense(units, name, kernel_initializer="lecun_normal"):
@@ -71,6 +76,15 @@ def sum_of_gamma_noise(draws, k):
     return GAMMA_NOISE_TAU * total / k
 
 
+def k_hot(logits, k):
+    """1 on each row's k largest logits, 0 elsewhere (ties with the k-th give more ones): float32 [N, L].
+
+    The official `logits_to_embeddings` (notebook_utils.py:548-551) and the forward value of `topk_latent`.
+    """
+    kth = tf.math.top_k(logits, k).values[:, -1:]
+    return tf.cast(logits >= kth, logits.dtype)
+
+
 def topk_latent(logits, k):
     """The k-hot latent of perturbed logits with the straight-through gradient of its soft version.
 
@@ -79,9 +93,7 @@ def topk_latent(logits, k):
     """
     centred = logits - tf.reduce_mean(logits, axis=1, keepdims=True)
     soft = centred / tf.norm(centred, axis=1, keepdims=True)
-    kth = tf.math.top_k(centred, k).values[:, -1:]
-    hard = tf.cast(centred >= kth, centred.dtype)
-    return tf.stop_gradient(hard - soft) + soft
+    return tf.stop_gradient(k_hot(centred, k) - soft) + soft
 
 
 @keras.saving.register_keras_serializable(package="vdm_tf")
@@ -413,22 +425,25 @@ class MuLAN(DiffusionModel):
     def prior_latent(self, num, seed):
         """k-hot latents [num, L] uniform over the k-subsets: the top k of i.i.d. normals (official
         notebook_utils.py:63-72, 548-551)."""
-        logits = tf.random.stateless_normal(tf.stack([num, self.latent_size]), seeding.as_seed(seed))
-        kth = tf.math.top_k(logits, self.latent_k).values[:, -1:]
-        return tf.cast(logits >= kth, tf.float32)
+        normals = tf.random.stateless_normal(tf.stack([num, self.latent_size]), seeding.as_seed(seed))
+        return k_hot(normals, self.latent_k)
 
     def fixed_latent(self, num):
         """The first k units on: the official `_get_deterministic_embedding` (its training-time sampler)."""
         ones = tf.ones(tf.stack([num, self.latent_k]))
         return tf.concat([ones, tf.zeros(tf.stack([num, self.latent_size - self.latent_k]))], axis=1)
 
+    def _network_output(self, z_t, gamma_t, training=False, latent=None):
+        """The denoiser's output (eps_hat or v_hat) given the per-pixel gamma_t [N, H, W, C] and the
+        latent [N, L]: the network sees the per-image mean of gamma_t (official `_get_score_model_gt`)."""
+        return super()._denoise(z_t, tf.reduce_mean(gamma_t, axis=[1, 2, 3]), training, conditioning=latent)
+
     def _denoise(self, z_t, gamma_t, training=False, latent=None):
         """eps_hat(z_t) in float32 given the per-pixel gamma_t [N, H, W, C] and the latent [N, L].
 
-        The network sees the per-image mean of gamma_t (official `_get_score_model_gt`) and the
-        latent; its velocity output is converted per pixel, eps_hat = alpha v_hat + sigma z_t.
+        A velocity output is converted per pixel, eps_hat = alpha v_hat + sigma z_t.
         """
-        output = super()._denoise(z_t, tf.reduce_mean(gamma_t, axis=[1, 2, 3]), training, conditioning=latent)
+        output = self._network_output(z_t, gamma_t, training, latent)
         if self.parameterization == "eps":
             return output
         return tf.sqrt(tf.sigmoid(-gamma_t)) * output + tf.sqrt(tf.sigmoid(gamma_t)) * z_t
@@ -481,7 +496,8 @@ class MuLAN(DiffusionModel):
         """None of it: an AttributeError, as for a model without an SDE (`getattr(model, "sde", None)`)."""
         raise AttributeError(
             "MuLAN's forward process is per pixel and conditioned on the latent: it has no per-example "
-            "SDE for vdm_tf.samplers / vdm_tf.likelihood; use model.sample (ancestral) and model.elbo."
+            "SDE for vdm_tf.samplers / vdm_tf.likelihood; use model.sample (ancestral), model.elbo and "
+            "model.ode_bpd (its exact likelihood)."
         )
 
     def score(self, z, t, latent=None):
@@ -509,6 +525,138 @@ class MuLAN(DiffusionModel):
         """Ancestral sampling with the latent drawn from its prior (`prior_latent`)."""
         latent = self.prior_latent(num_samples, seeding.fold_in(seed, LATENT_STREAM))
         return self.sample_given_latent(latent, num_steps, seed, argmax)
+
+    # ----------------------------------------------------------------------------------------
+    # The exact likelihood: the probability-flow ODE given the latent.
+
+    def probability_flow(self, latent):
+        """The probability-flow ODE's drift given the latent [N, L]: (z, t) -> dz/dt, per pixel
+
+            dz/dt = 0.5 (eps_hat - sigma_t z) sigma_t gamma'_t
+
+        (official `reverse_ode`, model_mulan_epsilon.py:459-478). Per pixel the forward process is
+        a variance-preserving SDE with beta(t) = d log(1 + e^gamma) / dt = sigma_t^2 gamma'_t, whose
+        probability flow (Song et al. 2021, eq. 13) is -0.5 beta (z + score), score = -eps_hat /
+        sigma_t. With the velocity parameterisation eps_hat - sigma_t z = alpha_t v_hat exactly, so
+        the drift is 0.5 alpha_t sigma_t gamma'_t v_hat (model_mulan_velocity.py:393-421), computed
+        that way (no cancellation). t is a scalar; it is clipped to 1 (a solver's step may overshoot).
+        """
+
+        def flow(z, t):
+            t = tf.fill(tf.shape(z)[:1], tf.minimum(tf.cast(t, tf.float32), 1.0))
+            gamma_t, dgamma_t = (self._per_pixel(v) for v in self.schedule.gamma_and_derivative(latent, t))
+            sigma = tf.sqrt(tf.sigmoid(gamma_t))
+            if self.parameterization == "velocity":
+                direction = tf.sqrt(tf.sigmoid(-gamma_t)) * self._network_output(z, gamma_t, latent=latent)
+            else:
+                direction = self._denoise(z, gamma_t, latent=latent) - sigma * z
+            return 0.5 * direction * sigma * dgamma_t
+
+        return flow
+
+    def _ode_log_likelihood(self, z_0, latent, probe, rtol, atol):
+        """(log p(z_0 | latent) [N] in nats, evaluations): the flow and its divergence integrated in t
+        from 0 to 1 (`vdm_tf.likelihood.integrate`), plus log N(z_1; 0, I). `probe` None: the exact
+        divergence; else the Hutchinson probe, one for the whole solve."""
+        ode = likelihood.with_divergence(self.probability_flow(latent), probe)
+        z_1, integral, nfe = likelihood.integrate(ode, 0.0, 1.0, z_0, rtol, atol)
+        prior = tf.reduce_sum(-0.5 * (tf.square(z_1) + math.log(2.0 * math.pi)), axis=[1, 2, 3])
+        return prior + integral, nfe
+
+    def ode_log_likelihood(self, z_0, latent, seed=0, exact_divergence=False, probe="rademacher", rtol=1e-5, atol=1e-5):
+        """log p_0(z_0 | latent) of the probability-flow ODE in nats (the density of z at t = 0).
+
+        Args:
+            z_0: float32 [N, H, W, C]. latent: float32 [N, L].
+            seed: the Hutchinson probe's (ignored with `exact_divergence`).
+            exact_divergence: the trace of the Jacobian (D backward passes: small images) instead of
+                Hutchinson's estimate with one `probe` (`"rademacher"` or `"gaussian"`) per solve.
+            rtol, atol: the solver's tolerances (`vdm_tf.likelihood.integrate`).
+
+        Returns: dict, `log_likelihood` float32 [N] and `nfe`, the number of ODE evaluations.
+        """
+        samplers.check_choice("probe", probe, likelihood.PROBES)
+        rtol, atol = float(rtol), float(atol)
+
+        def build():
+            @tf.function(
+                input_signature=[
+                    tf.TensorSpec([None, *self.image_shape], tf.float32),
+                    tf.TensorSpec([None, self.latent_size], tf.float32),
+                    tf.TensorSpec([2], tf.int64),
+                ]
+            )
+            def run(z_0, latent, seed):
+                noise = None if exact_divergence else likelihood._probe(tf.shape(z_0), seed, probe)
+                log_p, nfe = self._ode_log_likelihood(z_0, latent, noise, rtol, atol)
+                return {"log_likelihood": log_p, "nfe": nfe}
+
+            return run
+
+        key = ("mulan_ode_log_likelihood", bool(exact_divergence), probe, rtol, atol)
+        run = traced.compiled(self, key, build)
+        z_0, latent = tf.convert_to_tensor(z_0, tf.float32), tf.convert_to_tensor(latent, tf.float32)
+        return run(z_0, latent, seeding.as_seed(seed))
+
+    @property
+    def ode_bpd_offset(self):
+        """The official exact likelihood's offset in bits per dimension (`_get_bpd_offset('tn',
+        num_is=1)`, notebook_utils.py:446-458): -(0.5 (1 + log 2 pi) - 0.01522 + log sigma_0) / ln 2,
+        log sigma_0 = 0.5 log sigmoid(gamma_0), gamma_0 the schedule's fixed start (-13.3 there).
+
+        It stands for E log q(z_0 | x) / D of the dequantization: minus the entropy of sigma_0 u, u
+        ~ N(0, 1) truncated to [-3, 3]. Its 0.01522 is the official constant; the exact entropy of
+        that truncated normal is 0.5 (1 + log 2 pi) - 0.01603 (`likelihood.truncated_normal_log_q`),
+        so the official bpd is 0.0012 lower than the bound it stands for; and the noise is scaled by
+        exp(gamma_0 / 2) = sigma_0 / alpha_0, not sigma_0 (a difference of 1e-6 bpd at -13.3).
+        """
+        log_sigma_0 = 0.5 * float(tf.math.log_sigmoid(self.schedule.gamma_0))
+        return -(0.5 * (1.0 + math.log(2.0 * math.pi)) - TN_OFFSET_CONSTANT + log_sigma_0) / math.log(2.0)
+
+    def ode_bpd(self, x, seed=0, rtol=1e-5, atol=1e-5, probe="rademacher", exact_divergence=False):
+        """The official exact likelihood of uint8 images in bits per dimension (eval_bpd.py's ODE
+        evaluation, `get_ode_likelihood_fn(dequantization='tn')`, notebook_utils.py:264-371, with
+        `_eval_bpd_ode`'s num_is = 1, notebook_utils.py:484-531). `vdm_tf.likelihood.ode_bpd` needs a
+        model with one SDE per example; MuLAN's flow is per pixel and given the latent: this method
+        is MuLAN's.
+
+        Per image: f = 2 (x + 0.5) / 256 - 1; the ODE starts at z_0 = f + exp(gamma_0 / 2) u, u ~
+        N(0, 1) truncated to [-3, 3] (official: `data + u * exp(0.5 gt)`, gt = -13.3, the model's
+        fixed start gamma_0 here); the latent is the noise-free top k of the encoder's logits of x
+        (`logits_to_embeddings`; the official rounds z_0 back to x, the noise being under half a
+        pixel); log p = log N(z_1; 0, I) + integral_0^1 div(flow) dt (`probability_flow`), and
+
+            bpd = (-log p + latent KL) / (D ln 2) + `ode_bpd_offset`,
+
+        the latent KL being `categorical_kl` of the logits, as in `elbo` (the official code's, which
+        is not the KL of the k-hot latent used here). The official code averages this over the batch.
+
+        The official Hutchinson estimate draws a new probe at every evaluation of the ODE function
+        (its flag deterministic_noise=False); vdm_tf keeps one probe per solve, as
+        `vdm_tf.likelihood` does (unbiased either way; the solver then sees a smooth function). The
+        official solver is scipy's RK45; vdm_tf's is `vdm_tf.likelihood.integrate`, same tolerances.
+        The solve is `ode_log_likelihood`'s traced function (one per options, shared by both).
+        The published command (README of s-sahoo/MuLAN) leaves eval_bpd's --n_is at its default 20:
+        an importance-weighted estimate over 20 dequantizations; this is its num_is = 1 case.
+
+        Args:
+            x: uint8 images [N, H, W, C].
+            seed: seeds the dequantization noise and the probe.
+            rtol, atol, probe, exact_divergence: as `ode_log_likelihood`'s.
+
+        Returns: dict, `bpd` float32 [N] and `nfe`, the number of ODE evaluations.
+        """
+        samplers.check_choice("probe", probe, likelihood.PROBES)
+        x = images.check_images(x, self.image_shape)
+        noise_seed, probe_seed = seeding.split_seed(seed, 2)
+        f = images.encode(x)
+        u = tf.random.stateless_parameterized_truncated_normal(tf.shape(f), noise_seed, 0.0, 1.0, -TN_BOUND, TN_BOUND)
+        z_0 = f + tf.exp(0.5 * self.schedule.gamma_0) * u
+        logits = self.encoder(f, training=False)
+        latent = k_hot(logits, self.latent_k)
+        out = self.ode_log_likelihood(z_0, latent, probe_seed, exact_divergence, probe, rtol, atol)
+        nats = -out["log_likelihood"] + categorical_kl(logits)
+        return {"bpd": nats / (self.num_dims * math.log(2.0)) + self.ode_bpd_offset, "nfe": out["nfe"]}
 
     # ----------------------------------------------------------------------------------------
     # Serialisation.
