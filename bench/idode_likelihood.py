@@ -15,8 +15,8 @@ a `utils.py` holding the official `batch_mul` source (read from the checkout) fi
 
 vdm_tf's side is `vdm_tf.likelihood.ode_bpd(model, x, seed=k, dequantization="truncated_normal")`
 for k = 0..4, averaged per image, on the model `python -m vdm_tf.convert --source=idode` makes of
-the same checkpoint: the same ODE in gamma, in one TensorFlow graph (TFP's DormandPrince, the
-same RK45 pair, float32).
+the same checkpoint: the same ODE in gamma, in one TensorFlow graph (`vdm_tf.ode_solver`: the
+same Dormand-Prince pair with scipy's RK45 step control, float32).
 
 The network (`--network`): `fixture` is tests/fixtures/official_idode's checkpoint (a 1-layer,
 32-channel ScoreUNet whose weights were moved far off their initialisation: its ODE is stiff,

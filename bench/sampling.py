@@ -6,7 +6,8 @@
 Samplers (`vdm_tf.samplers`, Song et al. 2021): ancestral (q(z_s | z_t, x_hat), VDM eq. 32-34)
 at each of `--ancestral_steps`; predictor-corrector with reverse diffusion + Langevin (`--snr`)
 and Euler-Maruyama without corrector, `--pc_steps` predictor steps each; the probability-flow
-ODE at each of `--tolerances` (rtol = atol, adaptive DormandPrince, NFE reported); and
+ODE at each of `--tolerances` (rtol = atol, adaptive Dormand-Prince, NFE reported; the results
+JSON's NFE came from TFP's DormandPrince, before `vdm_tf.ode_solver`); and
 `VDM.sample`, the model's own ancestral sampler that ends with a draw from its decoder
 p(x | z_0) instead of Tweedie's denoised mean (`--vdm_steps`, 0 skips it).
 

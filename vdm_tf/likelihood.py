@@ -8,7 +8,10 @@ deterministically, so (instantaneous change of variables, eq. 39)
 
     log p_0(z(t_min)) = log p_1(z(1)) + integral_{t_min}^1 div f_tilde(z(t), t) dt.
 
-Both are integrated together by `tfp.math.ode.DormandPrince`. The divergence is either the
+Both are integrated together by `vdm_tf.ode_solver.solve`: Dormand-Prince 5(4) with scipy's RK45
+step control, the solver of the official score-SDE and i-DODE likelihoods (`solve_ivp(method="RK45")`),
+in one graph, over the whole state (z and the integral of every example) as scipy sees it
+flattened; its docstring says why not TFP's `DormandPrince`. The divergence is either the
 Hutchinson-Skilling estimate `eps^T (d f_tilde / dz) eps` with one probe `eps` (Rademacher or
 Gaussian) fixed for the whole solve, which makes the log-likelihood an unbiased estimate, or
 the exact trace of the Jacobian (`exact_divergence=True`: D backward passes, vectorised; for
@@ -56,9 +59,8 @@ i-DODE's code uses N(0, sigma_1^2 I), which differs by O(alpha_1^2) per dimensio
 import math
 
 import tensorflow as tf
-import tensorflow_probability as tfp
 
-from vdm_tf import images, samplers, sde, seeding, traced
+from vdm_tf import images, ode_solver, samplers, sde, seeding, traced
 
 PROBES = ("rademacher", "gaussian")
 DEQUANTIZATIONS = ("uniform", "variational", "truncated_normal")
@@ -110,12 +112,11 @@ def with_divergence(flow, probe=None):
 def integrate(ode, start, end, z0, rtol=1e-5, atol=1e-5):
     """Solves `ode` (of `with_divergence`) from `start` to `end` with the divergence's integral.
 
-    Returns z at `end`, the integral of the divergence ([N]) and the number of evaluations of `ode`.
+    Returns z at `end`, the integral of the divergence ([N]) and the number of evaluations of `ode`
+    (`vdm_tf.ode_solver.solve`, scipy's RK45 step control, over z and the integral together).
     """
-    solver = tfp.math.ode.DormandPrince(rtol=rtol, atol=atol)
-    initial = (z0, tf.zeros(tf.shape(z0)[:1]))
-    result = solver.solve(ode, start, initial, solution_times=[end])
-    return result.states[0][-1], result.states[1][-1], result.diagnostics.num_ode_fn_evaluations
+    (z, integral), nfe = ode_solver.solve(ode, start, end, (z0, tf.zeros(tf.shape(z0)[:1], z0.dtype)), rtol, atol)
+    return z, integral, nfe
 
 
 def _time_of_gamma(process, gamma):
@@ -149,7 +150,7 @@ def _model_flow(model, end, in_gamma=False):
     """The model's probability flow as dz/dt, or dz/dgamma with `in_gamma` (module docstring)."""
 
     def flow(z, v):
-        v = tf.minimum(v, end)  # steps may overshoot the end
+        v = tf.minimum(v, end)  # rounding may put the last stage a spacing past the end
         t = tf.fill(tf.shape(z)[:1], _time_of_gamma(model.sde, v) if in_gamma else v)
         dz = _flow(model, z, t)
         return dz * sde.per_example(_time_per_gamma(model.sde, t), z) if in_gamma else dz
@@ -173,7 +174,7 @@ def ode_log_likelihood(model, z0, seed=0, exact_divergence=False, probe="rademac
         seed: seed of the Hutchinson probe (ignored with `exact_divergence`).
         exact_divergence: trace of the Jacobian instead of the Hutchinson estimate.
         probe: `"rademacher"` or `"gaussian"`.
-        rtol, atol: DormandPrince tolerances.
+        rtol, atol: the ODE solver's tolerances (scipy's RK45 meaning, `vdm_tf.ode_solver`).
 
     Returns:
         dict: `log_likelihood` float32 [N]; `nfe`, the number of ODE function evaluations

@@ -26,8 +26,8 @@
   are within 2.8 standard errors on every pixel.
 - `"ancestral"`: `"pc"` with the ancestral predictor and no corrector.
 - `"ode"`: the probability-flow ODE (eq. 13) from t = 1 to `sde.t_min`, solved by
-  `tfp.math.ode.DormandPrince` (adaptive; `rtol`, `atol`); reports the number of score
-  evaluations.
+  `vdm_tf.ode_solver.solve` (Dormand-Prince 5(4) with scipy's RK45 step control; `rtol`,
+  `atol`); reports the number of score evaluations.
 
 Every sampler ends with one denoising step (Tweedie's formula, `x_hat = (z + s_t^2 score) / m_t`)
 and rounds to the nearest pixel value. Loops are `tf.while_loop`s inside one `tf.function`
@@ -37,9 +37,8 @@ and rounds to the nearest pixel value. Loops are `tf.while_loop`s inside one `tf
 import operator
 
 import tensorflow as tf
-import tensorflow_probability as tfp
 
-from vdm_tf import images, seeding
+from vdm_tf import images, ode_solver, seeding
 from vdm_tf.sde import VESDE, per_example
 from vdm_tf.traced import compiled
 
@@ -275,7 +274,7 @@ def pc_sample_latents(
 
 
 def ode_sample_latents(model, num_samples, seed=0, rtol=1e-5, atol=1e-5):
-    """Probability-flow ODE sampling with DormandPrince; returns (x_hat [N, H, W, C], nfe).
+    """Probability-flow ODE sampling (`vdm_tf.ode_solver`); returns (x_hat [N, H, W, C], nfe).
 
     The ODE runs from t = 1 to `sde.t_min` (in the time variable tau = 1 - t, so the solver
     integrates forwards); nfe is the number of score evaluations (int32 scalar).
@@ -291,15 +290,13 @@ def ode_sample_latents(model, num_samples, seed=0, rtol=1e-5, atol=1e-5):
             t_min = model.sde.t_min
 
             def ode(tau, z):
-                # The solver may evaluate a step past its end; t < 0 is outside the SDE (a VP
-                # marginal variance would turn negative), so the flow is held at t_min there.
+                # Rounding may put the last stage a spacing past the end; t < t_min is outside the
+                # SDE (a VP marginal variance would turn negative), so the flow is held at t_min there.
                 t = tf.maximum(1.0 - tau, t_min)
                 return -model.sde.reverse_drift(z, t, model.score(z, t), probability_flow=True)
 
-            solver = tfp.math.ode.DormandPrince(rtol=rtol, atol=atol)
-            result = solver.solve(ode, 0.0, z_1, solution_times=[1.0 - t_min])
-            z = result.states[-1]
-            return denoised_mean(model, z, t_min), result.diagnostics.num_ode_fn_evaluations
+            z, nfe = ode_solver.solve(ode, 0.0, 1.0 - t_min, z_1, rtol, atol)
+            return denoised_mean(model, z, t_min), nfe
 
         return run
 
