@@ -101,7 +101,7 @@ def kid_jackknife(real, fake):
     m, n = len(real), len(fake)
     if n < 3 or m < 2:
         raise ValueError(f"KID's jackknife needs at least 2 real and 3 fake samples; got {m} and {n}.")
-    kernel = metrics._polynomial_kernel  # KID's (x . y / d + 1)^3, as vdm_tf.metrics computes it
+    kernel = metrics.polynomial_kernel  # KID's (x . y / d + 1)^3
     k_xx, k_yy, k_xy = kernel(real, real), kernel(fake, fake), kernel(real, fake)
     within_real = (k_xx.sum() - np.trace(k_xx)) / (m * (m - 1))
     row_yy = k_yy.sum(1) - np.diag(k_yy)  # sum_{j != l} k(y_l, y_j)

@@ -69,7 +69,8 @@ UNIFORM_START_GAMMA = -11.8
 SEARCH_POINTS, SEARCH_ROUNDS = 256, 5  # t(gamma) in [t_min, 1] to 2^-40 (`_time_of_gamma`)
 
 
-def _probe(shape, seed, probe):
+def hutchinson_probe(shape, seed, probe):
+    """The Hutchinson-Skilling probe eps of `shape`: +-1 with equal odds (`"rademacher"`) or N(0, 1)."""
     if probe == "rademacher":
         return tf.cast(tf.random.stateless_uniform(shape, seed, 0, 2, dtype=tf.int32) * 2 - 1, tf.float32)
     return tf.random.stateless_normal(shape, seed)
@@ -187,7 +188,7 @@ def ode_log_likelihood(model, z0, seed=0, exact_divergence=False, probe="rademac
             input_signature=[tf.TensorSpec([None, *model.image_shape], tf.float32), tf.TensorSpec([2], tf.int64)]
         )
         def run(z0, seed):
-            noise = _probe(tf.shape(z0), seed, probe)
+            noise = hutchinson_probe(tf.shape(z0), seed, probe)
             z_1, integral, nfe = _solve(model, z0, noise, model.sde.t_min, 1.0, exact_divergence, rtol, atol)
             return {"log_likelihood": model.sde.prior_log_prob(z_1) + integral, "nfe": nfe}
 
@@ -252,7 +253,7 @@ def _bpd_in_gamma(
                 u = tf.random.stateless_uniform(tf.shape(x), noise_seed)
                 z = 2.0 * (tf.cast(x, tf.float32) + u) / images.NUM_VALUES - 1.0
                 log_q = -dims * math.log(2.0 / images.NUM_VALUES)
-            noise = _probe(tf.shape(z), probe_seed, probe)
+            noise = hutchinson_probe(tf.shape(z), probe_seed, probe)
             gamma_end = process.gamma(tf.ones([1]))[0]
             z_1, integral, nfe = _solve(model, z, noise, gamma_start, gamma_end, exact_divergence, rtol, atol, True)
             nats = log_q - (process.prior_log_prob(z_1) + integral)

@@ -129,7 +129,7 @@ def trace_sqrt_product(cov_a, cov_b):
     return float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0.0, None))))
 
 
-def _polynomial_kernel(x, y):
+def polynomial_kernel(x, y):
     """k(x_i, y_j) = (x_i . y_j / d + 1)^3 for the rows of x [m, d] and y [n, d]: [m, n]."""
     return (x @ y.T / x.shape[1] + 1.0) ** 3
 
@@ -163,7 +163,7 @@ def kernel_inception_distance(features_a, features_b, subset_size=1000, num_subs
         raise ValueError(f"KID needs at least 2 samples in each set; got {len(a)} and {len(b)}.")
     whole = len(a) + len(b) <= 4096
     if whole:
-        k_aa, k_bb, k_ab = _polynomial_kernel(a, a), _polynomial_kernel(b, b), _polynomial_kernel(a, b)
+        k_aa, k_bb, k_ab = polynomial_kernel(a, a), polynomial_kernel(b, b), polynomial_kernel(a, b)
     rng = np.random.default_rng(seed)
     estimates = []
     for _ in range(int(num_subsets)):
@@ -171,7 +171,7 @@ def kernel_inception_distance(features_a, features_b, subset_size=1000, num_subs
         if whole:
             kernels = k_aa[np.ix_(i, i)], k_bb[np.ix_(j, j)], k_ab[np.ix_(i, j)]
         else:
-            kernels = _polynomial_kernel(a[i], a[i]), _polynomial_kernel(b[j], b[j]), _polynomial_kernel(a[i], b[j])
+            kernels = polynomial_kernel(a[i], a[i]), polynomial_kernel(b[j], b[j]), polynomial_kernel(a[i], b[j])
         estimates.append(_unbiased_mmd2(*kernels))
     return float(np.mean(estimates)), float(np.std(estimates))
 

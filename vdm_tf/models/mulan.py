@@ -587,7 +587,7 @@ class MuLAN(DiffusionModel):
                 ]
             )
             def run(z_0, latent, seed):
-                noise = None if exact_divergence else likelihood._probe(tf.shape(z_0), seed, probe)
+                noise = None if exact_divergence else likelihood.hutchinson_probe(tf.shape(z_0), seed, probe)
                 log_p, nfe = self._ode_log_likelihood(z_0, latent, noise, rtol, atol)
                 return {"log_likelihood": log_p, "nfe": nfe}
 
