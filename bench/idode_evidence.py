@@ -156,9 +156,7 @@ def main(argv=None):
     info = vdm_tf.datasets.info(args.dataset)
 
     def test_data(batch_size=32):
-        return vdm_tf.datasets.load(
-            args.dataset, info.test_split, batch_size, shuffle=False, repeat=False, drop_remainder=False
-        )
+        return vdm_tf.evaluation.heldout_batches(args.dataset, batch_size)
 
     x_test = np.concatenate([batch.numpy() for batch in test_data()])
 
