@@ -18,7 +18,7 @@ demo: $(INSTALLED)
 	$(PY) -m trainers.main --model_dir=runs/demo --export
 
 test: $(INSTALLED)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -43,5 +43,5 @@ setup(
         # vdm_tf.convert: reads the official VDM checkpoints (flax's msgpack files) without JAX.
         "msgpack==1.2.4",
     ],
-    extras_require={"test": ["pytest==9.2.0", "ruff==0.17.6"]},
+    extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"]},
 )
