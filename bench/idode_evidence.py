@@ -15,9 +15,12 @@ report ODE bounds below the VLB. Here the two presets of one data set, the eps-p
 `digits_mulan`: a learned per-pixel schedule), whose claims are a lower bpd and fewer steps to a
 given bpd; its ODE bound is `MuLAN.ode_bpd` (truncated-normal only: it has no variational one).
 
-1. Equal wall-clock. Each preset's training rate (steps per second) is measured on a throwaway
-   run, alternating between the two; each preset then trains for `rate * budget` steps (the
-   cosine learning-rate decay ends there, as in a run of that length). The two runs are
+1. Equal wall-clock. Each preset's training cost is measured on a throwaway run, alternating
+   between the presets, in CPU seconds per step of this process (wall seconds move with the
+   other jobs of a shared machine; CPU seconds much less). The first preset trains for
+   `budget * its wall-clock rate` steps, every other one for the steps that cost the same CPU
+   time (the cosine learning-rate decay ends there, as in a run of that length); on an idle
+   machine that is equal wall-clock. The two runs are
    interleaved, `--evals` chunks each, alternating which goes first, so both see the same load
    of the shared machine; each chunk's wall time and the 1-minute load average after it are
    recorded. Training is `trainers.train.Trainer`, the loop of `make demo` (checkpoints included),
@@ -73,7 +76,9 @@ QUICK = {
     "tolerance": 1e-3,
 }
 NOTES = (
-    "Equal training wall-clock: steps = measured rate x budget per preset; the two runs interleaved in chunks. "
+    "Equal training wall-clock: the first preset trains budget x its measured rate steps, the others the steps "
+    "of equal CPU time (the machine is shared; CPU time moves less with other jobs than wall time); the runs "
+    "interleaved in chunks. "
     "bpd: mean over images +- standard error; ODE - VLB: mean of per-image differences over the same images "
     "+- its standard error. VLB and ODE variational bound -log2 P(x) with the model's decoder (over the data "
     "set's pixel values when decoder_alphabet is on); ODE truncated_normal bounds the probability "
@@ -161,11 +166,14 @@ def main(argv=None):
     x_test = np.concatenate([batch.numpy() for batch in test_data()])
 
     def train_to(trainer, config, step):
-        """Trains `trainer` up to `step` (its learning-rate schedule is the one it was built with); wall seconds."""
+        """Trains `trainer` up to `step` (its learning-rate schedule is the one it was built with).
+
+        Returns (wall seconds, CPU seconds of this process)."""
         trainer.config = config.replace(trainer={"train_steps": step})
+        cpu = time.process_time()
         with contextlib.redirect_stdout(io.StringIO()):  # "resumed from step N" at each chunk
             _, seconds = common.timed(trainer.train)
-        return seconds
+        return seconds, time.process_time() - cpu
 
     scratch = tempfile.mkdtemp(prefix="idode_evidence_")
     try:
@@ -176,18 +184,34 @@ def main(argv=None):
             for name, config in base.items()
         }
         timed = {name: 0.0 for name in presets}
-        for round_ in range(3):
+        timed_cpu = {name: 0.0 for name in presets}
+        for round_ in range(4):
             for name in presets if round_ % 2 == 0 else presets[::-1]:
-                seconds = train_to(trainers[name], base[name], (round_ + 1) * steps)
+                seconds, cpu_seconds = train_to(trainers[name], base[name], (round_ + 1) * steps)
                 timed[name] += seconds if round_ else 0.0
-        rates = {name: 2 * steps / timed[name] for name in presets}
+                timed_cpu[name] += cpu_seconds if round_ else 0.0
         del trainers
+        reference = presets[0]
         budget = 60.0 * args.budget_minutes
+        cpu_budget = budget * timed_cpu[reference] / timed[reference]  # the reference's CPU seconds in `budget`
+        rates = {name: 3 * steps / timed_cpu[name] * cpu_budget / budget for name in presets}
         calibration = {
-            name: {"steps_per_second": rates[name], "timed_steps": 2 * steps, "timed_seconds": timed[name]}
+            name: {
+                "steps_per_second": rates[name],
+                "steps_per_cpu_second": 3 * steps / timed_cpu[name],
+                "timed_steps": 3 * steps,
+                "timed_seconds": timed[name],
+                "timed_cpu_seconds": timed_cpu[name],
+            }
             for name in presets
         }
-        print("rates: " + ", ".join(f"{name} {rate:.2f} steps/s" for name, rate in rates.items()), flush=True)
+        print(
+            "rates (CPU time, scaled to the wall-clock of "
+            + reference
+            + "): "
+            + ", ".join(f"{name} {rate:.2f} steps/s" for name, rate in rates.items()),
+            flush=True,
+        )
 
         # 2. The runs, interleaved in chunks, each scored on the test split after every chunk.
         arms = {}
@@ -199,14 +223,16 @@ def main(argv=None):
                 "trainer": train.Trainer(config, f"{scratch}/{name}", strategy, verbose=False),
                 "train_steps": total,
                 "train_seconds": 0.0,
+                "train_cpu_seconds": 0.0,
                 "curve": [],
             }
         for chunk in range(1, args.evals + 1):
             for name in presets if chunk % 2 else presets[::-1]:
                 arm = arms[name]
                 step = round(arm["train_steps"] * chunk / args.evals)
-                seconds = train_to(arm["trainer"], arm["config"], step)
+                seconds, cpu_seconds = train_to(arm["trainer"], arm["config"], step)
                 arm["train_seconds"] += seconds
+                arm["train_cpu_seconds"] += cpu_seconds
                 model = arm["trainer"].model
                 with vdm_tf.runs.ema_weights(model):
                     result = vdm_tf.evaluation.dataset_bpd(
@@ -217,6 +243,7 @@ def main(argv=None):
                         "step": step,
                         "train_seconds": arm["train_seconds"],
                         "chunk_seconds": seconds,
+                        "train_cpu_seconds": arm["train_cpu_seconds"],
                         "load_average_1min": os.getloadavg()[0],
                         "bpd": result["bpd"],
                         "stderr": result["stderr"],
@@ -272,6 +299,7 @@ def main(argv=None):
                 "config": arm["config"].flat(),
                 "train_steps": arm["train_steps"],
                 "train_seconds": arm["train_seconds"],
+                "train_cpu_seconds": arm["train_cpu_seconds"],
                 "curve": arm["curve"],
                 "vlb": {**vlb, "seconds": vlb_seconds},
                 "ode": odes,
