@@ -16,6 +16,7 @@ oneDNN) and the load of the rest of the machine when it was called.
 import json
 import os
 import platform
+import re
 import sys
 import time
 
@@ -67,3 +68,44 @@ def timed(function, *args, **kwargs):
     start = time.perf_counter()
     result = function(*args, **kwargs)
     return result, time.perf_counter() - start
+
+
+# Results kept per CPU kind: figures of one kind compare, those of different kinds differ 2-3x.
+
+GENERIC_WORDS = {"CPU", "Processor", "processor", "Core", "with", "Radeon", "Graphics"}
+
+
+def cpu_kind(model):
+    """A CPU's kind from its model string: vendor and family, without trademarks, numbers or clock.
+
+    "Intel(R) Xeon(R) Processor @ 2.80GHz" -> "Intel Xeon", "AMD EPYC 7B13 64-Core Processor" ->
+    "AMD EPYC": figures of one kind compare; those of different kinds differ 2-3x on the same code.
+    """
+    words = re.sub(r"\((R|TM)\)", " ", model.split("@")[0], flags=re.IGNORECASE).split()
+    named = [word for word in words if word.isalpha() and word not in GENERIC_WORDS]
+    return " ".join(named[:2]) or model.strip() or "unknown"
+
+
+def read_kinds(path, shared_keys=()):
+    """The per-CPU-kind sections {kind: section} of the results file `path` ({} if there is none).
+
+    A file of the older layout (one machine: {"machine", "results", ...}) is one kind's section,
+    named from its machine's CPU; `shared_keys` are top-level entries that belong to no kind.
+    """
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        earlier = json.load(f)
+    if "kinds" in earlier:
+        return earlier["kinds"]
+    section = {key: value for key, value in earlier.items() if key not in shared_keys}
+    return {cpu_kind(earlier["machine"]["cpu"]): section}
+
+
+def merge_kind(kinds, kind, section, configs_order):
+    """`kinds` with `kind`'s section replaced by `section`, whose `results` keep the earlier rows of
+    that kind for configurations `section` did not measure; other kinds are kept as they are."""
+    measured = {row["config"] for row in section["results"]}
+    kept = [row for row in kinds.get(kind, {}).get("results", []) if row["config"] not in measured]
+    results = sorted(kept + section["results"], key=lambda row: list(configs_order).index(row["config"]))
+    return {**kinds, kind: {**section, "results": results}}

@@ -17,16 +17,23 @@ the trace's XSpace) by op type and by group:
 - the rest: element-wise ops of group norm, swish, the losses and their gradients.
 
 Op time summed over threads exceeds the step's wall-clock time when ops run in parallel (two
-inter-op threads here). Prints a table; writes bench/results/profile_step.json. Run it on an
-otherwise idle machine (see `other CPUs` in bench/train_throughput.py).
+inter-op threads here). Where the time of a small step goes that is not convolution, each
+result says in `not_convolution`: the other groups' op time and share, the ops per step and
+their mean duration (a small step is thousands of ops of a few microseconds: per-op overhead,
+not arithmetic), and `idle_core_seconds`, the CPU time of the step's wall-clock (CPUs x
+seconds) in which no op of the step ran (the executor between ops, Keras's Python around the
+step, threads waiting for each other; on a busy machine also other processes).
+
+Prints a table; writes bench/results/profile_step.json per CPU kind (as
+bench/train_throughput.py: {"kinds": {kind: {"machine", "steps", "results"}}}, keeping the other
+kinds and this kind's configurations not profiled now). Run it on an otherwise idle machine
+(see `other CPUs` in bench/train_throughput.py).
 """
 
-import argparse
 import collections
 import glob
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -35,12 +42,45 @@ from bench import common  # noqa: E402
 common.prepare()  # before TensorFlow is imported
 
 from bench.train_throughput import CONFIGS, fit_model_and_data  # noqa: E402
+from vdm_tf import cli  # noqa: E402
 
-BOOKKEEPING = {"Start", "Done", "FunctionRun", "PartitionedCallOp", "ExecutorDoneCallback", "ReadVariableOp",
-               "ParallelFor", "Identity", "IdentityN", "NoOp", "Const", "_Retval", "_Arg"}
+CONVOLUTION = ("convolution, forward", "convolution, backward")
+
+BOOKKEEPING = {
+    "Start",
+    "Done",
+    "FunctionRun",
+    "PartitionedCallOp",
+    "ExecutorDoneCallback",
+    "ReadVariableOp",
+    "ParallelFor",
+    "Identity",
+    "IdentityN",
+    "NoOp",
+    "Const",
+    "_Retval",
+    "_Arg",
+}
 REDUCTIONS = {"Sum", "Mean", "Max", "Min", "Prod", "BiasAddGrad", "AddN"}
-COPIES = {"Tile", "Slice", "StridedSlice", "StridedSliceGrad", "ConcatV2", "Transpose", "Pack", "Unpack", "Reshape",
-          "Fill", "Pad", "GatherV2", "Split", "SplitV", "BroadcastTo", "TensorListStack", "TensorListFromTensor"}
+COPIES = {
+    "Tile",
+    "Slice",
+    "StridedSlice",
+    "StridedSliceGrad",
+    "ConcatV2",
+    "Transpose",
+    "Pack",
+    "Unpack",
+    "Reshape",
+    "Fill",
+    "Pad",
+    "GatherV2",
+    "Split",
+    "SplitV",
+    "BroadcastTo",
+    "TensorListStack",
+    "TensorListFromTensor",
+}
 GROUPS = (  # (group, test on the op type and name), first match wins
     ("convolution, forward", lambda kind, name: "Conv2D" in kind and "Backprop" not in kind),
     ("convolution, backward", lambda kind, name: "Conv2DBackprop" in kind),
@@ -92,24 +132,50 @@ def profile(config, steps):
         model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
         tf.profiler.experimental.stop()
         events = list(op_events(logdir))
-    by_kind, by_group, counts = collections.Counter(), collections.Counter(), collections.Counter()
+    by_kind, by_group = collections.Counter(), collections.Counter()
+    counts, group_counts = collections.Counter(), collections.Counter()
     for kind, name, seconds in events:
         by_kind[kind] += seconds / steps
         counts[kind] += 1 / steps
         group = next(group for group, test in GROUPS if test(kind, name))
         by_group[group] += seconds / steps
+        group_counts[group] += 1 / steps
     total = sum(by_kind.values())
+    groups = {
+        group: {"seconds": seconds, "share": seconds / total, "ops_per_step": round(group_counts[group]),
+                "mean_op_microseconds": seconds / group_counts[group] * 1e6}
+        for group, seconds in by_group.most_common()
+    }  # fmt: skip
+    other = {group: figure for group, figure in groups.items() if group not in CONVOLUTION}
+    other_seconds = sum(figure["seconds"] for figure in other.values())
+    other_ops = sum(figure["ops_per_step"] for figure in other.values())
     return {
-        "config": config, "n_layers": n_layers, "n_embd": n_embd, "batch_size": batch_size,
-        "seconds_per_step": seconds_per_step, "op_seconds_per_step": total,
-        "groups": {group: {"seconds": seconds, "share": seconds / total} for group, seconds in by_group.most_common()},
-        "op_types": [{"op": kind, "seconds": seconds, "share": seconds / total, "per_step": round(counts[kind])}
-                     for kind, seconds in by_kind.most_common(25)],
+        "config": config,
+        "n_layers": n_layers,
+        "n_embd": n_embd,
+        "batch_size": batch_size,
+        "steps": steps,
+        "seconds_per_step": seconds_per_step,
+        "op_seconds_per_step": total,
+        "ops_per_step": round(sum(group_counts.values())),
+        "idle_core_seconds": os.cpu_count() * seconds_per_step - total,
+        "not_convolution": {
+            "seconds": other_seconds,
+            "share": other_seconds / total,
+            "ops_per_step": other_ops,
+            "mean_op_microseconds": other_seconds / max(other_ops, 1) * 1e6,
+            "groups": {group: figure["share"] for group, figure in other.items()},
+        },
+        "groups": groups,
+        "op_types": [
+            {"op": kind, "seconds": seconds, "share": seconds / total, "per_step": round(counts[kind])}
+            for kind, seconds in by_kind.most_common(25)
+        ],
     }
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m bench.profile_step", description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="tiny,small")
     parser.add_argument("--steps", type=int, default=10, help="timed and profiled steps (after 3 warm-up steps)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "profile_step.json"))
@@ -121,16 +187,33 @@ def main(argv=None):
     for name in names:
         result = profile(name, args.steps)
         results.append(result)
-        print(f"\n{name}: {result['seconds_per_step']:.3f} s/step wall-clock, "
-              f"{result['op_seconds_per_step']:.3f} s of op time per step (summed over threads)")
+        print(
+            f"\n{name}: {result['seconds_per_step']:.3f} s/step wall-clock, "
+            f"{result['op_seconds_per_step']:.3f} s of op time per step (summed over threads)"
+        )
         for group, figure in result["groups"].items():
-            print(f"  {group:<32}{figure['seconds'] * 1000:>9.1f} ms {figure['share']:>7.1%}")
+            print(
+                f"  {group:<36}{figure['seconds'] * 1000:>9.1f} ms {figure['share']:>7.1%}"
+                f"  {figure['ops_per_step']:>6} ops, {figure['mean_op_microseconds']:>7.1f} us each"
+            )
+        other = result["not_convolution"]
+        print(
+            f"  not convolution: {other['seconds'] * 1000:.1f} ms ({other['share']:.0%} of op time) in "
+            f"{other['ops_per_step']} ops per step of {other['mean_op_microseconds']:.1f} us on average; "
+            f"CPU time of the step without any op: {result['idle_core_seconds'] * 1000:.1f} ms "
+            f"({os.cpu_count()} CPUs x {result['seconds_per_step'] * 1000:.1f} ms wall-clock)"
+        )
         print("  top op types:")
         for row in result["op_types"][:12]:
             print(f"    {row['op']:<40}{row['seconds'] * 1000:>9.1f} ms {row['share']:>7.1%}  x{row['per_step']}")
-    common.write_json(args.out, {"machine": common.machine(), "steps": args.steps, "results": results})
+    machine = common.machine()
+    section = {"machine": machine, "steps": args.steps, "results": results}
+    common.write_json(
+        args.out,
+        {"kinds": common.merge_kind(common.read_kinds(args.out), common.cpu_kind(machine["cpu"]), section, CONFIGS)},
+    )
     print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, prog="python -m bench.profile_step")

@@ -35,6 +35,22 @@ during the measurement (run the bench on an otherwise idle machine: one other bu
 even niced, slows both sides' steps by about 1.6x on 2 cores). Prints a table; writes
 bench/results/train_throughput.json, keeping the rows of the configurations not measured in this
 run (so `--configs=paper --rounds=2` refreshes only the paper rows).
+
+Rows are kept per CPU kind (`bench.common.cpu_kind`: vendor and family from the CPU model, "AMD EPYC",
+"Intel Xeon"): the JSON is {"kinds": {kind: {"machine", "kernels", "results"}}, ...}, a run
+replaces only its own kind's rows of the configurations it measured, and the table printed at
+the end shows every kind.
+
+Against the machine's limit: before and after the steps (a fresh process each, so the kernels
+see the steps' machine load) the `kernels` worker times the network's dominant kernels in
+TensorFlow: the 3x3 convolution 128 -> 128 channels at 32x32 (the paper U-Net never downsamples)
+forward, and forward + backward (input and filter gradients), at batch 4, 128 and each measured
+configuration's batch, and a 2048^3 float32 matrix product; GFLOP/s are 2 x multiply-adds per
+second. Each configuration's train-step FLOPs are counted analytically
+(`bench.scaling.train_step_flops`: the convolutions, shortcuts and attention products, forward
+and backward = 3 x forward), so each row reports its achieved GFLOP/s and their share of the
+convolution's forward + backward GFLOP/s at the configuration's batch. `--quick` (tiny, 2 steps,
+1 round, fewer kernel repeats) checks the whole run in a few minutes.
 """
 
 import argparse
@@ -48,6 +64,7 @@ import tempfile
 import time
 
 from bench import common
+from vdm_tf import cli
 
 START = time.time()  # a worker's process start (imports included in the time to first step)
 
@@ -152,10 +169,67 @@ def _worker_trainer(n_layers, n_embd, batch_size, steps):
     return clock, params
 
 
+def conv_macs(batch_size, height=32, width=32, channels=128):
+    """Multiply-adds of one 3x3 'same' convolution `channels` -> `channels` at `height` x `width`."""
+    return batch_size * height * width * 9 * channels * channels
+
+
+def _median_seconds(function, arguments, repeats):
+    """Median wall-clock seconds of `function(*arguments)` (its outputs copied out) over `repeats` calls, after one."""
+    import tensorflow as tf
+
+    def call():
+        tf.nest.map_structure(lambda tensor: tensor.numpy(), function(*arguments))
+
+    call()
+    return statistics.median(common.timed(call)[1] for _ in range(repeats))
+
+
+def _worker_kernels(batches, repeats):
+    """GFLOP/s of the 3x3 128-channel convolution (forward; forward + both gradients) and a 2048^3 matmul."""
+    import tensorflow as tf
+
+    forward = tf.function(lambda x, w, dy: tf.nn.conv2d(x, w, 1, "SAME"))
+
+    @tf.function
+    def forward_backward(x, w, dy):
+        return (
+            tf.nn.conv2d(x, w, 1, "SAME"),
+            tf.raw_ops.Conv2DBackpropInput(
+                input_sizes=tf.shape(x), filter=w, out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME"
+            ),
+            tf.raw_ops.Conv2DBackpropFilter(
+                input=x, filter_sizes=tf.shape(w), out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME"
+            ),
+        )
+
+    rows = []
+
+    def add(kernel, batch, flops, function, arguments):
+        seconds = _median_seconds(function, arguments, repeats)
+        rows.append(
+            {"kernel": kernel, "batch_size": batch, "flops": flops, "seconds": seconds,
+             "gflops_per_second": flops / seconds / 1e9}
+        )  # fmt: skip
+
+    for batch in batches:
+        x, dy = tf.random.normal([batch, 32, 32, 128]), tf.random.normal([batch, 32, 32, 128])
+        w = tf.random.normal([3, 3, 128, 128], stddev=0.03)
+        add("conv3x3 forward", batch, 2 * conv_macs(batch), forward, (x, w, dy))
+        add("conv3x3 forward+backward", batch, 3 * 2 * conv_macs(batch), forward_backward, (x, w, dy))
+    a = tf.random.normal([2048, 2048])
+    add("matmul 2048^3", None, 2 * 2048**3, tf.function(tf.linalg.matmul), (a, a))
+    return rows
+
+
 def run_worker(args):
     import vdm_tf
 
     vdm_tf.prepare_process()  # as the README's fit snippet and every command line do: before TensorFlow
+    if args.worker == "kernels":
+        batches = [int(b) for b in args.config.split(",")]
+        print(json.dumps({"kernels": _worker_kernels(batches, args.steps)}))
+        return
     n_layers, n_embd, batch_size = CONFIGS[args.config]
     work = {
         "fit": _worker_fit,
@@ -176,6 +250,26 @@ def run_worker(args):
             }
         )
     )
+
+
+def train_flops_per_step(name):
+    """FLOPs of one train step of configuration `name` (forward and backward, its whole batch).
+
+    Analytic, `bench.scaling.train_step_flops` (the CIFAR-10 ScoreUNet's convolutions, 1x1
+    shortcuts and attention products, x 2 per multiply-add, x 3 for forward and backward).
+    """
+    from bench.scaling import train_step_flops
+    from trainers import configs
+
+    n_layers, n_embd, batch_size = CONFIGS[name]
+    config = configs.Config().replace(dataset="cifar10", n_layers=n_layers, n_embd=n_embd, fourier_exponents=(7, 8))
+    return train_step_flops(config) * batch_size
+
+
+def kernel_rate(kernels, kernel, batch_size=None):
+    """Median GFLOP/s of `kernel` at `batch_size` over the `kernels` rows (both sides of the bracket)."""
+    rates = [row["gflops_per_second"] for row in kernels if row["kernel"] == kernel and row["batch_size"] == batch_size]
+    return statistics.median(rates) if rates else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,35 +361,51 @@ def summary(runs):
     return {key: statistics.median(run[key] for run in runs) for key in keys} | {"params": runs[0]["params"]}
 
 
+PROG = "python -m bench.train_throughput"
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="tiny,small,paper")
     parser.add_argument("--paths", default="fit,trainer", help="vdm_tf paths to time: fit, fit_keras, trainer")
     parser.add_argument("--steps", type=int, default=6, help="timed steps after the first")
     parser.add_argument("--rounds", type=int, default=1, help="bracketed rounds per configuration")
+    parser.add_argument("--kernel_repeats", type=int, default=5, help="timed calls per kernel (after one)")
+    parser.add_argument("--quick", action="store_true", help="tiny only, 2 steps, 1 round, 2 kernel repeats")
     parser.add_argument("--official_repo", default=None, help="a checkout of google-research/vdm")
     parser.add_argument("--jax_venv", default=os.path.join(HERE, ".jax-venv"))
     parser.add_argument("--out", default=os.path.join(HERE, "results", "train_throughput.json"))
-    parser.add_argument("--worker", choices=["fit", "fit_keras", "trainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["fit", "fit_keras", "trainer", "kernels"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return run_worker(args)
+    if args.quick:
+        args.configs, args.steps, args.rounds, args.kernel_repeats = "tiny", 2, 1, 2
     names = args.configs.split(",")
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         parser.error(f"unknown --configs {', '.join(unknown)}; expected some of {', '.join(CONFIGS)}")
+    if min(args.steps, args.rounds, args.kernel_repeats) < 1:
+        parser.error("--steps, --rounds and --kernel_repeats take positive integers")
     if args.official_repo and not os.path.exists(os.path.join(args.official_repo, "model_vdm.py")):
         parser.error(f"--official_repo={args.official_repo} holds no model_vdm.py (a google-research/vdm checkout)")
     paths = args.paths.split(",")
     if set(paths) - {"fit", "fit_keras", "trainer"}:
         parser.error(f"unknown --paths {args.paths}; expected some of fit, fit_keras, trainer")
     jax = jax_python(args.jax_venv) if args.official_repo else None
-    results = []
-    print(
-        f"{'config':<7}{'path':<10}{'params':>12}{'s/step':>9}{'img/s':>8}{'vs jax':>8}{'1st step s':>12}"
-        f"{'to 1st step s':>15}{'other CPUs':>12}{'faults/step':>13}"
-    )
+    kernel_batches = ",".join(map(str, sorted({4, 128} | {CONFIGS[name][2] for name in names})))
+    kernels_command = [
+        sys.executable,
+        "-m",
+        "bench.train_throughput",
+        "--worker=kernels",
+        f"--config={kernel_batches}",
+        f"--steps={args.kernel_repeats}",
+    ]
+    print("timing the kernels (before the steps)", flush=True)
+    kernel_runs = [measure(kernels_command)]
+    measured = {}
     for name in names:
         n_layers, n_embd, batch_size = CONFIGS[name]
         runs = {path: [] for path in ["jax"] * bool(jax) + paths}
@@ -312,68 +422,95 @@ def main(argv=None):
             if jax:
                 runs["jax"].append(measure(jax_command))
             for path in paths:
-                runs[path].append(
-                    measure(
-                        [
-                            sys.executable,
-                            "-m",
-                            "bench.train_throughput",
-                            f"--worker={path}",
-                            f"--config={name}",
-                            f"--steps={args.steps}",
-                        ]
-                    )
-                )
+                worker = [sys.executable, "-m", "bench.train_throughput", f"--worker={path}", f"--config={name}"]
+                runs[path].append(measure(worker + [f"--steps={args.steps}"]))
             if jax:  # the bracket's other side
                 runs["jax"].append(measure(jax_command))
-        figures = {path: summary(measured) for path, measured in runs.items()}
+        measured[name] = runs
+        print(f"measured {name}", flush=True)
+    print("timing the kernels (after the steps)", flush=True)
+    kernel_runs.append(measure(kernels_command))
+    kernels = [row | {"other_cpus": run["other_cpus"]} for run in kernel_runs for row in run["kernels"]]
+
+    results = []
+    for name, runs in measured.items():
+        n_layers, n_embd, batch_size = CONFIGS[name]
+        flops = train_flops_per_step(name)
+        conv_rate = kernel_rate(kernels, "conv3x3 forward+backward", batch_size)
+        figures = {path: summary(runs_of_path) for path, runs_of_path in runs.items()}
         for path, figure in figures.items():
-            ratio = figures["jax"]["seconds_per_step"] / figure["seconds_per_step"] if jax else float("nan")
-            row = dict(
-                config=name,
-                path=path,
-                n_layers=n_layers,
-                n_embd=n_embd,
-                batch_size=batch_size,
-                steps=args.steps,
-                rounds=args.rounds,
-                images_per_second=batch_size / figure["seconds_per_step"],
-                speed_vs_jax=ratio,
-                runs=runs[path],
-                **figure,
+            rate = flops / figure["seconds_per_step"] / 1e9
+            results.append(
+                dict(
+                    config=name,
+                    path=path,
+                    n_layers=n_layers,
+                    n_embd=n_embd,
+                    batch_size=batch_size,
+                    steps=args.steps,
+                    rounds=args.rounds,
+                    images_per_second=batch_size / figure["seconds_per_step"],
+                    speed_vs_jax=figures["jax"]["seconds_per_step"] / figure["seconds_per_step"] if jax else None,
+                    train_flops_per_step=flops,
+                    gflops_per_second=rate,
+                    conv_gflops_per_second=conv_rate,
+                    share_of_conv=rate / conv_rate,
+                    runs=runs[path],
+                    **figure,
+                )
             )
-            results.append(row)
-            print(
-                f"{name:<7}{path:<10}{row['params']:>12,}{row['seconds_per_step']:>9.3f}"
-                f"{row['images_per_second']:>8.1f}{ratio:>7.2f}x{row['first_step_seconds']:>12.1f}"
-                f"{row['time_to_first_step']:>15.1f}{row['other_cpus']:>12.2f}{row['page_faults_per_step']:>13.0f}",
-                flush=True,
-            )
+    machine = common.machine()
+    kind = common.cpu_kind(machine["cpu"])
     estimates = accelerator_estimates()
+    section = {"machine": machine, "kernels": kernels, "results": results}
+    kinds = common.merge_kind(
+        common.read_kinds(args.out, SHARED_KEYS), kind, section, CONFIGS
+    )  # read before the rewrite
+    print_kernels(kind, kernels)
+    print_table(kinds)
     print(
         f"paper configuration on accelerators (FLOP arithmetic, {estimates['train_flops_per_step'] / 1e12:.1f} "
         f"TFLOP per step at batch {estimates['batch_size']}, {ASSUMED_UTILISATION:.0%} of peak):"
     )
     for device, seconds in estimates["seconds_per_step"].items():
         print(f"  {device:<20} " + "  ".join(f"{dtype} {value:.3f} s/step" for dtype, value in seconds.items()))
-    results = sorted(
-        kept_rows(args.out, names) + results,  # read before the file is rewritten
-        key=lambda row: list(CONFIGS).index(row["config"]),
-    )
-    common.write_json(args.out, {"machine": common.machine(), "results": results, "accelerator_estimates": estimates})
+    common.write_json(args.out, {"kinds": kinds, "accelerator_estimates": estimates})
     print(f"wrote {args.out}")
 
 
-def kept_rows(path, measured):
-    """The rows of `path` (an earlier run's JSON on this CPU) for configurations not measured now."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        earlier = json.load(f)
-    if earlier.get("machine", {}).get("cpu") != common.machine()["cpu"]:
-        return []
-    return [row for row in earlier["results"] if row["config"] not in measured and "rounds" in row]
+SHARED_KEYS = ("accelerator_estimates",)  # top-level entries of the JSON that belong to no CPU kind
+
+
+def print_kernels(kind, kernels):
+    """The kernels' GFLOP/s of this run, both sides of the bracket."""
+    print(f"\n{kind}: kernels, GFLOP/s before / after the steps (other CPUs)")
+    for kernel in dict.fromkeys(row["kernel"] for row in kernels):
+        for batch in dict.fromkeys(row["batch_size"] for row in kernels if row["kernel"] == kernel):
+            rows = [row for row in kernels if row["kernel"] == kernel and row["batch_size"] == batch]
+            label = f"{kernel}" + (f", batch {batch}" if batch else "")
+            figures = " / ".join(f"{row['gflops_per_second']:.1f} ({row['other_cpus']:.2f})" for row in rows)
+            print(f"  {label:<38}{figures}")
+
+
+def print_table(kinds):
+    """Every kind's rows: s/step, against JAX, first step, GFLOP/s and share of the convolution kernel's."""
+    for kind, section in kinds.items():
+        print(f"\n{kind} ({section['machine']['cpu']}, {section['machine'].get('cpus')} CPUs)")
+        print(
+            f"{'config':<7}{'path':<10}{'params':>12}{'s/step':>9}{'img/s':>8}{'vs jax':>8}{'1st step s':>12}"
+            f"{'to 1st step s':>15}{'other CPUs':>12}{'faults/step':>13}{'GFLOP/s':>9}{'of conv':>9}"
+        )
+        for row in section["results"]:
+            ratio = f"{row['speed_vs_jax']:.2f}x" if row.get("speed_vs_jax") else "-"
+            rate = f"{row['gflops_per_second']:.1f}" if "gflops_per_second" in row else "-"  # rows before the count
+            share = f"{row['share_of_conv']:.0%}" if "share_of_conv" in row else "-"
+            print(
+                f"{row['config']:<7}{row['path']:<10}{row['params']:>12,}{row['seconds_per_step']:>9.3f}"
+                f"{row['images_per_second']:>8.1f}{ratio:>8}{row['first_step_seconds']:>12.1f}"
+                f"{row['time_to_first_step']:>15.1f}{row['other_cpus']:>12.2f}{row['page_faults_per_step']:>13.0f}"
+                f"{rate:>9}{share:>9}"
+            )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, prog=PROG)
