@@ -10,17 +10,18 @@ train with velocity parameterization, importance-sampled noise levels and a vari
 schedule, then evaluate the probability-flow ODE with truncated-normal dequantization, and
 report ODE bounds below the VLB. Here the two presets of one data set, the eps-predicting VDM
 (`digits`: learned schedule, uniform times) and the same network trained the i-DODE way
-(`digits_idode`), train for the same wall-clock budget and are compared on the test split.
+(`digits_idode`), train for the same budget of CPU time and are compared on the test split.
 `--presets` compares any presets of one data set the same way, e.g. with MuLAN (Sahoo et al. 2024,
 `digits_mulan`: a learned per-pixel schedule), whose claims are a lower bpd and fewer steps to a
 given bpd; its ODE bound is `MuLAN.ode_bpd` (truncated-normal only: it has no variational one).
 
-1. Equal wall-clock. Each preset's training cost is measured on a throwaway run, alternating
-   between the presets, in CPU seconds per step of this process (wall seconds move with the
-   other jobs of a shared machine; CPU seconds much less). The first preset trains for
-   `budget * its wall-clock rate` steps, every other one for the steps that cost the same CPU
-   time (the cosine learning-rate decay ends there, as in a run of that length); on an idle
-   machine that is equal wall-clock. The two runs are
+1. Equal training time. Each preset's training cost is measured on a throwaway run,
+   alternating between the presets, in CPU seconds per step of this process (wall seconds move
+   with the other jobs of a shared machine; CPU seconds much less). Each preset trains for the
+   steps that cost `budget_minutes` x the machine's CPU count of CPU time (the cosine
+   learning-rate decay ends there, as in a run of that length): on an idle machine whose
+   training keeps every CPU busy, `budget_minutes` of wall-clock; the wall and CPU seconds of
+   every chunk are recorded. The two runs are
    interleaved, `--evals` chunks each, alternating which goes first, so both see the same load
    of the shared machine; each chunk's wall time and the 1-minute load average after it are
    recorded. Training is `trainers.train.Trainer`, the loop of `make demo` (checkpoints included),
@@ -76,9 +77,9 @@ QUICK = {
     "tolerance": 1e-3,
 }
 NOTES = (
-    "Equal training wall-clock: the first preset trains budget x its measured rate steps, the others the steps "
-    "of equal CPU time (the machine is shared; CPU time moves less with other jobs than wall time); the runs "
-    "interleaved in chunks. "
+    "Equal training time: each preset trains the steps that cost budget_minutes x CPU count of CPU time (the "
+    "machine is shared; CPU time moves less with other jobs than wall time), about budget_minutes of wall-clock "
+    "on an idle machine; the runs interleaved in chunks. "
     "bpd: mean over images +- standard error; ODE - VLB: mean of per-image differences over the same images "
     "+- its standard error. VLB and ODE variational bound -log2 P(x) with the model's decoder (over the data "
     "set's pixel values when decoder_alphabet is on); ODE truncated_normal bounds the probability "
@@ -104,7 +105,11 @@ def parse_args(argv):
     parser = cli.ArgumentParser(prog="python -m bench.idode_evidence", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", choices=sorted(PAIRS), default="digits", help="Which pair of presets.")
     parser.add_argument("--presets", default=None, help="Comma-separated presets of one data set (default: the pair).")
-    parser.add_argument("--budget_minutes", type=positive(float), help="Training wall-clock per preset.")
+    parser.add_argument(
+        "--budget_minutes",
+        type=positive(float),
+        help="Minutes of every CPU per preset.",
+    )
     parser.add_argument("--evals", type=positive(int), help="Chunks per run, each ending in a test VLB.")
     parser.add_argument("--calibration_steps", type=positive(int), help="Steps per timed round.")
     parser.add_argument("--ode_images", type=positive(int), help="First N test images for the ODE.")
@@ -191,13 +196,10 @@ def main(argv=None):
                 timed[name] += seconds if round_ else 0.0
                 timed_cpu[name] += cpu_seconds if round_ else 0.0
         del trainers
-        reference = presets[0]
-        budget = 60.0 * args.budget_minutes
-        cpu_budget = budget * timed_cpu[reference] / timed[reference]  # the reference's CPU seconds in `budget`
-        rates = {name: 3 * steps / timed_cpu[name] * cpu_budget / budget for name in presets}
+        cpu_budget = 60.0 * args.budget_minutes * (os.cpu_count() or 1)
         calibration = {
             name: {
-                "steps_per_second": rates[name],
+                "steps_per_second": 3 * steps / timed[name],
                 "steps_per_cpu_second": 3 * steps / timed_cpu[name],
                 "timed_steps": 3 * steps,
                 "timed_seconds": timed[name],
@@ -206,17 +208,18 @@ def main(argv=None):
             for name in presets
         }
         print(
-            "rates (CPU time, scaled to the wall-clock of "
-            + reference
-            + "): "
-            + ", ".join(f"{name} {rate:.2f} steps/s" for name, rate in rates.items()),
+            "rates: "
+            + ", ".join(
+                f"{name} {3 * steps / timed_cpu[name]:.2f} steps per CPU s ({3 * steps / timed[name]:.2f} per s)"
+                for name in presets
+            ),
             flush=True,
         )
 
         # 2. The runs, interleaved in chunks, each scored on the test split after every chunk.
         arms = {}
         for name in presets:
-            total = max(args.evals, round(rates[name] * budget))
+            total = max(args.evals, round(cpu_budget * 3 * steps / timed_cpu[name]))
             config = base[name].replace(trainer={"train_steps": total})
             arms[name] = {
                 "config": config,
