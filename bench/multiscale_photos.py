@@ -23,7 +23,7 @@
    gap at the end has a paired standard error (from the per-image differences).
 3. Sampling speed. After training, every model draws `--num_samples` images in `--sample_steps`
    ancestral steps, the fastest of `--repeats` calls after one untimed (tracing) call, the models
-   taking turns (`bench.multiscale.seconds_per_sample`; the flags are bench.multiscale's); "pixel ratio" is
+   taking turns (`bench.multiscale.sampling_seconds`; the flags are bench.multiscale's); "pixel ratio" is
    the speed-up if a step cost were proportional to its pixels (`bench.multiscale.pixel_ratio`).
 
 Prints the curves and a table of the final figures; writes bench/results/multiscale_photos.json
@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import vdm_tf  # noqa: E402
-from bench.multiscale import pixel_ratio, seconds_per_sample  # noqa: E402  (defines the sampling flags)
+from bench.multiscale import pixel_ratio, sampling_seconds  # noqa: E402  (defines the sampling flags)
 from trainers import configs  # noqa: E402
 
 PRESET = "photos"
@@ -251,7 +251,8 @@ def main(argv):
         write(results)
 
     print(f"\nsampling, {FLAGS.sample_steps} steps, {FLAGS.num_samples} images per call, fastest of {FLAGS.repeats}")
-    seconds = seconds_per_sample(list(models.values()), FLAGS.num_samples, FLAGS.sample_steps, FLAGS.repeats)
+    timings = sampling_seconds(list(models.values()), FLAGS.num_samples, FLAGS.sample_steps, FLAGS.repeats)
+    seconds = [timing["best"] / FLAGS.num_samples for timing in timings]
     for (name, model), s in zip(models.items(), seconds):
         results[name]["seconds_per_sample"] = s
         results[name]["sampling_speedup"] = seconds[0] / s

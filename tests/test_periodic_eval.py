@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 from test_trainer import event_tags, metrics_lines, tiny_config
 
 import vdm_tf
@@ -168,3 +169,37 @@ def test_a_negative_eval_every_is_a_one_line_error(tmp_path):
         "python -m trainers.main: error: trainer.eval_every must be >= 0; got -1."
     ], completed.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_train_mode_prints_the_evaluation_of_the_last_step_instead_of_repeating_it(tmp_path, capsys, monkeypatch):
+    """With eval_every > 0 the trainer evaluates the last step; `--mode=train`'s closing summary
+    prints those figures: one pass over the test split and one sample-quality evaluation, the
+    summary line still last."""
+    calls = {"heldout_bpd": 0, "sample_quality": 0}
+    heldout_bpd, quality = vdm_tf.evaluation.heldout_bpd, vdm_tf.evaluation.SampleQuality.__call__
+
+    def counted_bpd(*args, **kwargs):
+        calls["heldout_bpd"] += 1
+        return heldout_bpd(*args, **kwargs)
+
+    def counted_quality(*args, **kwargs):
+        calls["sample_quality"] += 1
+        return quality(*args, **kwargs)
+
+    monkeypatch.setattr(vdm_tf.evaluation, "heldout_bpd", counted_bpd)
+    monkeypatch.setattr(vdm_tf.evaluation.SampleQuality, "__call__", counted_quality)
+    argv = ["main", f"--model_dir={tmp_path / 'run'}", "--train_steps=2", "--steps_per_execution=2", "--batch_size=8"]
+    argv += ["--config.n_layers=1", "--config.n_embd=32", "--config.jit_compile=false", "--config.sample_every=1000"]
+    argv += ["--config.schedule=fixed_linear", "--config.eval_every=2", "--config.eval_time_samples=1"]
+    argv += ["--config.num_samples=8", "--config.sample_steps=2"]
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    try:
+        main.main(["main"])
+    finally:
+        flags.FLAGS.unparse_flags()
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert calls == {"heldout_bpd": 1, "sample_quality": 1}, calls
+    evaluation = next(line for line in printed if line.startswith("step 2 eval: "))
+    assert printed[-1].startswith("test bpd: ") and printed[-1] in evaluation, printed
+    assert printed[-3].startswith("sample quality: ") and evaluation.endswith(printed[-3]), printed

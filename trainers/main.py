@@ -253,7 +253,7 @@ def make_strategy():
 
 
 def run_training(model_dir, strategy, config):
-    """Trains (or resumes) and returns the final config.
+    """Trains (or resumes) and returns the trainer.
 
     If the start fails, the run directory is removed again when this call created it.
     """
@@ -279,7 +279,19 @@ def run_training(model_dir, strategy, config):
     except train.NonFiniteLossError as error:
         print(f"\n{error}", file=sys.stderr)
         sys.exit(3)
-    return config
+    return trainer
+
+
+def final_evaluation(trainer):
+    """The trainer's evaluation of its final weights (`Trainer.last_evaluation`), or None.
+
+    With `eval_every` > 0 the trainer evaluates the last step itself; those are the weights of
+    the last checkpoint that `--mode=train` evaluates for its summary, with the same helpers and
+    seeds, so the summary prints these figures instead of computing them again. A run resumed
+    at its end trains no step and has none.
+    """
+    evaluation = trainer.last_evaluation
+    return evaluation if evaluation is not None and evaluation["step"] == trainer.step else None
 
 
 def sample_quality(config, model, samples=None, data_dir=None):
@@ -303,17 +315,27 @@ def sample_quality(config, model, samples=None, data_dir=None):
     return vdm_tf.evaluation.quality_line(quality(model, samples))
 
 
-def evaluate(config, model, data_dir=None, samples=None):
-    """Prints the sample quality (`sample_quality`, where the data set has a feature network) and the test bpd."""
+def evaluate(config, model, data_dir=None, samples=None, evaluated=None):
+    """Prints the sample quality (`sample_quality`, where the data set has a feature network) and the test bpd.
+
+    `evaluated`: the figures of these weights computed already (`final_evaluation`): printed
+    as they are, nothing computed again. The summary line (`test bpd: ...`) comes last.
+    """
     import vdm_tf
 
-    quality = sample_quality(config, model, samples, data_dir)
+    if evaluated is None:
+        quality = sample_quality(config, model, samples, data_dir)
+    else:
+        quality = evaluated["quality"] and vdm_tf.evaluation.quality_line(evaluated["quality"])
     if quality:
         print(quality)
     trainer = config.trainer
-    result = vdm_tf.evaluation.heldout_bpd(
-        model, config.data.dataset, trainer.eval_time_samples, trainer.seed, data_dir
-    )
+    if evaluated is None:
+        result = vdm_tf.evaluation.heldout_bpd(
+            model, config.data.dataset, trainer.eval_time_samples, trainer.seed, data_dir
+        )
+    else:
+        result = evaluated["bpd"]
     names = [name for name in ("diffusion", "prior", "reconstruction") if name in result]
     terms = ", ".join(f"{name} {result[name]:.4f}" for name in names)
     if terms:
@@ -371,17 +393,19 @@ def main(argv):
             train.prepare_data(config.data.dataset, FLAGS.data_dir)
         except train.DataNotPreparedError as error:
             raise cli.Failure(error) from None
+    evaluated = None
     if mode == "train":
         strategy = make_strategy()
-        config = run_training(model_dir, strategy, config)
+        trainer = run_training(model_dir, strategy, config)
         if not distribute.cluster_info(strategy).is_chief:
             return
+        evaluated = final_evaluation(trainer)
     model = train.restore_for_inference(model_dir, config)
     samples = sample(config, model, model_dir) if mode in ("train", "sample") else None
     if export_dir is not None:
         export_model(config, model, export_dir)
     if mode in ("train", "eval"):
-        evaluate(config, model, FLAGS.data_dir, samples)
+        evaluate(config, model, FLAGS.data_dir, samples, evaluated)
 
 
 def parse_flags(argv):

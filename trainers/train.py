@@ -221,6 +221,10 @@ class Trainer:
         # Its feature network and the test split's statistics are made at the first evaluation.
         dataset, trainer = config.data.dataset, config.trainer
         self.sample_quality = None
+        # The figures of the latest evaluation: {"step", "bpd": heldout_bpd's dict, "quality":
+        # SampleQuality's dict or None}; `trainers.main` prints those of the final step rather
+        # than evaluating the same weights again.
+        self.last_evaluation = None
         if vdm_tf.evaluation.SampleQuality.available(dataset):
             self.sample_quality = vdm_tf.evaluation.SampleQuality(
                 dataset, trainer.num_samples, trainer.sample_steps, trainer.seed, data_dir
@@ -441,8 +445,8 @@ class Trainer:
         (`newline`: start it on a line of its own, below a progress bar).
 
         Every worker swaps the EMA weights in and out, as in every other EMA operation; the
-        chief alone evaluates (a local computation) and writes. Returns the scalars (None on
-        the other workers).
+        chief alone evaluates (a local computation) and writes, and keeps the figures in
+        `last_evaluation`. Returns the scalars (None on the other workers).
         """
         trainer = self.config.trainer
         with self.ema_weights():
@@ -452,6 +456,7 @@ class Trainer:
                 self.model, self.config.data.dataset, trainer.eval_time_samples, trainer.seed, self.data_dir
             )
             quality = self.sample_quality(self.model) if self.sample_quality else None
+        self.last_evaluation = {"step": step, "bpd": bpd, "quality": quality}
         scalars = {f"eval/{name}": bpd[name] for name in ("bpd", "diffusion", "prior", "reconstruction") if name in bpd}
         scalars["eval/bpd_stderr"] = bpd["stderr"]
         line = f"step {step} eval: {vdm_tf.evaluation.summary_line(bpd)}"
