@@ -27,7 +27,10 @@ With `score_sde=True` (`--export_score_sde`) also, on the samplers and likelihoo
   (no step count: the solver picks its steps for the export's `ode_tolerance`).
 - `exact_likelihood`: `images`, `seed` -> `bpd` float32 [N] and `nfe` int32 scalar:
   `vdm_tf.likelihood.ode_bpd` (probability-flow ODE, Hutchinson trace; the dequantization and
-  the solver tolerance are export-time settings).
+  the solver tolerance are export-time settings). For a `vdm_tf.MuLAN` it is `model.ode_bpd`
+  (the official exact likelihood; its `num_importance` is the export-time `importance_samples`)
+  and the only Score-SDE signature: a MuLAN's per-pixel process given its latent has no
+  per-example SDE for the other three.
 - `inpaint`: `images`, `mask` uint8 of the same shape (non-zero: known), `seed` int64,
   `num_steps` and `resample` int32 scalars -> `images` uint8: `vdm_tf.conditional.inpaint`,
   known pixels unchanged.
@@ -55,6 +58,7 @@ import numpy as np
 import tensorflow as tf
 
 from vdm_tf import cdm, conditional, files, likelihood, samplers, seeding
+from vdm_tf.models.mulan import MuLAN
 
 LIKELIHOOD_OUTPUTS = ("bpd", "diffusion_bpd", "prior_bpd", "reconstruction_bpd")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
@@ -87,6 +91,8 @@ class ServingModule(tf.Module):
             `"variational"` when the model's SDE starts at its decoder's z_0 (a VDM) and
             `"uniform"` otherwise (a `ScoreSDEModel`).
         ode_tolerance: rtol = atol of the ODE solver in `exact_likelihood` and `sample_ode`.
+        importance_samples: a MuLAN's `exact_likelihood` is `model.ode_bpd(...,
+            num_importance=importance_samples)` (1: the official `--n_is=1`; other models ignore it).
         score_sde: also export the Score-SDE tools: `sample_pc`, `sample_ode`,
             `exact_likelihood` and `inpaint`. Off by default: their graphs (the adaptive ODE
             solver above all) take a minute or two to trace and save even for a small model.
@@ -103,6 +109,7 @@ class ServingModule(tf.Module):
         dequantization=None,
         ode_tolerance=1e-5,
         score_sde=False,
+        importance_samples=1,
     ):
         # Imported here, not at the top: `python -m export.client` imports this package first,
         # and runpy warns when the module it runs is already imported.
@@ -127,10 +134,14 @@ class ServingModule(tf.Module):
         self.dequantization = dequantization
         self.ode_tolerance = float(ode_tolerance)
         self.score_sde = bool(score_sde)
+        self.importance_samples = int(importance_samples)
         # The optional signatures become tf.functions only when exported: saving traces every
         # tf.function of the module, and the ODE solver's graph alone takes a minute to trace.
         self.optional_signatures = {}
-        if self.score_sde:
+        if self.score_sde and isinstance(model, MuLAN):
+            self.exact_likelihood = tf.function(self._exact_likelihood, input_signature=[IMAGES, SEED])
+            self.optional_signatures["exact_likelihood"] = self.exact_likelihood
+        elif self.score_sde:
             self.sample_pc = tf.function(self._sample_pc, input_signature=[NUM_SAMPLES, NUM_STEPS, SEED])
             self.sample_ode = tf.function(self._sample_ode, input_signature=[NUM_SAMPLES, SEED])
             self.exact_likelihood = tf.function(self._exact_likelihood, input_signature=[IMAGES, SEED])
@@ -225,9 +236,11 @@ class ServingModule(tf.Module):
 
     def _exact_likelihood(self, images, seed):
         images, seed = self._valid_images(images), self._valid_seed(seed)
-        out = likelihood.ode_bpd(
-            self.model, images, seed, self.dequantization, rtol=self.ode_tolerance, atol=self.ode_tolerance
-        )
+        tolerance = {"rtol": self.ode_tolerance, "atol": self.ode_tolerance}
+        if isinstance(self.model, MuLAN):
+            out = self.model.ode_bpd(images, seed, num_importance=self.importance_samples, **tolerance)
+        else:
+            out = likelihood.ode_bpd(self.model, images, seed, self.dequantization, **tolerance)
         return {"bpd": out["bpd"], "nfe": out["nfe"]}
 
     def _inpaint(self, images, mask, seed, num_steps, resample):
@@ -263,7 +276,8 @@ def export_model(model, export_dir, name="vdm", version=None, warmup=True, **ser
             before it reports the model ready, so the first client does not pay for graph
             optimisation.
         **serving_options: `time_samples`, `max_batch_size`, `max_num_samples`, `max_num_steps`,
-            `max_resample`, `dequantization`, `ode_tolerance`, `score_sde` of `ServingModule`.
+            `max_resample`, `dequantization`, `ode_tolerance`, `score_sde`, `importance_samples` of
+            `ServingModule`.
 
     Returns:
         The path of the written version directory.

@@ -246,3 +246,44 @@ def test_ode_function_at_the_official_points_equals_the_official_one(models, inp
         dz, div = ode(tf.constant(t), (tf.constant(z), tf.zeros([len(z)])))
         close(dz, drift, rtol=1e-4)
         np.testing.assert_allclose(div, divergence, rtol=1e-5, atol=2e-5 * np.abs(divergence).max(), err_msg=f"t {t}")
+
+
+# The official `_eval_bpd_ode` (notebook_utils.py:484-531, unmodified) run on fixed per-draw values
+# (JAX 0.10.2, CPU): its `get_ode_likelihood_fn` and data loader replaced by stubs that return them,
+# `jax.tree_map` restored as `jax.tree_util.tree_map` (removed from current JAX), unused imports
+# (plotting, sklearn, the experiment) stubbed. u = np.linspace(-2.9, 2.9, 3 * 2 * 3072) in float32,
+# draw k of image n at [k, n]; LOG_Q_OFFICIAL is the official `log_q_eps` of it; LOG_P, the per-draw
+# log p_ODE it was fed, is LOG_Q_OFFICIAL + 3000 + N(0, 1.5^2) (weights O(1) nats apart);
+# LATENT_KL_OFFICIAL its aux loss. The official code prints the batch mean of the bpd.
+LOG_P = [
+    [-8906.2431640625, -3164.78125],
+    [-292.69708251953125, -293.5003662109375],
+    [-3165.386474609375, -8905.8896484375],
+]
+LOG_Q_OFFICIAL = [
+    [-11906.431640625, -6164.5830078125],
+    [-3293.65771484375, -3293.65771484375],
+    [-6164.5830078125, -11906.431640625],
+]
+LATENT_KL_OFFICIAL = [1.25, 0.5]
+BPD_OFFICIAL = {3: 8.185319900512695, 1: 10.403637886047363}  # num_is = 3; num_is = 1 (its first draw)
+
+
+def test_importance_weighted_bpd_equals_the_official_combination(models):
+    """`MuLAN.ode_bpd_from_draws` (what `ode_bpd(num_importance=K)` returns) against the official
+    numbers above: the truncated-normal log q of the draws, the log-mean-exp of the K weights with
+    the official offset (num_is = 3), and the single-draw formula (num_is = 1)."""
+    model = models["velocity"]
+    assert model.num_dims == 3072 and model.schedule.gamma_min == -13.3  # the official D and gamma_0
+    u = np.linspace(-2.9, 2.9, 3 * 2 * 3072).reshape(3, 2, 32, 32, 3).astype(np.float32)
+    log_p, kl = tf.constant(LOG_P), tf.constant(LATENT_KL_OFFICIAL)
+    # The importance weights' log q (a one-hot log_p isolates it: log (1/K) sum_k p_k / q_k = log p - log q - log K).
+    for k in range(3):
+        one_draw = tf.where(tf.range(3)[:, None] == k, log_p, -1e30)
+        bpd = model.ode_bpd_from_draws(one_draw, tf.constant(u), kl).numpy()
+        log_q = (bpd + model._log_sigma_0 / np.log(2)) * 3072 * np.log(2) - kl.numpy() + LOG_P[k] - np.log(3)
+        np.testing.assert_allclose(log_q, LOG_Q_OFFICIAL[k], rtol=2e-6)
+    bpd = model.ode_bpd_from_draws(log_p, tf.constant(u), kl).numpy()
+    np.testing.assert_allclose(bpd.mean(), BPD_OFFICIAL[3], rtol=1e-6)
+    bpd = model.ode_bpd_from_draws(log_p[:1], tf.constant(u[:1]), kl).numpy()
+    np.testing.assert_allclose(bpd.mean(), BPD_OFFICIAL[1], rtol=1e-6)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vdm_tf import images
+from vdm_tf import images, seeding
 from vdm_tf.models.mulan import LatentEncoder, MuLAN, PolynomialSchedule
 from vdm_tf.models.vdm import VDM
 from vdm_tf.networks import ScoreUNet
@@ -226,7 +226,16 @@ def test_the_likelihood_signature_serves_every_term(model, x):
         np.testing.assert_allclose(served[name if name == "bpd" else f"{name}_bpd"], want[name], rtol=1e-6)
 
 
-def test_ode_log_likelihood_of_gaussian_data_is_the_closed_form():
+@pytest.fixture(scope="module")
+def analytic():
+    """An `AnalyticMuLAN` with its latent fixed; its schedule is whatever a test left (the closed
+    forms hold for any per-pixel schedule with fixed ends). Shared: its traced ODE solve is reused."""
+    model = make_model(cls=AnalyticMuLAN)
+    fix_latent(model)
+    return model
+
+
+def test_ode_log_likelihood_of_gaussian_data_is_the_closed_form(analytic):
     """Gaussian data N(mu, s^2) per pixel and its analytic denoiser: every marginal is Gaussian,
     N(m_t, v_t) with m_t = alpha_t mu, v_t = alpha_t^2 s^2 + sigma_t^2 per pixel, whatever each
     pixel's schedule, and the probability flow is the map z_1 = m_1 + sqrt(v_1 / v_0) (z_0 - m_0).
@@ -235,7 +244,7 @@ def test_ode_log_likelihood_of_gaussian_data_is_the_closed_form():
     image (the latent is fixed): linear in t (a = b = 0), then nonlinear and different per pixel.
     Pixels do not interact, so the flow's Jacobian is diagonal and the Rademacher estimate of its
     divergence is exact: the default estimator is checked, with no Monte-Carlo error."""
-    model = make_model(cls=AnalyticMuLAN)
+    model = analytic
     latent = tf.tile(fix_latent(model), [3, 1])
     rng = np.random.default_rng(6)
     mean, std = AnalyticMuLAN.mean.astype(np.float64), AnalyticMuLAN.std.astype(np.float64)
@@ -275,3 +284,81 @@ def test_ode_log_likelihood_of_gaussian_data_is_the_closed_form():
     nats = -closed_form(images.encode(x).numpy()[None].astype(np.float64)) + np.log(L / K)
     np.testing.assert_allclose(bpd.mean(), nats / (D * np.log(2.0)) + offset, rtol=0, atol=0.01)
     assert bpd.std() > 1e-4  # each copy has its own dequantization
+
+
+def test_importance_weighted_bound_is_below_the_mean_single_draw_bound(model):
+    """K draws combine by log-mean-exp of the weights p_k / q(u^k): by Jensen the K-draw bpd is
+    below the mean of the K single-draw bounds (-log p_k + log q(u^k) + KL) / (D ln 2) - log sigma_0
+    / ln 2, q(u) = prod N(u_i; 0, 1) / 0.9974613 (the official truncated-normal weights); it equals
+    that bound when all K draws coincide. A plain mean of the weights' logs would meet the mean
+    exactly; dropping the log K would put K equal draws log2(K) / D bits below it."""
+    rng = np.random.default_rng(7)
+    log_p = tf.constant(rng.normal(-10.0, 2.0, (4, 3)), tf.float32)
+    u = tf.constant(rng.uniform(-3.0, 3.0, (4, 3, *SHAPE)), tf.float32)
+    kl = tf.constant([0.3, 0.0, 1.1])
+    log_q = np.sum(-0.5 * u.numpy() ** 2, axis=(2, 3, 4)) - D * (0.5 * np.log(2 * np.pi) + np.log(0.9974613))
+    log_sigma_0 = 0.5 * np.log(1.0 / (1.0 + np.exp(-GAMMA_MIN)))
+    single = (-(log_p.numpy() - log_q) + kl.numpy()) / (D * np.log(2)) - log_sigma_0 / np.log(2)  # [K, N]
+    for k in range(4):  # K copies of one draw: its single-draw bound
+        copies = model.ode_bpd_from_draws(tf.repeat(log_p[k : k + 1], 3, 0), tf.repeat(u[k : k + 1], 3, 0), kl)
+        np.testing.assert_allclose(copies, single[k], rtol=1e-5)
+    bpd = model.ode_bpd_from_draws(log_p, u, kl).numpy()
+    assert np.all(bpd < single.mean(axis=0) - 0.05), (bpd, single.mean(axis=0))
+    assert np.all(bpd >= single.min(axis=0)), (bpd, single.min(axis=0))  # log-mean-exp <= the max weight
+
+
+def test_ode_bpd_with_importance_draws_of_gaussian_data_is_the_closed_form(analytic):
+    """`ode_bpd(num_importance=3)` of the analytic model (test above): each draw's log p_ODE is the
+    closed form at z_0 = f + exp(gamma_0 / 2) u (diagonal flow: the Rademacher divergence is
+    exact), the draws' u those `ode_bpd` documents (row k N + n of the truncated normal from the
+    seed's first half), combined by log-mean-exp of p / q with the official offset -log sigma_0 /
+    ln 2. Checks the draws' layout, the tiling of images and latents, and the combination together."""
+    model = analytic
+    x = np.array([[[[30], [128]], [[200], [250]]], [[[0], [60]], [[90], [255]]]], np.uint8)
+    got = model.ode_bpd(x, seed=5, rtol=1e-6, atol=1e-6, num_importance=3)["bpd"].numpy()
+
+    noise_seed, _ = seeding.split_seed(5, 2)
+    u = tf.random.stateless_parameterized_truncated_normal((6, *SHAPE), noise_seed, 0.0, 1.0, -3.0, 3.0).numpy()
+    u = u.astype(np.float64).reshape(3, 2, *SHAPE)
+    z_0 = images.encode(x).numpy().astype(np.float64) + np.exp(0.5 * GAMMA_MIN) * u
+    mean, std = AnalyticMuLAN.mean.astype(np.float64), AnalyticMuLAN.std.astype(np.float64)
+    alpha2 = 1.0 / (1.0 + np.exp(np.array([GAMMA_MIN, GAMMA_MAX])))
+    sigma2 = 1.0 - alpha2
+    m_0, m_1 = np.sqrt(alpha2[0]) * mean, np.sqrt(alpha2[1]) * mean
+    v_0, v_1 = alpha2[0] * std**2 + sigma2[0], alpha2[1] * std**2 + sigma2[1]
+
+    def log_normal(z, m, v):
+        return np.sum(-0.5 * (np.log(2 * np.pi * v) + (z - m) ** 2 / v), axis=(-3, -2, -1))
+
+    z_1 = m_1 + np.sqrt(v_1 / v_0) * (z_0 - m_0)
+    log_p = log_normal(z_0, m_0, v_0) + log_normal(z_1, 0.0, 1.0) - log_normal(z_1, m_1, v_1)  # [3, 2]
+    log_q = np.sum(-0.5 * u**2, axis=(2, 3, 4)) - D * (0.5 * np.log(2 * np.pi) + np.log(0.9974613))
+    log_w = log_p - log_q
+    log_mean = np.log(np.mean(np.exp(log_w - log_w.max(axis=0)), axis=0)) + log_w.max(axis=0)
+    expected = (-log_mean + np.log(L / K)) / (D * np.log(2)) - 0.5 * np.log(sigma2[0]) / np.log(2)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
+    # The three draws differ: their bounds spread by more than the tolerance.
+    assert np.ptp(log_w, axis=0).min() > 0.1, log_w
+
+
+def test_exact_likelihood_signature_is_the_models_ode_bpd(analytic, x, tmp_path):
+    """`--export_score_sde` of a MuLAN: `exact_likelihood` (inputs `images`, `seed`, both required)
+    answers `model.ode_bpd` at the export's tolerance and `importance_samples`, loaded with
+    tf.saved_model.load; the SDE samplers and inpainting, which need a per-example SDE, are left out.
+    The analytic model (its encoder and schedule real, its denoiser closed-form) keeps the ODE
+    smooth and reuses the traced solve of the tests above (same tolerance)."""
+    from export import saved_model
+
+    model = analytic
+    tolerance = 1e-6
+    path = saved_model.export_model(
+        model, str(tmp_path), warmup=False, score_sde=True, ode_tolerance=tolerance, importance_samples=2
+    )
+    loaded = tf.saved_model.load(path)
+    assert set(loaded.signatures) == {"serving_default", "likelihood", "sample", "exact_likelihood"}
+    signature = loaded.signatures["exact_likelihood"]
+    assert set(signature.structured_input_signature[1]) == {"images", "seed"}
+    got = signature(images=tf.constant(x[:2]), seed=tf.constant(4, tf.int64))
+    want = model.ode_bpd(x[:2], seed=4, rtol=tolerance, atol=tolerance, num_importance=2)
+    np.testing.assert_allclose(got["bpd"], want["bpd"], rtol=1e-5)
+    assert int(got["nfe"]) == int(want["nfe"]) > 0

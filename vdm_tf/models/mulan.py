@@ -23,6 +23,7 @@ likelihood, through the per-pixel probability-flow ODE given the latent.
 """
 
 import math
+import numbers
 
 import keras
 import tensorflow as tf
@@ -43,6 +44,9 @@ LATENT_STREAM = 13  # folded into a sampling seed for the latent's prior draw
 # N(0, 1) truncated to [-TN_BOUND, TN_BOUND], and its constant in the bpd offset.
 TN_BOUND = 3.0
 TN_OFFSET_CONSTANT = 0.01522
+# Its normaliser P(|u| < 3) as the official importance weights take it (notebook_utils.py:335-336,
+# "Z = 0.9974613" after i-DODE's eq. 28; the exact value is erf(3 / sqrt 2) = 0.9973002).
+TN_MASS = 0.9974613
 
 
 def lecun_dense(units, name, kernel_initializer="lecun_normal"):
@@ -599,6 +603,13 @@ class MuLAN(DiffusionModel):
         return run(z_0, latent, seeding.as_seed(seed))
 
     @property
+    def _log_sigma_0(self):
+        """log sigma_0 = 0.5 log sigmoid(gamma_0) = 0.5 (gamma_0 - softplus(gamma_0)), a Python float
+        (so that it is a constant in any graph)."""
+        gamma_0 = float(self.schedule.gamma_min)  # the schedule's fixed start gamma_0
+        return -0.5 * math.log1p(math.exp(-gamma_0))
+
+    @property
     def ode_bpd_offset(self):
         """The official exact likelihood's offset in bits per dimension (`_get_bpd_offset('tn',
         num_is=1)`, notebook_utils.py:446-458): -(0.5 (1 + log 2 pi) - 0.01522 + log sigma_0) / ln 2,
@@ -610,53 +621,90 @@ class MuLAN(DiffusionModel):
         so the official bpd is 0.0012 lower than the bound it stands for; and the noise is scaled by
         exp(gamma_0 / 2) = sigma_0 / alpha_0, not sigma_0 (a difference of 1e-6 bpd at -13.3).
         """
-        log_sigma_0 = 0.5 * float(tf.math.log_sigmoid(self.schedule.gamma_0))
-        return -(0.5 * (1.0 + math.log(2.0 * math.pi)) - TN_OFFSET_CONSTANT + log_sigma_0) / math.log(2.0)
+        return -(0.5 * (1.0 + math.log(2.0 * math.pi)) - TN_OFFSET_CONSTANT + self._log_sigma_0) / math.log(2.0)
 
-    def ode_bpd(self, x, seed=0, rtol=1e-5, atol=1e-5, probe="rademacher", exact_divergence=False):
+    def ode_bpd_from_draws(self, log_p, u, latent_kl):
+        """The official combination of K dequantization draws into bpd per image (`_eval_bpd_ode`,
+        notebook_utils.py:505-523).
+
+        Args:
+            log_p: float32 [K, N], log p_ODE(z_0 | latent) of draw k of image n, in nats.
+            u: float32 [K, N, H, W, C], the truncated-normal noise of each draw (z_0 = f + exp(gamma_0 / 2) u).
+            latent_kl: float32 [N], the latent's KL in nats.
+
+        K = 1 (`num_is` = 1): bpd = (-log p + latent KL) / (D ln 2) + `ode_bpd_offset`, the
+        dequantization's log q replaced by its expectation. K > 1: the importance-weighted bound
+
+            log p(x) >= log (1/K) sum_k p_ODE(z_0^k) / q(u^k),   q(u) = prod_i N(u_i; 0, 1) / Z,
+
+        Z = `TN_MASS` (the official `log_q_eps`), with bpd = (-that + latent KL) / (D ln 2) - log
+        sigma_0 / ln 2, the Jacobian of z_0 = f + sigma_0 u (the official offset without its entropy
+        term). By Jensen's inequality it is at most the mean of the K single-draw bounds
+        (-log p_k + log q(u^k) + latent KL) / (D ln 2) - log sigma_0 / ln 2, and its expectation
+        does not increase with K (Burda et al. 2016, importance-weighted bounds).
+        """
+        to_bpd = 1.0 / (self.num_dims * math.log(2.0))
+        if log_p.shape[0] == 1:
+            return (-log_p[0] + latent_kl) * to_bpd + self.ode_bpd_offset
+        num_draws = tf.cast(tf.shape(log_p)[0], tf.float32)
+        log_q = tf.reduce_sum(-0.5 * tf.square(u), axis=[2, 3, 4]) - self.num_dims * (
+            0.5 * math.log(2.0 * math.pi) + math.log(TN_MASS)
+        )
+        log_p_x = tf.reduce_logsumexp(log_p - log_q, axis=0) - tf.math.log(num_draws)
+        return (-log_p_x + latent_kl) * to_bpd - self._log_sigma_0 / math.log(2.0)
+
+    def ode_bpd(self, x, seed=0, rtol=1e-5, atol=1e-5, probe="rademacher", exact_divergence=False, num_importance=1):
         """The official exact likelihood of uint8 images in bits per dimension (eval_bpd.py's ODE
-        evaluation, `get_ode_likelihood_fn(dequantization='tn')`, notebook_utils.py:264-371, with
-        `_eval_bpd_ode`'s num_is = 1, notebook_utils.py:484-531). `vdm_tf.likelihood.ode_bpd` needs a
-        model with one SDE per example; MuLAN's flow is per pixel and given the latent: this method
-        is MuLAN's.
+        evaluation, `get_ode_likelihood_fn(dequantization='tn')`, notebook_utils.py:264-371, and
+        `_eval_bpd_ode`, notebook_utils.py:484-531, with its `num_is` = `num_importance`).
+        `vdm_tf.likelihood.ode_bpd` needs a model with one SDE per example; MuLAN's flow is per
+        pixel and given the latent: this method is MuLAN's.
 
-        Per image: f = 2 (x + 0.5) / 256 - 1; the ODE starts at z_0 = f + exp(gamma_0 / 2) u, u ~
-        N(0, 1) truncated to [-3, 3] (official: `data + u * exp(0.5 gt)`, gt = -13.3, the model's
-        fixed start gamma_0 here); the latent is the noise-free top k of the encoder's logits of x
-        (`logits_to_embeddings`; the official rounds z_0 back to x, the noise being under half a
-        pixel); log p = log N(z_1; 0, I) + integral_0^1 div(flow) dt (`probability_flow`), and
-
-            bpd = (-log p + latent KL) / (D ln 2) + `ode_bpd_offset`,
-
-        the latent KL being `categorical_kl` of the logits, as in `elbo` (the official code's, which
-        is not the KL of the k-hot latent used here). The official code averages this over the batch.
+        Per image and draw: f = 2 (x + 0.5) / 256 - 1; the ODE starts at z_0 = f + exp(gamma_0 / 2)
+        u, u ~ N(0, 1) truncated to [-3, 3] (official: `data + u * exp(0.5 gt)`, gt = -13.3, the
+        model's fixed start gamma_0 here); the latent is the noise-free top k of the encoder's
+        logits of x (`logits_to_embeddings`; the official rounds z_0 back to x, the noise being
+        under half a pixel); log p = log N(z_1; 0, I) + integral_0^1 div(flow) dt
+        (`probability_flow`). The K = `num_importance` draws (each its own u and probe) are
+        combined by `ode_bpd_from_draws`: K = 1 is the single-draw estimate with the official
+        offset, K > 1 the importance-weighted bound over K dequantizations (the official command's
+        default is `--n_is=20`). The latent KL is `categorical_kl` of the logits, as in `elbo` (the
+        official code's, which is not the KL of the k-hot latent used here). The official code
+        averages the bpd over the batch.
 
         The official Hutchinson estimate draws a new probe at every evaluation of the ODE function
         (its flag deterministic_noise=False); vdm_tf keeps one probe per solve, as
         `vdm_tf.likelihood` does (unbiased either way; the solver then sees a smooth function). The
-        official solver is scipy's RK45; vdm_tf's is `vdm_tf.likelihood.integrate`, same tolerances.
-        The solve is `ode_log_likelihood`'s traced function (one per options, shared by both).
-        The published command (README of s-sahoo/MuLAN) leaves eval_bpd's --n_is at its default 20:
-        an importance-weighted estimate over 20 dequantizations; this is its num_is = 1 case.
+        official solver is scipy's RK45 and solves the K draws one after another; vdm_tf's is
+        `vdm_tf.likelihood.integrate`, same tolerances, all K N solves in one batch. The solve is
+        `ode_log_likelihood`'s traced function (one per options, shared by both).
 
         Args:
             x: uint8 images [N, H, W, C].
-            seed: seeds the dequantization noise and the probe.
+            seed: seeds the dequantization noise and the probes.
             rtol, atol, probe, exact_divergence: as `ode_log_likelihood`'s.
+            num_importance: K >= 1, dequantization draws per image.
 
         Returns: dict, `bpd` float32 [N] and `nfe`, the number of ODE evaluations.
         """
         samplers.check_choice("probe", probe, likelihood.PROBES)
+        if isinstance(num_importance, bool) or not isinstance(num_importance, numbers.Integral) or num_importance < 1:
+            raise ValueError(f"num_importance must be an integer >= 1; got {num_importance!r}.")
         x = images.check_images(x, self.image_shape)
+        num_importance = int(num_importance)
         noise_seed, probe_seed = seeding.split_seed(seed, 2)
         f = images.encode(x)
-        u = tf.random.stateless_parameterized_truncated_normal(tf.shape(f), noise_seed, 0.0, 1.0, -TN_BOUND, TN_BOUND)
-        z_0 = f + tf.exp(0.5 * self.schedule.gamma_0) * u
+        # Draw k of image n is row k N + n: with K = 1 the noise and probe of a single solve of x.
+        shape = tf.concat([[num_importance * tf.shape(f)[0]], self.image_shape], axis=0)
+        u = tf.random.stateless_parameterized_truncated_normal(shape, noise_seed, 0.0, 1.0, -TN_BOUND, TN_BOUND)
+        z_0 = tf.tile(f, [num_importance, 1, 1, 1]) + tf.exp(0.5 * self.schedule.gamma_0) * u
         logits = self.encoder(f, training=False)
-        latent = k_hot(logits, self.latent_k)
+        latent = tf.tile(k_hot(logits, self.latent_k), [num_importance, 1])
         out = self.ode_log_likelihood(z_0, latent, probe_seed, exact_divergence, probe, rtol, atol)
-        nats = -out["log_likelihood"] + categorical_kl(logits)
-        return {"bpd": nats / (self.num_dims * math.log(2.0)) + self.ode_bpd_offset, "nfe": out["nfe"]}
+        draws = tf.concat([[num_importance, -1], self.image_shape], axis=0)
+        log_p = tf.reshape(out["log_likelihood"], [num_importance, -1])
+        bpd = self.ode_bpd_from_draws(log_p, tf.reshape(u, draws), categorical_kl(logits))
+        return {"bpd": bpd, "nfe": out["nfe"]}
 
     # ----------------------------------------------------------------------------------------
     # Serialisation.
