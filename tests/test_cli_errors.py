@@ -121,6 +121,26 @@ CASES = {
         ["--mode=export", "--model_dir={w}/run", "--export_version=-1"],
         r"--export_version must be >= 0",
     ),
+    "importance samples zero": (
+        MAIN,
+        ["--mode=export", "--model_dir={w}/run", "--export_score_sde", "--export_importance_samples=0"],
+        r"--export_importance_samples must be >= 1 \(dequantizations per image\); got 0",
+    ),
+    "importance samples of a VDM": (
+        MAIN,
+        ["--mode=export", "--model_dir={w}/run", "--export_score_sde", "--export_importance_samples=4"],
+        r"--export_importance_samples is for a MuLAN .*this run's model.kind is vdm",
+    ),
+    "importance samples without the exact likelihood": (
+        MAIN,
+        ["--mode=export", "--model_dir={w}/run", "--export_importance_samples=4"],
+        r"sets the exact_likelihood signature: add --export_score_sde",
+    ),
+    "importance samples without an export": (
+        MAIN,
+        ["--config=digits_mulan", "--export_importance_samples=4", "--model_dir={new}"],
+        r"sets the export's exact likelihood: add --export \(or --mode=export\)",
+    ),
     "gamma_min above gamma_max": (
         MAIN,
         ["--config.gamma_min=10", "--config.gamma_max=-10", "--model_dir={new}"],

@@ -129,6 +129,25 @@ def test_eval_and_sample_apply_inference_overrides_and_refuse_the_others(tmp_pat
         flags.FLAGS.unparse_flags()
 
 
+def test_export_importance_samples_reach_the_exported_exact_likelihood(monkeypatch):
+    """--export_importance_samples=K is the `importance_samples` of the export (a MuLAN's exact
+    likelihood with K dequantizations per image; tests/test_mulan.py checks that signature)."""
+    import export
+
+    received = {}
+    monkeypatch.setattr(export, "export_model", lambda *args, **kwargs: received.update(kwargs) or "PATH")
+    monkeypatch.setattr(export, "signature_summary", lambda path: "")
+    mulan = configs.PRESETS["digits_mulan"]
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["main", "--config=digits_mulan", "--export", "--export_score_sde", "--export_importance_samples=3"])
+    try:
+        main.check_importance_samples(mulan, exporting=True)  # accepted for a MuLAN
+        main.export_model(mulan, model=None, export_dir="unused")
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert received["importance_samples"] == 3 and received["score_sde"] is True
+
+
 def test_unknown_schedule_is_a_clear_error():
     expected = "expected fixed_linear, learned_linear, learned_monotonic, idode_vp or idode_sp"
     with pytest.raises(ValueError, match=expected):

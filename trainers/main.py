@@ -54,6 +54,12 @@ flags.DEFINE_string("export_dir", None, "Exports go to EXPORT_DIR/NAME/VERSION (
 flags.DEFINE_string("export_name", "vdm", "Model name of the export (TF-Serving's MODEL_NAME).")
 flags.DEFINE_integer("export_version", None, "Version of the export (default: one more than the highest present).")
 flags.DEFINE_bool("export_score_sde", False, "Also export exact_likelihood, inpaint and the pc / ode samplers.")
+flags.DEFINE_integer(
+    "export_importance_samples",
+    1,
+    "A MuLAN's exact_likelihood (with --export_score_sde): K truncated-normal dequantizations per image, "
+    "combined by importance weights (the official --n_is).",
+)
 
 _SHORTCUTS = ("dataset", "train_steps", "batch_size", "steps_per_execution")  # flat names of Config fields
 # The fields --mode=eval|sample|export can change (flat names): they do not touch the trained model.
@@ -216,6 +222,26 @@ def export_path(model_dir):
     return export_dir
 
 
+def check_importance_samples(config, exporting):
+    """--export_importance_samples: K >= 1, and K > 1 only where it is used, a MuLAN's exact_likelihood."""
+    k = FLAGS.export_importance_samples
+    if k < 1:
+        raise cli.Failure(f"--export_importance_samples must be >= 1 (dequantizations per image); got {k}.")
+    if k == 1:
+        return
+    if not exporting:
+        raise cli.Failure(
+            "--export_importance_samples sets the export's exact likelihood: add --export (or --mode=export)."
+        )
+    if not FLAGS.export_score_sde:
+        raise cli.Failure("--export_importance_samples sets the exact_likelihood signature: add --export_score_sde.")
+    if config.model.kind != "mulan":
+        raise cli.Failure(
+            f"--export_importance_samples is for a MuLAN (model.kind=mulan: the official --n_is); "
+            f"this run's model.kind is {config.model.kind}."
+        )
+
+
 def check_input(argv):
     """Every check of the command line that needs neither a model nor data: (config, export_dir).
 
@@ -233,6 +259,7 @@ def check_input(argv):
     if any(run_config.is_remote(path) for path in (model_dir, export_dir or "")):
         cli.start()
     config = checked_config(model_dir, mode)
+    check_importance_samples(config, exporting)
     export_dir = export_path(model_dir) if exporting else None
     if mode in ("train", "sample"):
         checks.writable_directory(model_dir, "--model_dir", "a run directory")
@@ -376,6 +403,7 @@ def export_model(config, model, export_dir):
         FLAGS.export_version,
         time_samples=config.trainer.export_time_samples,
         score_sde=FLAGS.export_score_sde,
+        importance_samples=FLAGS.export_importance_samples,
     )
     print(f"exported {path}; its signatures (saved_model_cli show):")
     print(export.signature_summary(path))
