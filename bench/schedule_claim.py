@@ -1,14 +1,17 @@
 """VDM's schedule claim on digits: a learned schedule against a fixed linear one.
 
     python -m bench.schedule_claim --quick          # smoke run: 40 steps each, 2 evaluations
-    python -m bench.schedule_claim                  # 400 steps each, evaluated every 100 (14 min at load 9)
+    python -m bench.schedule_claim                  # 400 steps each, evaluated every 100 (about 20 min)
 
 Kingma et al. 2021 (section 5.1, appendix I.2, figure 5): the continuous-time VLB depends on
 the noise schedule only through its endpoints gamma_0, gamma_1; the shape in between changes
 only the variance of the VLB's Monte-Carlo estimate, and learning the shape to minimise that
 variance makes optimisation faster. Two models of the `digits` preset (same network, optimiser,
 batches and seed) train for `--train_steps`: its learned schedule (`LearnedMonotonic`, shape on
-the variance, endpoints on the VLB) and `FixedLinear` from the preset's gamma_min to gamma_max.
+the variance, endpoints on the VLB) and `FixedLinear` from the preset's gamma_min to gamma_max;
+a third, `LearnedLinear` (endpoints learned on the VLB, shape linear), separates the two things
+the learned schedule changes: learned against learned-linear is the shape's effect,
+learned-linear against fixed-linear the endpoints'.
 Every `--eval_every` steps each model's EMA weights are measured:
 
 (a) Estimator variance. For each of the 297 digits test images, `--variance_draws` estimates
@@ -21,10 +24,11 @@ Every `--eval_every` steps each model's EMA weights are measured:
     claim's baseline. The fixed-schedule model's own variance is given too.
 (b) Optimisation. The test VLB (bpd, `--eval_time_samples` antithetic times per image) against
     steps and training seconds (after the first, tracing step; evaluations excluded), with the
-    paired standard error of the two models' difference (the same images, times and noise). At
+    paired standard error of each pair's difference (the same images, times and noise). At
     equal steps: each evaluation.
-    At equal wall-clock: both curves read at the shorter run's training time (linear
-    interpolation between evaluations); the learned schedule's step costs more.
+    At equal wall-clock and at equal CPU time (this process's, which moves less than the wall
+    clock with other jobs on a shared machine): every curve read at the shortest run's training
+    time (linear interpolation between evaluations); the learned schedule's step costs more.
 
 On a shared 2-core CPU the seconds depend on the load: the JSON records it at every evaluation.
 Writes bench/results/schedule_claim[_quick].json.
@@ -39,6 +43,12 @@ import numpy as np
 from bench.pc_corrector import positive_integer
 from vdm_tf import cli
 
+# (first, second, what their difference isolates): paired test-bpd differences at equal steps.
+PAIRS = (
+    ("learned", "fixed_linear", "learned schedule (shape and endpoints)"),
+    ("learned", "learned_linear", "the learned shape (both learn their endpoints)"),
+    ("learned_linear", "fixed_linear", "the learned endpoints (both linear)"),
+)
 QUICK = {"train_steps": 40, "eval_every": 20, "variance_draws": 4, "eval_time_samples": 2}
 
 
@@ -120,21 +130,34 @@ def train_curve(config, images, args, learned):
 
     model = vdm_tf.runs.compiled_model(config, seed=config.trainer.seed)
     data = vdm_tf.datasets.load("digits", "train", config.data.batch_size, seed=config.trainer.seed)
-    curve, per_image, clock = [], [], {"first_step_end": None, "evaluating": 0.0}
+    curve, per_image = [], []
+    clock = {"first_step_end": None, "first_step_cpu": None, "evaluating": 0.0, "evaluating_cpu": 0.0}
 
     def on_train_batch_end(batch, logs):
-        clock["first_step_end"] = clock["first_step_end"] or time.perf_counter()
+        if clock["first_step_end"] is None:
+            clock["first_step_end"], clock["first_step_cpu"] = time.perf_counter(), time.process_time()
 
     def on_epoch_end(epoch, logs):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         load = os.getloadavg()[0]
         figures, bpd = evaluate(model, images, args, learned)
         steps = (epoch + 1) * args.eval_every
         seconds = start - clock["first_step_end"] - clock["evaluating"]
-        curve.append({"steps": steps, "train_seconds": seconds, "load_average_1min": load, **figures})
+        cpu_seconds = start_cpu - clock["first_step_cpu"] - clock["evaluating_cpu"]
+        curve.append(
+            {
+                "steps": steps,
+                "train_seconds": seconds,
+                "train_cpu_seconds": cpu_seconds,
+                "load_average_1min": load,
+                **figures,
+            }
+        )
         per_image.append(bpd)
         clock["evaluating"] += time.perf_counter() - start
-        line = f"  step {steps:>5} {seconds:7.1f} s  test bpd {figures['bpd']:.3f} +- {figures['bpd_stderr']:.3f}"
+        clock["evaluating_cpu"] += time.process_time() - start_cpu
+        line = f"  step {steps:>5} {seconds:7.1f} s ({cpu_seconds:7.1f} CPU s)"
+        line += f"  test bpd {figures['bpd']:.3f} +- {figures['bpd_stderr']:.3f}"
         line += f"  Var[one-sample diffusion] {figures['diffusion_estimator']['variance']:.4f}"
         if learned:
             linear = figures["diffusion_estimator_fixed_linear_same_endpoints"]
@@ -147,9 +170,10 @@ def train_curve(config, images, args, learned):
     return curve, np.stack(per_image)
 
 
-def at_seconds(curve, seconds):
-    """The curve's bpd at `seconds` of training, linear between evaluations (None before the first one)."""
-    times = [point["train_seconds"] for point in curve]
+def at_seconds(curve, seconds, clock="train_seconds"):
+    """The curve's bpd at `seconds` of training (`clock`: wall or CPU), linear between evaluations (None before
+    the first one)."""
+    times = [point[clock] for point in curve]
     if seconds < times[0]:
         return None
     return float(np.interp(seconds, times, [point["bpd"] for point in curve]))
@@ -171,6 +195,7 @@ def main(argv=None):
     preset = configs.PRESETS["digits"].replace(train_steps=args.train_steps)
     runs = {
         "learned": preset,  # LearnedMonotonic, minimize_variance
+        "learned_linear": preset.replace(schedule={"kind": "learned_linear"}),
         "fixed_linear": preset.replace(schedule={"kind": "fixed_linear"}),
     }
     curves, per_image = {}, {}
@@ -178,38 +203,40 @@ def main(argv=None):
         print(f"{name} schedule ({config.schedule.kind}), {args.train_steps} steps", flush=True)
         curves[name], per_image[name] = train_curve(config, images, args, learned=name == "learned")
     equal_steps = []
-    for index, (learned, fixed) in enumerate(zip(curves["learned"], curves["fixed_linear"])):
-        difference = per_image["learned"][index] - per_image["fixed_linear"][index]
-        equal_steps.append(
-            {
-                "steps": learned["steps"],
-                "bpd_learned": learned["bpd"],
-                "bpd_fixed_linear": fixed["bpd"],
-                "difference": float(difference.mean()),
-                "difference_se": float(difference.std(ddof=1) / np.sqrt(len(difference))),
+    for index, point in enumerate(curves["learned"]):
+        row = {"steps": point["steps"], "bpd": {name: curves[name][index]["bpd"] for name in runs}}
+        for first, second, meaning in PAIRS:
+            difference = per_image[first][index] - per_image[second][index]
+            row[f"{first} - {second}"] = {
+                "mean": float(difference.mean()),
+                "se": float(difference.std(ddof=1) / np.sqrt(len(difference))),
+                "meaning": meaning,
             }
-        )
-    shorter = min(curve[-1]["train_seconds"] for curve in curves.values())
-    equal_seconds = {"train_seconds": shorter, **{name: at_seconds(curves[name], shorter) for name in curves}}
-    print("\nat equal steps: test bpd learned - fixed linear (paired SE)")
+        equal_steps.append(row)
+    equal_time = {}
+    for clock in ("train_seconds", "train_cpu_seconds"):
+        shortest = min(curve[-1][clock] for curve in curves.values())
+        equal_time[clock] = {clock: shortest, **{name: at_seconds(curves[name], shortest, clock) for name in curves}}
+    print("\nat equal steps: test bpd differences (paired SE)")
     for row in equal_steps:
-        print(
-            f"  step {row['steps']:>5}: {row['bpd_learned']:.3f} - {row['bpd_fixed_linear']:.3f} = "
-            f"{row['difference']:+.3f} +- {row['difference_se']:.3f}"
+        pairs = "  ".join(
+            f"{first} - {second} {row[f'{first} - {second}']['mean']:+.3f} +- {row[f'{first} - {second}']['se']:.3f}"
+            for first, second, _ in PAIRS
         )
-    read = {name: "n/a" if equal_seconds[name] is None else f"{equal_seconds[name]:.3f}" for name in curves}
-    print(
-        f"at equal wall-clock ({shorter:.0f} s of training): learned {read['learned']}, "
-        f"fixed linear {read['fixed_linear']}"
-    )
+        print(f"  step {row['steps']:>5}: {pairs}")
+    for clock, label in (("train_seconds", "wall-clock"), ("train_cpu_seconds", "CPU time")):
+        read = equal_time[clock]
+        bpd = ", ".join(f"{name} {'n/a' if read[name] is None else format(read[name], '.3f')}" for name in curves)
+        print(f"at equal {label} ({read[clock]:.0f} s of training): {bpd}")
     last = curves["learned"][-1]
     own, linear = last["diffusion_estimator"], last["diffusion_estimator_fixed_linear_same_endpoints"]
+    others = ", ".join(f"{name} model {curves[name][-1]['diffusion_estimator']['variance']:.4f}" for name in runs)
     print(
         f"variance of the one-sample diffusion loss (bpd^2), learned model at step {last['steps']}: "
         f"{own['variance']:.4f} +- {own['variance_se']:.4f} under its schedule, "
         f"{linear['variance']:.4f} +- {linear['variance_se']:.4f} under FixedLinear with its endpoints "
         f"(means {own['mean']:.4f} / {linear['mean']:.4f}, difference SE {last['mean_difference_se']:.4f}); "
-        f"fixed-linear model: {curves['fixed_linear'][-1]['diffusion_estimator']['variance']:.4f}"
+        f"each under its own schedule: {others}"
     )
     common.write_json(
         args.out,
@@ -221,10 +248,12 @@ def main(argv=None):
             "notes": "bpd: test VLB of the EMA weights over the 297 digits test images; +- standard error over "
             "images, differences paired. Variance: per-image variance (ddof 1) of one-time-sample estimates of the "
             "continuous-time diffusion loss in bpd, averaged over the test images, +- its standard error over "
-            "images. train_seconds exclude evaluations; measured on a shared 2-core CPU (load per evaluation).",
+            "images. train_seconds (wall) and train_cpu_seconds (this process) exclude evaluations; measured on a "
+            "shared 2-core CPU (load per evaluation).",
             "curves": curves,
             "equal_steps": equal_steps,
-            "equal_wall_clock": equal_seconds,
+            "equal_wall_clock": equal_time["train_seconds"],
+            "equal_cpu_time": equal_time["train_cpu_seconds"],
         },
     )
     print(f"wrote {args.out}")
