@@ -20,6 +20,8 @@ import re
 import sys
 import time
 
+import numpy as np
+
 
 def prepare():
     """Quiet TensorFlow logs and `vdm_tf.prepare_process()` (oneDNN, malloc, no banners): before TensorFlow."""
@@ -109,3 +111,10 @@ def merge_kind(kinds, kind, section, configs_order):
     kept = [row for row in kinds.get(kind, {}).get("results", []) if row["config"] not in measured]
     results = sorted(kept + section["results"], key=lambda row: list(configs_order).index(row["config"]))
     return {**kinds, kind: {**section, "results": results}}
+
+
+def paired_gap(values, reference):
+    """Mean and standard error of the per-image differences `values - reference` (the same images, times
+    and noise on both sides)."""
+    difference = np.asarray(values) - np.asarray(reference)
+    return float(difference.mean()), float(difference.std(ddof=1) / np.sqrt(difference.size))

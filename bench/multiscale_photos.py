@@ -46,7 +46,6 @@ from bench import common  # noqa: E402
 common.prepare()  # before TensorFlow is imported
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import vdm_tf  # noqa: E402
@@ -203,12 +202,6 @@ def train(name, config, test):
     }
 
 
-def paired_gap(per_image, reference):
-    """Mean and standard error of the per-image bpd differences (same images, same time samples)."""
-    difference = per_image - reference
-    return float(difference.mean()), float(difference.std(ddof=1) / np.sqrt(difference.size))
-
-
 def write(results):
     """Writes --out (after every model, so a late failure keeps the curves trained so far)."""
     common.write_json(
@@ -247,7 +240,9 @@ def main(argv):
     for name, config in variants().items():
         models[name], results[name] = train(name, config, test)
         reference = results["uniform"]["per_image"]
-        results[name]["gap_to_uniform"], results[name]["gap_stderr"] = paired_gap(results[name]["per_image"], reference)
+        results[name]["gap_to_uniform"], results[name]["gap_stderr"] = common.paired_gap(
+            results[name]["per_image"], reference
+        )
         write(results)
 
     print(f"\nsampling, {FLAGS.sample_steps} steps, {FLAGS.num_samples} images per call, fastest of {FLAGS.repeats}")

@@ -40,6 +40,7 @@ import time
 
 import numpy as np
 
+from bench import common
 from bench.pc_corrector import positive_integer
 from vdm_tf import cli
 
@@ -117,8 +118,7 @@ def evaluate(model, images, args, learned):
         if learned:
             linear = one_sample_diffusion(fixed_twin(model), images, args.variance_draws)
             figures["diffusion_estimator_fixed_linear_same_endpoints"] = variance_summary(linear)
-            difference = own.mean(axis=0) - linear.mean(axis=0)
-            figures["mean_difference_se"] = float(difference.std(ddof=1) / np.sqrt(len(difference)))
+            _, figures["mean_difference_se"] = common.paired_gap(own.mean(axis=0), linear.mean(axis=0))
     return figures, bpd
 
 
@@ -181,8 +181,6 @@ def at_seconds(curve, seconds, clock="train_seconds"):
 
 def main(argv=None):
     args = parse_args(argv)
-    from bench import common
-
     common.prepare()
     import keras
 
@@ -206,12 +204,8 @@ def main(argv=None):
     for index, point in enumerate(curves["learned"]):
         row = {"steps": point["steps"], "bpd": {name: curves[name][index]["bpd"] for name in runs}}
         for first, second, meaning in PAIRS:
-            difference = per_image[first][index] - per_image[second][index]
-            row[f"{first} - {second}"] = {
-                "mean": float(difference.mean()),
-                "se": float(difference.std(ddof=1) / np.sqrt(len(difference))),
-                "meaning": meaning,
-            }
+            mean, se = common.paired_gap(per_image[first][index], per_image[second][index])
+            row[f"{first} - {second}"] = {"mean": mean, "se": se, "meaning": meaning}
         equal_steps.append(row)
     equal_time = {}
     for clock in ("train_seconds", "train_cpu_seconds"):
