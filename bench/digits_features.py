@@ -52,6 +52,26 @@ def build(feature_scale=1.0):
     )
 
 
+def accuracy(model, images, labels):
+    """The fraction of uint8 `images` whose largest logit under `model` is their label."""
+    return float(np.mean(np.argmax(model.predict(images.astype(np.float32), verbose=0), -1) == labels))
+
+
+def ship(build, model, unscaled, images, path):
+    """Saves the trained `model`'s weights as `build(feature_scale)`'s network to `path`; returns the scale.
+
+    `feature_scale` = 1 / sqrt(the mean square of the unscaled "features" of `images`), so the
+    shipped features' mean square over them is 1. `unscaled` is `build()`'s network sharing
+    `model`'s layers; the shipped one is a new model, so the file holds no optimizer state.
+    """
+    hidden = unscaled.predict(images.astype(np.float32), verbose=0)["features"]
+    feature_scale = float(1.0 / np.sqrt(np.mean(np.square(hidden.astype(np.float64)))))
+    _, shipped = build(feature_scale)
+    shipped.set_weights(model.get_weights())
+    shipped.save(path)
+    return feature_scale
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=metrics.DIGITS_NETWORK_PATH, help="Where to write the .keras file.")
@@ -72,16 +92,9 @@ def main():
     start = time.perf_counter()
     model.fit(train_x.astype(np.float32), train_y, batch_size=64, epochs=args.epochs, shuffle=True, verbose=0)
     seconds = time.perf_counter() - start
-    accuracy = {
-        split: float(np.mean(np.argmax(model.predict(x.astype(np.float32), verbose=0), -1) == y))
-        for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y))
-    }
-    hidden = unscaled.predict(train_x.astype(np.float32), verbose=0)["features"]
-    feature_scale = float(1.0 / np.sqrt(np.mean(np.square(hidden.astype(np.float64)))))
-    _, shipped = build(feature_scale)  # a new model: the file holds no optimizer state
-    shipped.set_weights(model.get_weights())
-    shipped.save(args.out)
-    print(f"wrote {args.out}: accuracy train {accuracy['train']:.4f}, test {accuracy['test']:.4f} ({seconds:.0f} s)")
+    scores = {"train": accuracy(model, train_x, train_y), "test": accuracy(model, test_x, test_y)}
+    feature_scale = ship(build, model, unscaled, train_x, args.out)
+    print(f"wrote {args.out}: accuracy train {scores['train']:.4f}, test {scores['test']:.4f} ({seconds:.0f} s)")
     common.write_json(
         args.results,
         {
@@ -92,7 +105,7 @@ def main():
             "epochs": args.epochs,
             "seed": args.seed,
             "train_seconds": seconds,
-            "accuracy": accuracy,
+            "accuracy": scores,
             "num_test_images": len(test_x),
         },
     )

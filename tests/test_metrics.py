@@ -250,6 +250,29 @@ def test_the_bundled_digits_network_classifies_the_test_split(digits_network):
 
 
 @pytest.fixture(scope="module")
+def photos_network():
+    return metrics.photos_network()
+
+
+def test_the_bundled_photos_network_tells_held_out_patches_photographs(photos_network):
+    """The held-out patches (the photographs' bottom quarters, as bench/photos_features.py splits
+    them): an untrained network would score about 1/15."""
+    from bench import photos_features
+    from vdm_tf import datasets
+
+    images, labels = photos_features.split_patches("heldout")
+    features, logits = photos_network(images)
+    assert features.shape == (len(images), 128) and logits.shape == (len(images), len(photos_features.CLASSES))
+    correct = np.argmax(logits, 1) == labels
+    per_photograph = np.mean([np.mean(correct[labels == c]) for c in range(len(photos_features.CLASSES))])
+    # bench/results/photos_features.json: 0.897 of the patches, 0.80 per photograph.
+    assert np.mean(correct) >= 0.85 and per_photograph >= 0.75, (np.mean(correct), per_photograph)
+    train_features, _ = photos_network(datasets.photos_arrays("train"))
+    assert np.mean(train_features**2) == pytest.approx(1.0, rel=1e-4)  # the shipped scale
+    assert metrics.network_for("photos").name == "photos"
+
+
+@pytest.fixture(scope="module")
 def inception_stand_in(tmp_path_factory):
     """A SavedModel with the TF-GAN Inception's interface: images [N, H, W, 3] in [-1, 1] ->
     {"pool_3": [N, 5], "logits": [N, 4]}; pool_3 reports the height, the channel means and the range."""
@@ -319,6 +342,30 @@ def test_the_command_scores_an_npz_of_samples_as_python_does(tmp_path, digits_ne
     assert worse["precision"] < result["precision"] and worse["recall"] < result["recall"]
 
 
+def test_the_command_scores_photos_patches_under_the_photos_network(tmp_path, photos_network, capsys):
+    """--real=photos: the photos test split (342 patches) and, by default, the bundled photos network."""
+    from vdm_tf import datasets
+
+    fake = datasets.photos_arrays("train")[::23]  # 201 patches of the training photographs
+    np.savez(tmp_path / "samples.npz", images=fake)
+    metrics.main([f"--fake={tmp_path / 'samples.npz'}", "--real=photos", "--kid_subsets=20", "--bootstrap=5"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("network: photos; real: photos;")
+    real = metrics.statistics(photos_network, datasets.photos_arrays("test"))
+    result = metrics.compare(real, metrics.statistics(photos_network, fake), kid_subsets=20, bootstrap=5)
+    assert lines[-1] == metrics.summary_line(result, "_photos")
+    assert re.fullmatch(r"FID_photos \d+\.\d+ \+- \d+\.\d+, KID_photos -?\d\.\d+ \+- \d\.\d+, .*", lines[-1])
+    assert lines[-1].endswith("(201 samples, 342 real images)")
+    # Two halves of the test split are near each other; uniform noise is far from it.
+    test = datasets.photos_arrays("test")
+    halves = metrics.compare(
+        metrics.statistics(photos_network, test[::2]), metrics.statistics(photos_network, test[1::2]), bootstrap=0
+    )
+    noise = metrics.statistics(photos_network, np.random.default_rng(0).integers(0, 256, (201, 32, 32, 3)))
+    worse = metrics.compare(real, noise, kid_subsets=20, bootstrap=0)
+    assert worse["kid"] > 20 * abs(halves["kid"]) and worse["fid"] > 5 * halves["fid"], (worse, halves)
+
+
 BAD_INPUT = {
     "no --fake": ([], r"the following arguments are required: --fake"),
     "missing file": (["--fake={tmp}/none.npz"], r"--fake=.*/none.npz: no such file; expected an .npz file with uint8"),
@@ -331,7 +378,15 @@ BAD_INPUT = {
     "float images": (["--fake={tmp}/float.npz"], r"`images` is float64 of shape \(2, 8, 8, 1\); expected an .npz"),
     "wrong shape": (["--fake={tmp}/big.npz"], r"--fake images are \(16, 16, 1\), --real images \(8, 8, 1\)"),
     "unknown data set": (["--fake={tmp}/ok.npz", "--real=digitz"], r"--real=digitz: .*digits"),
-    "no network for photos": (["--fake={tmp}/rgb.npz", "--real=photos"], r"--network: give the path of an Inception"),
+    "no network for photos_grey": (
+        ["--fake={tmp}/grey.npz", "--real=photos_grey"],
+        r"--network: give the path of an Inception SavedModel \(only digits or photos have bundled ones\)",
+    ),
+    "photos network, digits": (["--fake={tmp}/ok.npz", "--network=photos"], r"--network=photos judges photos images"),
+    "digits network, photos": (
+        ["--fake={tmp}/rgb.npz", "--real=photos", "--network=digits"],
+        r"--network=digits judges digits images \(8, 8, 1\); the images are \(32, 32, 3\)\.",
+    ),
     "network not a directory": (["--fake={tmp}/ok.npz", "--network=/nonexistent"], r"--network=/nonexistent: expected"),
     "zero subsets": (["--fake={tmp}/ok.npz", "--kid_subsets=0"], r"--kid_subsets must be >= 1; got 0\."),
 }
@@ -349,6 +404,7 @@ def bad_files(tmp_path):
     np.savez(tmp_path / "big.npz", images=np.zeros((2, 16, 16, 1), np.uint8))
     np.savez(tmp_path / "ok.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
     np.savez(tmp_path / "rgb.npz", images=np.zeros((2, 32, 32, 3), np.uint8))
+    np.savez(tmp_path / "grey.npz", images=np.zeros((2, 32, 32, 1), np.uint8))
     return tmp_path
 
 
@@ -415,8 +471,22 @@ def test_eval_of_a_digits_run_reports_kid_and_fid_of_its_samples_before_the_bpd(
     # --mode=train hands evaluate the samples it has drawn: none drawn again.
     main.evaluate(config, model, samples=model.images[:40])
     assert model.sample_calls == [(40, 3, 3)] and capsys.readouterr().out.splitlines()[0] == lines[0]
-    # No feature network for photos: the bpd alone.
-    assert main.sample_quality(config.replace(dataset="photos"), model) is None
+    # No feature network for photos_grey: the bpd alone.
+    assert main.sample_quality(config.replace(dataset="photos_grey"), model) is None
+
+
+def test_eval_of_a_photos_run_reports_kid_and_fid_photos(photos_network):
+    import vdm_tf
+    from trainers import configs, main
+
+    config = configs.PRESETS["photos"].replace(eval_time_samples=1, num_samples=30, sample_steps=2, seed=1)
+    model = StubModel(vdm_tf.datasets.photos_arrays("train")[::50])
+    line = main.sample_quality(config, model)
+    assert model.sample_calls == [(30, 2, 1)]
+    real = metrics.statistics(photos_network, vdm_tf.datasets.photos_arrays("test"), seed=1)
+    result = metrics.compare(real, metrics.statistics(photos_network, model.images[:30], seed=1), seed=1)
+    assert line == f"sample quality: {metrics.summary_line(result, '_photos')}; 2 steps"
+    assert line.startswith("sample quality: FID_photos ") and line.endswith("(30 samples, 342 real images); 2 steps")
 
 
 def test_the_readme_section_runs_as_written():

@@ -323,7 +323,7 @@ def final_evaluation(trainer):
 
 def sample_quality(config, model, samples=None, data_dir=None):
     """FID / KID / precision / recall of the run's samples against its test split, under the data set's
-    bundled feature network (`vdm_tf.evaluation.SampleQuality`; digits only), as one line; None for
+    bundled feature network (`vdm_tf.evaluation.SampleQuality`; digits and photos), as one line; None for
     other data sets.
 
     `samples`: uint8 images the run has drawn (--mode=train reuses those of `sample`); else

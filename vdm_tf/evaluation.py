@@ -91,7 +91,7 @@ class SampleQuality:
     """FID / KID / precision / recall / IS of a model's samples against the test split of a data set.
 
     The figures are those of `vdm_tf.metrics.compare` under the data set's bundled feature
-    network (`metrics.BUNDLED_NETWORKS`: digits; `available(dataset)` says whether there is one).
+    network (`metrics.BUNDLED_NETWORKS`: digits, photos; `available(dataset)` says whether there is one).
     The network and the test split's statistics are made on the first call and kept, so a
     training run that evaluates every few thousand steps computes them once.
 

@@ -1,6 +1,7 @@
 """Sample quality as the papers measure it: FID, KID, Inception Score, precision / recall.
 
     python -m vdm_tf.metrics --fake=runs/demo/samples.npz                 # against the digits test split
+    python -m vdm_tf.metrics --real=photos --fake=samples.npz             # the photos test split, FID_photos
     python -m vdm_tf.metrics --real=cifar10 --fake=samples.npz --network=/path/to/inception_savedmodel
 
 From Python, on features ([N, D] float arrays) or on uint8 images through a feature network:
@@ -42,6 +43,13 @@ Feature networks (`FeatureNetwork`: uint8 images -> features and class logits, i
   trained on the digits training split, shipped as `vdm_tf/models/digits_features.keras`
   (`bench/digits_features.py` trains it; 99% test accuracy). Its FID / KID are FID_digits /
   KID_digits: figures of this package, not comparable with Inception FIDs.
+- `photos_network()`: for the photos data set's 32x32 patches, judged offline: a small CNN
+  trained to tell which of 15 photographs bundled with scikit-image a patch comes from (not
+  chelsea and coffee, the photos test split), shipped as `vdm_tf/models/photos_features.keras`
+  (`bench/photos_features.py` trains it; 90% accuracy, 80% averaged per photograph, on patches of
+  the photographs' bottom quarters, which it never saw). Its figures are FID_photos / KID_photos,
+  likewise this package's.
+  `bundled_network(name)` loads either; `network_for(name)` also takes an Inception path.
 
 Streaming (`FeatureStatistics`): batches of images go through the network one at a time; FID's
 mean and covariance are running float64 moments of every image. KID, precision / recall, the
@@ -58,9 +66,12 @@ import sys
 
 import numpy as np
 
-DIGITS_NETWORK_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "digits_features.keras")
-# The data sets whose images a bundled network judges (`network_for(name)`).
-BUNDLED_NETWORKS = ("digits",)
+# The data sets whose images a bundled network judges (`bundled_network(name)`, `network_for(name)`);
+# each network is models/<name>_features.keras, trained by bench/<name>_features.py.
+BUNDLED_NETWORKS = ("digits", "photos")
+MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+DIGITS_NETWORK_PATH = os.path.join(MODELS_DIR, "digits_features.keras")
+PHOTOS_NETWORK_PATH = os.path.join(MODELS_DIR, "photos_features.keras")
 INCEPTION_SIZE = 299
 
 
@@ -405,17 +416,34 @@ class FeatureNetwork:
         return np.concatenate(features), np.concatenate(logits)
 
 
-def digits_network(path=DIGITS_NETWORK_PATH):
-    """The bundled digits feature network: 64 "features" and 10 "logits" (`bench/digits_features.py`)."""
+def bundled_network(name, path=None):
+    """The bundled feature network of data set `name` (one of `BUNDLED_NETWORKS`), a `FeatureNetwork`.
+
+    A Keras model uint8 images -> {"features", "logits"} read from `path` (default:
+    models/<name>_features.keras); its figures are FID_<name>, KID_<name>, IS_<name>.
+    """
+    if name not in BUNDLED_NETWORKS:
+        raise ValueError(f"no bundled feature network for {name!r}; there is one for {', '.join(BUNDLED_NETWORKS)}.")
     import keras
 
-    model = keras.saving.load_model(path, compile=False)
+    model = keras.saving.load_model(path or os.path.join(MODELS_DIR, f"{name}_features.keras"), compile=False)
 
     def function(images):
         outputs = model(images, training=False)
         return outputs["features"], outputs["logits"]
 
-    return FeatureNetwork("digits", function)
+    return FeatureNetwork(name, function)
+
+
+def digits_network(path=DIGITS_NETWORK_PATH):
+    """The bundled digits feature network: 64 "features" and 10 "logits" (`bench/digits_features.py`)."""
+    return bundled_network("digits", path)
+
+
+def photos_network(path=PHOTOS_NETWORK_PATH):
+    """The bundled photos feature network: 128 "features" and 15 "logits", the source photograph of a
+    32x32 patch (`bench/photos_features.py`)."""
+    return bundled_network("photos", path)
 
 
 def inception_network(path, features_key="pool_3", logits_key="logits", image_size=INCEPTION_SIZE, batch_size=64):
@@ -454,8 +482,8 @@ def inception_network(path, features_key="pool_3", logits_key="logits", image_si
 
 
 def network_for(name_or_path):
-    """`digits` (the bundled network) or the path of an Inception SavedModel -> a `FeatureNetwork`."""
-    return digits_network() if name_or_path == "digits" else inception_network(name_or_path)
+    """A name of `BUNDLED_NETWORKS` (its bundled network) or an Inception SavedModel's path -> a `FeatureNetwork`."""
+    return bundled_network(name_or_path) if name_or_path in BUNDLED_NETWORKS else inception_network(name_or_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,7 +505,10 @@ def _parser():
         "or a .npz file like --fake. Default: digits (the 297 test images).",
     )
     parser.add_argument(
-        "--network", default=None, help="digits (the bundled network), or the path of an Inception SavedModel."
+        "--network",
+        default=None,
+        help=f"{' or '.join(BUNDLED_NETWORKS)} (a bundled network; default: that of --real), "
+        "or the path of an Inception SavedModel.",
     )
     parser.add_argument("--data_dir", default=None, help="TensorFlow Datasets data directory (for --real=NAME).")
     parser.add_argument("--kid_subset_size", type=int, default=1000)
@@ -538,12 +569,21 @@ def check_arguments(argv):
         real, shape = (name, split or info.test_split), tuple(info.image_shape)
     if tuple(fake.shape[1:]) != tuple(shape):
         raise cli.Failure(f"--fake images are {fake.shape[1:]}, --real images {tuple(shape)}: expected the same shape.")
+    bundled = " or ".join(BUNDLED_NETWORKS)
     if args.network is None:
         if not (isinstance(real, tuple) and real[0] in BUNDLED_NETWORKS):
-            raise cli.Failure("--network: give the path of an Inception SavedModel (only digits has a bundled one).")
+            raise cli.Failure(
+                f"--network: give the path of an Inception SavedModel (only {bundled} have bundled ones)."
+            )
         args.network = real[0]
-    elif args.network not in BUNDLED_NETWORKS and not os.path.isdir(args.network):
-        raise cli.Failure(f"--network={args.network}: expected digits or the directory of a SavedModel.")
+    elif args.network in BUNDLED_NETWORKS:
+        judged = tuple(dataset_table.info(args.network).image_shape)
+        if tuple(fake.shape[1:]) != judged:
+            raise cli.Failure(
+                f"--network={args.network} judges {args.network} images {judged}; the images are {fake.shape[1:]}."
+            )
+    elif not os.path.isdir(args.network):
+        raise cli.Failure(f"--network={args.network}: expected {bundled} or the directory of a SavedModel.")
     return args, fake, real
 
 
