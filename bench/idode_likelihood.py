@@ -14,9 +14,12 @@ TensorFlow for metric writers; `model_vdm.py` takes only `batch_mul` from it, so
 a `utils.py` holding the official `batch_mul` source (read from the checkout) first on the path.
 
 vdm_tf's side is `vdm_tf.likelihood.ode_bpd(model, x, seed=k, dequantization="truncated_normal")`
-for k = 0..4, averaged per image, on the model `python -m vdm_tf.convert --source=idode` makes of
-the same checkpoint: the same ODE in gamma, in one TensorFlow graph (`vdm_tf.ode_solver`: the
-same Dormand-Prince pair with scipy's RK45 step control, float32).
+for k = 0..4, averaged per image (`ours`: one draw per solve, as the official code), and
+`ode_bpd(..., draws=5)` (`ours_batched`: the 5 draws of every image in one solve of 5 N examples;
+called twice, seeds 0 and 1, the first call being the process's first 5 draws), on the model
+`python -m vdm_tf.convert --source=idode` makes of the same checkpoint: the same ODE in gamma, in
+one TensorFlow graph (`vdm_tf.ode_solver`: the same Dormand-Prince pair with scipy's RK45 step control,
+float32).
 
 The network (`--network`): `fixture` is tests/fixtures/official_idode's checkpoint (a 1-layer,
 32-channel ScoreUNet whose weights were moved far off their initialisation: its ODE is stiff,
@@ -27,12 +30,12 @@ checkpoint this bench writes with the official code: `VDM.init` of the CIFAR-10 
 the network is not the identity; EMA weights = weights. Images: `--images` 32x32x3 patches of
 scikit-image's bundled photographs (every 4th pixel), the same uint8 arrays for both sides.
 
-Each side is a fresh process (its first draw includes tracing and compilation; the other four
-are the steady state), bracketed official / vdm_tf / official so both see the same load, with
+Each side is a fresh process (its first solve includes tracing and compilation; the later ones
+are the steady state), bracketed official / ours / ours_batched / official so all see the same load, with
 `other_cpus` (the CPUs other processes kept busy meanwhile, `bench.train_throughput.measure`).
 Reported per side: bpd per image (mean of its 5 draws), the mean over images and its standard
 error, NFE per solve, seconds per function evaluation, wall seconds, images per second (an image
-= its 5 draws) in the steady state and with the first draw; ours / official; the difference of
+= its 5 draws) in the steady state and over the process's first 5 draws; ours / official; the difference of
 the means in standard errors (unpaired, and paired over the same images). Writes
 bench/results/idode_likelihood.json (`--quick`: bench/results/idode_likelihood_quick.json).
 """
@@ -50,6 +53,7 @@ PROG = "python -m bench.idode_likelihood"
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "official_idode")
+SIDES = ("official", "ours", "ours_batched")
 DRAWS = 5  # i-DODE's num_importance=1: 5 draws averaged in log space (model_vdm.py:395-400)
 # The CIFAR-10 VP config of i-DODE (configs/cifar10.py's model fields), network size apart.
 CONFIG = dict(
@@ -171,7 +175,9 @@ def worker_official(args):
 
 
 def worker_ours(args):
-    """`ode_bpd(..., dequantization="truncated_normal")` with seeds 0..DRAWS-1, each call timed."""
+    """`ode_bpd(..., dequantization="truncated_normal")`, each call timed: with `--batched`, two
+    calls of `draws=DRAWS` (seeds 0 and 1: every image's draws in one solve; the first call is the
+    process's first DRAWS draws, the second the steady state); else DRAWS calls of one draw each."""
     from bench import common
 
     common.prepare()
@@ -181,16 +187,16 @@ def worker_ours(args):
 
     model = vdm_tf.load(args.model)
     images = np.load(args.images)["images"]
+    per_solve = DRAWS if args.batched else 1
     draws, solves = [], []
-    started_all = time.perf_counter()
-    for seed in range(DRAWS):
+    for seed in range(2 if args.batched else DRAWS):
         started = time.perf_counter()
         out = vdm_tf.likelihood.ode_bpd(
-            model, images, seed=seed, dequantization="truncated_normal", rtol=args.tol, atol=args.tol
+            model, images, seed=seed, dequantization="truncated_normal", draws=per_solve, rtol=args.tol, atol=args.tol
         )
         draws.append(out["bpd"].numpy())
-        solves.append({"seconds": time.perf_counter() - started, "nfe": int(out["nfe"])})
-    seconds = time.perf_counter() - started_all
+        solves.append({"seconds": time.perf_counter() - started, "nfe": int(out["nfe"]), "draws": per_solve})
+    seconds = sum(solve["seconds"] for solve in solves[: DRAWS // per_solve])  # the first DRAWS draws
     bpd = np.mean(draws, axis=0)  # i-DODE's mean of the draws' log-likelihoods
     print(json.dumps({"bpd": bpd.tolist(), "seconds": seconds, "solves": solves}))
 
@@ -236,7 +242,8 @@ def official_checkout(repo, workdir):
 
 
 def side_summary(runs):
-    """Figures of one side from its runs (each: per-image bpd, per-solve seconds and NFE)."""
+    """Figures of one side from its runs (each: per-image bpd, the wall seconds of its first
+    DRAWS draws, per-solve seconds, NFE and draws per image)."""
     import numpy as np
 
     solves = [solve for run in runs for solve in run["solves"]]
@@ -246,17 +253,18 @@ def side_summary(runs):
     images = len(bpd)
 
     def per_image_seconds(group):  # wall seconds per image of one draw
-        return float(np.median([solve["seconds"] for solve in group])) / images
+        return float(np.median([solve["seconds"] / solve.get("draws", 1) for solve in group])) / images
 
     summary = {
         "bpd_per_image": bpd.tolist(),
         "bpd_mean": float(bpd.mean()),
         "bpd_standard_error": float(bpd.std(ddof=1) / np.sqrt(images)),
+        "draws_per_solve": solves[0].get("draws", 1),
         "nfe_per_solve": [solve["nfe"] for solve in runs[0]["solves"]],
         "nfe_median": float(np.median([solve["nfe"] for solve in solves])),
         "seconds_per_nfe_steady": float(np.median([solve["seconds"] / solve["nfe"] for solve in steady])),
-        "first_draw_seconds": float(np.median([solve["seconds"] for solve in first])),
-        "steady_draw_seconds": float(np.median([solve["seconds"] for solve in steady])),
+        "first_solve_seconds": float(np.median([solve["seconds"] for solve in first])),
+        "steady_draw_seconds": images * per_image_seconds(steady),
         "wall_seconds": float(np.median([run["seconds"] for run in runs])),
         "images_per_second_steady": 1.0 / (DRAWS * per_image_seconds(steady)),
         "images_per_second_with_first": images / float(np.median([run["seconds"] for run in runs])),
@@ -267,6 +275,17 @@ def side_summary(runs):
             np.median([solve["function_seconds"] / solve["seconds"] for solve in steady])
         )
     return summary
+
+
+def ratios(ours, official):
+    """One vdm_tf side against the official one: throughput, NFE, seconds per NFE, agreement."""
+    return {
+        "throughput": ours["images_per_second_steady"] / official["images_per_second_steady"],
+        "throughput_with_first_solve": ours["images_per_second_with_first"] / official["images_per_second_with_first"],
+        "nfe": ours["nfe_median"] / official["nfe_median"],
+        "seconds_per_nfe": ours["seconds_per_nfe_steady"] / official["seconds_per_nfe_steady"],
+        "agreement": agreement(ours, official),
+    }
 
 
 def agreement(ours, official):
@@ -311,6 +330,7 @@ def main(argv=None):
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--images_file", dest="images_file", help=argparse.SUPPRESS)
+    parser.add_argument("--batched", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         args.images = args.images_file
@@ -385,14 +405,16 @@ def drive(args, out):
         "--worker=official", f"--official_repo={repo}", f"--checkpoint={checkpoint}", f"--config={json.dumps(config)}",
     ] + common_args  # fmt: skip
     ours_command = myself + ["--worker=ours", f"--model={model}"] + common_args
-    runs = {"official": [], "ours": []}
+    commands = {"official": official_command, "ours": ours_command, "ours_batched": ours_command + ["--batched"]}
+    runs = {side: [] for side in SIDES}
     for _ in range(args.rounds):
-        for side, command in (("official", official_command), ("ours", ours_command), ("official", official_command)):
+        for side in ("official", "ours", "ours_batched", "official"):
+            command = commands[side]
             print(f"running {side} ...", flush=True)
             runs[side].append(measure(command))
             print(f"  {side}: {runs[side][-1]['seconds']:.1f} s, other CPUs {runs[side][-1]['other_cpus']}", flush=True)
     sides = {side: side_summary(measured) for side, measured in runs.items()}
-    ours, official = sides["ours"], sides["official"]
+    official = sides["official"]
     result = {
         "machine": common.machine(),
         "command": " ".join([PROG] + sys.argv[1:]),
@@ -403,15 +425,8 @@ def drive(args, out):
         "draws_per_image": DRAWS,
         "rtol": args.tol,
         "atol": args.tol,
-        "official": official,
-        "ours": ours,
-        "throughput_ours_over_official": ours["images_per_second_steady"] / official["images_per_second_steady"],
-        "throughput_with_first_draw_ours_over_official": (
-            ours["images_per_second_with_first"] / official["images_per_second_with_first"]
-        ),
-        "nfe_ours_over_official": ours["nfe_median"] / official["nfe_median"],
-        "seconds_per_nfe_ours_over_official": ours["seconds_per_nfe_steady"] / official["seconds_per_nfe_steady"],
-        "agreement": agreement(ours, official),
+        **sides,
+        **{f"{side}_over_official": ratios(sides[side], official) for side in ("ours", "ours_batched")},
         "runs": runs,
     }
     print_table(result)
@@ -421,26 +436,28 @@ def drive(args, out):
 
 def print_table(result):
     print(
-        f"{'side':<10}{'bpd mean':>10}{'s.e.':>8}{'NFE':>8}{'ms/NFE':>9}{'1st draw s':>12}{'draw s':>9}"
+        f"{'side':<14}{'bpd mean':>10}{'s.e.':>8}{'NFE':>8}{'ms/NFE':>9}{'1st solve s':>13}{'draw s':>9}"
         f"{'img/s':>9}{'img/s w/ 1st':>14}{'other CPUs':>12}"
     )
-    for side in ("official", "ours"):
+    for side in SIDES:
         s = result[side]
         print(
-            f"{side:<10}{s['bpd_mean']:>10.4f}{s['bpd_standard_error']:>8.4f}{s['nfe_median']:>8.0f}"
-            f"{1000 * s['seconds_per_nfe_steady']:>9.1f}{s['first_draw_seconds']:>12.1f}"
+            f"{side:<14}{s['bpd_mean']:>10.4f}{s['bpd_standard_error']:>8.4f}{s['nfe_median']:>8.0f}"
+            f"{1000 * s['seconds_per_nfe_steady']:>9.1f}{s['first_solve_seconds']:>13.1f}"
             f"{s['steady_draw_seconds']:>9.1f}"
             f"{s['images_per_second_steady']:>9.4f}{s['images_per_second_with_first']:>14.4f}"
             f"{max(s['other_cpus']):>12.2f}"
         )
-    a = result["agreement"]
-    print(
-        f"ours/official: throughput {result['throughput_ours_over_official']:.2f}x "
-        f"(with first draw {result['throughput_with_first_draw_ours_over_official']:.2f}x), "
-        f"NFE {result['nfe_ours_over_official']:.2f}x, s/NFE {result['seconds_per_nfe_ours_over_official']:.2f}x; "
-        f"bpd difference {a['difference']:+.4f} = {a['unpaired_standard_errors']:+.2f} s.e. "
-        f"(paired: {a['paired_standard_errors']:+.2f})"
-    )
+    for side in ("ours", "ours_batched"):
+        r = result[f"{side}_over_official"]
+        a = r["agreement"]
+        print(
+            f"{side}/official: throughput {r['throughput']:.2f}x "
+            f"(with the first solve {r['throughput_with_first_solve']:.2f}x), "
+            f"NFE {r['nfe']:.2f}x, s/NFE {r['seconds_per_nfe']:.2f}x; "
+            f"bpd difference {a['difference']:+.4f} = {a['unpaired_standard_errors']:+.2f} s.e. "
+            f"(paired: {a['paired_standard_errors']:+.2f})"
+        )
 
 
 if __name__ == "__main__":
