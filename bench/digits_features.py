@@ -72,15 +72,24 @@ def ship(build, model, unscaled, images, path):
     return feature_scale
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=metrics.DIGITS_NETWORK_PATH, help="Where to write the .keras file.")
-    parser.add_argument("--results", default="bench/results/digits_features.json", help="Where to write the JSON.")
-    parser.add_argument("--epochs", type=int, default=60)
+def arguments(description, name, epochs):
+    """The command line of a feature-network trainer (--out, --results, --epochs, --seed) for the
+    bundled network `name`, parsed; seeds Keras and turns on TensorFlow's deterministic ops."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--out", default=os.path.join(metrics.MODELS_DIR, f"{name}_features.keras"), help="The .keras file."
+    )
+    parser.add_argument("--results", default=f"bench/results/{name}_features.json", help="Where to write the JSON.")
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     keras.utils.set_random_seed(args.seed)
     tf.config.experimental.enable_op_determinism()
+    return args
+
+
+def main():
+    args = arguments(__doc__, "digits", epochs=60)
     train_x, train_y = datasets.digits_arrays("train", with_labels=True)
     test_x, test_y = datasets.digits_arrays("test", with_labels=True)
     model, unscaled = build()

@@ -25,7 +25,6 @@ writes the same weights. The accuracy on the training patches used, on the held-
 tests/test_metrics.py checks the shipped file's held-out accuracy.
 """
 
-import argparse
 import os
 import time
 
@@ -37,8 +36,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from bench.digits_features import accuracy, ship  # noqa: E402
-from vdm_tf import datasets, metrics  # noqa: E402
+from bench.digits_features import accuracy, arguments, ship  # noqa: E402
+from vdm_tf import datasets  # noqa: E402
 
 # The classes: {name: file in skimage.data.data_dir}, natural and scientific photographs large
 # enough for held-out patches. Left out: chelsea and coffee (the photos test split),
@@ -139,14 +138,7 @@ def build(feature_scale=1.0):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=metrics.PHOTOS_NETWORK_PATH, help="Where to write the .keras file.")
-    parser.add_argument("--results", default="bench/results/photos_features.json", help="Where to write the JSON.")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    keras.utils.set_random_seed(args.seed)
-    tf.config.experimental.enable_op_determinism()
+    args = arguments(__doc__, "photos", epochs=40)
     all_x, all_y = split_patches("train")
     train_x, train_y, class_weight = balanced(all_x, all_y, MAX_PER_CLASS, args.seed)
     heldout_x, heldout_y = split_patches("heldout")
