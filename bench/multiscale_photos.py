@@ -1,7 +1,7 @@
 """Multi-scale (Haar) vs uniform diffusion at 32x32 on photographs, at equal training CPU time.
 
     python -m bench.multiscale_photos                              # 600 CPU s per model, 3 models
-    python -m bench.multiscale_photos --cpu_seconds=30 --evals=2   # a quick end-to-end check
+    python -m bench.multiscale_photos --cpu_seconds=30 --evals=2 --quality_samples=16 --quality_steps=4  # quick
     python -m bench.multiscale_photos --cpu_seconds=300 --evals=4 --end_times=0.75 \
         --stage_networks_end_times=0.75                          # shared network or one per stage
 
@@ -21,7 +21,14 @@
    preset's `eval_time_samples` (4) time samples per image, with its standard error. Every
    model is evaluated with the same seed on the same batches, so the multi-scale minus uniform
    gap at the end has a paired standard error (from the per-image differences).
-3. Sampling speed. After training, every model draws `--num_samples` images in `--sample_steps`
+3. Sample quality. After training, the EMA weights draw `--quality_samples` images in
+   `--quality_steps` ancestral steps (seed 0), scored with the bundled photos feature network
+   (`vdm_tf.metrics.network_for("photos")`, `bench/photos_features.py`) against the test split
+   (342 patches of photographs no model trained on) and against the training split (4622
+   patches, the distribution the models learn): KID_photos +- jackknife standard error, FID_photos
+   +- bootstrap std, precision / recall (`bench.sampler_quality.quality`). At N = 256 FID is
+   biased upwards; KID is the figure to compare.
+4. Sampling speed. After training, every model draws `--num_samples` images in `--sample_steps`
    ancestral steps, the fastest of `--repeats` calls after one untimed (tracing) call, the models
    taking turns (`bench.multiscale.sampling_seconds`; the flags are bench.multiscale's); "pixel ratio" is
    the speed-up if a step cost were proportional to its pixels (`bench.multiscale.pixel_ratio`).
@@ -49,10 +56,13 @@ import keras  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import vdm_tf  # noqa: E402
-from bench.multiscale import pixel_ratio, sampling_seconds  # noqa: E402  (defines the sampling flags)
+from bench import sampler_quality  # noqa: E402
+from bench.multiscale import pixel_ratio, sampling_seconds  # noqa: E402  (defines the sampling and quality flags)
 from trainers import configs  # noqa: E402
+from vdm_tf import metrics  # noqa: E402
 
 PRESET = "photos"
+SPLITS = ("test", "train")  # the references of the sample quality
 
 
 def parse_end_times(value):
@@ -170,7 +180,15 @@ def ema_test_bpd(test, config):
     return evaluate
 
 
-def train(name, config, test):
+def sample_quality(model, references):
+    """{reference name: quality} of --quality_samples samples of the EMA weights (module docstring, 3)."""
+    with vdm_tf.runs.ema_weights(model):
+        samples = model.sample(FLAGS.quality_samples, FLAGS.quality_steps, seed=0).numpy()
+    network, real = references
+    return {name: sampler_quality.quality(network, statistics, samples)[0] for name, statistics in real.items()}
+
+
+def train(name, config, test, references):
     """Trains `config` for --cpu_seconds of CPU; returns the model and its results."""
     first_step, per_step = cpu_per_step(config)
     train_steps = max(int((FLAGS.cpu_seconds - first_step) / per_step), config.optimizer.warmup_steps + 1)
@@ -188,6 +206,7 @@ def train(name, config, test):
     # The step ceiling is never reached: the budget stops the run (the learning rate stays at its floor beyond).
     model.fit(training_data(config), steps_per_epoch=10 * train_steps + 100, epochs=1, verbose=0, callbacks=[budget])
     final = budget.points[-1]
+    quality = sample_quality(model, references)
     return model, {
         "multiscale_levels": config.model.multiscale_levels,
         "multiscale_end_times": list(config.model.multiscale_end_times),
@@ -199,6 +218,7 @@ def train(name, config, test):
         "final": {k: v for k, v in final.items() if k != "per_image"},
         "per_image": final["per_image"],
         "load_average_after": os.getloadavg(),
+        "quality": quality,
     }
 
 
@@ -213,6 +233,7 @@ def write(results):
             "evals": FLAGS.evals,
             "eval_time_samples": configs.PRESETS[PRESET].trainer.eval_time_samples,
             "sampling": {"steps": FLAGS.sample_steps, "num_samples": FLAGS.num_samples, "repeats": FLAGS.repeats},
+            "quality": {"num_samples": FLAGS.quality_samples, "steps": FLAGS.quality_steps, "seed": 0},
             "models": {name: {k: v for k, v in r.items() if k != "per_image"} for name, r in results.items()},
         },
     )
@@ -236,9 +257,11 @@ def main(argv):
     test = vdm_tf.datasets.load(
         PRESET, "test", FLAGS.eval_batch_size, shuffle=False, repeat=False, drop_remainder=False
     )
+    network = metrics.network_for(PRESET)
+    references = network, {split: metrics.statistics(network, vdm_tf.datasets.photos_arrays(split)) for split in SPLITS}
     models, results = {}, {}
     for name, config in variants().items():
-        models[name], results[name] = train(name, config, test)
+        models[name], results[name] = train(name, config, test, references)
         reference = results["uniform"]["per_image"]
         results[name]["gap_to_uniform"], results[name]["gap_stderr"] = common.paired_gap(
             results[name]["per_image"], reference
@@ -265,6 +288,14 @@ def main(argv):
             f"{r['gap_to_uniform']:>+8.3f}{r['gap_stderr']:>7.3f}{r['seconds_per_sample']:>10.3f}"
             f"{r['sampling_speedup']:>9.2f}x{r['pixel_ratio']:>7.2f}x"
         )
+    print(f"\nKID_photos / FID_photos of {FLAGS.quality_samples} samples ({FLAGS.quality_steps} steps), EMA weights")
+    print(f"{'model':>36}" + "".join(f"{'KID ' + split:>12}{'+-':>8}{'FID ' + split:>12}{'+-':>6}" for split in SPLITS))
+    for name, r in results.items():
+        row = "".join(
+            f"{q['kid']:>12.4f}{q['kid_se']:>8.4f}{q['fid']:>12.2f}{q['fid_bootstrap_std']:>6.2f}"
+            for q in (r["quality"][split] for split in SPLITS)
+        )
+        print(f"{name:>36}{row}")
     write(results)
     print(f"wrote {FLAGS.out}")
 
