@@ -135,3 +135,20 @@ def test_mirrored_replicas_update_like_one_device(keras_result):
     n = len(keras_result[0])
     weights = [np.array(w) for w in output["weights"]]
     assert_same((weights[:n], weights[n:]), keras_result, atol=2e-6)
+
+
+@pytest.mark.parametrize("optimizer_class", [optimizers.AdamW, keras.optimizers.AdamW])
+def test_a_diffusion_model_builds_its_optimizer_when_compiled(optimizer_class):
+    """`compile` builds the optimizer (slots and EMA copies of every trainable variable) outside
+    any graph, so the first traced train step creates no variable; `fit` then trains as before."""
+    from exported_model import random_images, tiny_cdm, tiny_model
+
+    for model in (tiny_model(), tiny_cdm()):
+        model.compile(optimizer=optimizer_class(1e-3, use_ema=True))
+        assert model.optimizer.built
+        built = {id(v) for v in model.optimizer.variables}
+        averages = model.optimizer._model_variables_moving_average
+        assert len(averages) == len(model.trainable_variables)
+        history = model.fit(random_images(4), epochs=1, batch_size=2, verbose=0)
+        assert np.isfinite(history.history["loss" if "loss" in history.history else "bpd"][-1])
+        assert {id(v) for v in model.optimizer.variables} == built
