@@ -152,3 +152,18 @@ def test_a_diffusion_model_builds_its_optimizer_when_compiled(optimizer_class):
         history = model.fit(random_images(4), epochs=1, batch_size=2, verbose=0)
         assert np.isfinite(history.history["loss" if "loss" in history.history else "bpd"][-1])
         assert {id(v) for v in model.optimizer.variables} == built
+
+
+def test_a_saved_diffusion_model_loads_compiled_with_its_optimizer_state(tmp_path):
+    """`keras.saving.load_model` compiles a vdm_tf model as saved (its `compile` is its own, so it
+    has its own `compile_from_config`): the step count and every moment and EMA variable return."""
+    from exported_model import random_images, tiny_model
+
+    model = tiny_model()
+    model.compile(optimizer=optimizers.AdamW(1e-3, use_ema=True))
+    model.fit(random_images(4), epochs=1, batch_size=2, verbose=0)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert loaded.compiled and int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 2
+    for saved, restored in zip(model.optimizer.variables, loaded.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(restored.numpy(), saved.numpy())

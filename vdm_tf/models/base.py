@@ -201,6 +201,11 @@ class DiffusionModel(keras.Model):
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.trainable_variables)
 
+    def compile_from_config(self, config):
+        """Compiles a loaded model as it was saved (`keras.Model.compile_from_config`, which skips
+        models whose `compile` is their own): the optimizer, then its saved variables, come back."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
     @property
     def metrics(self):
         return list(self.term_trackers.values())
