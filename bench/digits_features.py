@@ -76,9 +76,7 @@ def arguments(description, name, epochs):
     """The command line of a feature-network trainer (--out, --results, --epochs, --seed) for the
     bundled network `name`, parsed; seeds Keras and turns on TensorFlow's deterministic ops."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--out", default=os.path.join(metrics.MODELS_DIR, f"{name}_features.keras"), help="The .keras file."
-    )
+    parser.add_argument("--out", default=metrics.bundled_network_path(name), help="The .keras file.")
     parser.add_argument("--results", default=f"bench/results/{name}_features.json", help="Where to write the JSON.")
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--seed", type=int, default=0)

@@ -280,8 +280,8 @@ def ode_bpd(model, x, seed=0, dequantization="uniform", start_gamma=None, draws=
         draws: dequantization draws per image (each with its own probe), solved together as one
             batch of `draws` x N examples (one ODE solve: the step control sees all of them) and
             averaged: i-DODE's evaluation averages 5 draws' log-likelihoods (`num_importance=1`),
-            each its own scipy solve; here they share a solve, which on a CPU costs less per draw
-            than separate solves of N.
+            each its own scipy solve; here they share a solve and its tracing (what that saves
+            per draw depends on the batch: README, "i-DODE's likelihood against the official code").
         **options: `exact_divergence`, `probe`, `rtol`, `atol` of `ode_log_likelihood`.
 
     Returns:

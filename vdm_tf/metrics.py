@@ -70,8 +70,15 @@ import numpy as np
 # each network is models/<name>_features.keras, trained by bench/<name>_features.py.
 BUNDLED_NETWORKS = ("digits", "photos")
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
-DIGITS_NETWORK_PATH = os.path.join(MODELS_DIR, "digits_features.keras")
-PHOTOS_NETWORK_PATH = os.path.join(MODELS_DIR, "photos_features.keras")
+
+
+def bundled_network_path(name):
+    """Where the bundled feature network of data set `name` lives: models/<name>_features.keras."""
+    return os.path.join(MODELS_DIR, f"{name}_features.keras")
+
+
+DIGITS_NETWORK_PATH = bundled_network_path("digits")
+PHOTOS_NETWORK_PATH = bundled_network_path("photos")
 INCEPTION_SIZE = 299
 
 
@@ -426,7 +433,7 @@ def bundled_network(name, path=None):
         raise ValueError(f"no bundled feature network for {name!r}; there is one for {', '.join(BUNDLED_NETWORKS)}.")
     import keras
 
-    model = keras.saving.load_model(path or os.path.join(MODELS_DIR, f"{name}_features.keras"), compile=False)
+    model = keras.saving.load_model(path or bundled_network_path(name), compile=False)
 
     def function(images):
         outputs = model(images, training=False)
